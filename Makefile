@@ -1,0 +1,37 @@
+# Set-up and entry points. Everything installs what it needs: Debian packages with apt-get
+# (when missing) and a virtualenv in .venv with the Python dependencies.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test bench demo protos system-deps venv
+
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: system-deps venv
+	$(VENV)/bin/pytest
+
+bench: system-deps venv
+	$(PY) bench/dns_bench.py
+
+demo: system-deps venv
+	$(PY) examples/dns_demo.py
+
+# Regenerate the committed protobuf modules (Istio's NDS NameTable) with grpcio-tools.
+protos: venv
+	$(PY) -m grpc_tools.protoc -I xds_client/proto --python_out=xds_client/proto \
+	  --pyi_out=xds_client/proto xds_client/proto/istio/networking/nds/v1/nds.proto
