@@ -1,0 +1,232 @@
+"""`pilotfish dns`: the DNS proxy on its own, fed from a NameTable file.
+
+Flags win over Istio's environment variables (DNS_PROXY_ADDR, POD_NAMESPACE,
+DNS_FORWARD_PARALLEL, DNS_FORWARD_TIMEOUT), which win over Istio's defaults. Every setting is
+checked before a socket is bound; a bad one exits 2 naming the flag or variable and the value.
+The table file is reloaded on SIGHUP and when it changes; a bad file is rejected with a log line
+and the previous table keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+from prometheus_client import start_http_server
+
+from .config import (
+    ISTIO_RESOLV_CONF,
+    ConfigError,
+    DnsConfig,
+    listen_addresses,
+    parse_bool,
+    parse_duration,
+    parse_resolv_conf,
+    parse_upstream,
+    split_host_port,
+    upstreams_from_resolv,
+)
+from .server import DnsProxy
+from .tablefile import TableFileError, file_signature, load_name_table
+
+log = logging.getLogger("pilotfish.dns")
+
+TABLE_POLL = 1.0  # seconds between checks of the table file
+
+
+@dataclass(frozen=True)
+class DnsCommand:
+    """Everything `pilotfish dns` was asked to do, validated."""
+
+    config: DnsConfig
+    table_path: str
+    metrics_addr: tuple[str, int] | None
+    warnings: tuple[str, ...]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "dns",
+        help="run the DNS proxy with a NameTable from a file",
+        description="The sidecar DNS proxy (Istio's agent DNS on :15053), fed from a file.",
+    )
+    p.add_argument("--name-table", required=True, metavar="TABLE.json",
+                   help="NameTable in protobuf JSON; reloaded on SIGHUP and on change")
+    p.add_argument("--resolv-conf", metavar="PATH",
+                   help="nameservers and search list (default /etc/resolv.conf)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="host:port to serve UDP and TCP on, repeatable (default $DNS_PROXY_ADDR "
+                        "or localhost:15053)")
+    p.add_argument("--upstream", action="append", metavar="IP[:PORT]",
+                   help="nameserver to forward to, repeatable (default: resolv.conf's, port 53)")
+    p.add_argument("--proxy-namespace", metavar="NS", help="the pod's namespace (default $POD_NAMESPACE)")
+    p.add_argument("--domain", metavar="D", help="proxy domain (default <NS>.svc.cluster.local)")
+    p.add_argument("--forward-parallel", nargs="?", const="true", metavar="BOOL",
+                   help="query all nameservers at once (default $DNS_FORWARD_PARALLEL or false)")
+    p.add_argument("--forward-timeout", metavar="DURATION",
+                   help="per-nameserver timeout, Go syntax (default $DNS_FORWARD_TIMEOUT or 5s)")
+    p.add_argument("--cache-size", type=str, default="10000", metavar="N",
+                   help="upstream answers to cache, 0 to turn the cache off (default 10000)")
+    p.add_argument("--cache-max-ttl", default="5m", metavar="DURATION",
+                   help="cap on a cached positive answer's TTL (default 5m)")
+    p.add_argument("--cache-negative-ttl", default="30s", metavar="DURATION",
+                   help="cap on a cached NXDOMAIN/NODATA's TTL (default 30s)")
+    p.add_argument("--cache-stale", default="24h", metavar="DURATION",
+                   help="how long past expiry an answer may be served when no upstream answers "
+                        "(RFC 8767; default 24h, 0 turns it off)")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (/metrics, /stats/prometheus)")
+    p.set_defaults(run=run)
+
+
+def resolve_command(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) -> DnsCommand:
+    """Flags and environment to a validated DnsCommand (reads resolv.conf, nothing else)."""
+    warnings: list[str] = []
+    addrs = args.listen or [env.get("DNS_PROXY_ADDR", "")]
+    addr_setting = "--listen" if args.listen else "DNS_PROXY_ADDR"
+    on_53 = any(a.rstrip().endswith(":53") for a in addrs)
+    resolv_path = args.resolv_conf
+    if resolv_path is None:
+        use_istio = is_root and on_53 and os.path.exists(ISTIO_RESOLV_CONF)
+        resolv_path = ISTIO_RESOLV_CONF if use_istio else "/etc/resolv.conf"
+    try:
+        with open(resolv_path, encoding="utf-8", errors="replace") as f:
+            resolv = parse_resolv_conf(f.read())
+    except OSError as err:
+        raise ConfigError(f"--resolv-conf: cannot read {resolv_path}: {err.strerror}") from None
+    if args.upstream:
+        upstreams = tuple(parse_upstream(u, "--upstream") for u in args.upstream)
+    else:
+        upstreams = upstreams_from_resolv(resolv)
+    listen: list[tuple[str, int]] = []
+    before_table = False
+    for addr in addrs:
+        got, before, warning = listen_addresses(addr, tuple(h for h, _ in upstreams), is_root, addr_setting)
+        listen += [a for a in got if a not in listen]
+        before_table |= before
+        if warning:
+            warnings.append(warning)
+    namespace = args.proxy_namespace if args.proxy_namespace is not None else env.get("POD_NAMESPACE", "")
+    domain = args.domain if args.domain is not None else f"{namespace}.svc.cluster.local"
+    if args.forward_parallel is not None:
+        parallel = parse_bool(args.forward_parallel, "--forward-parallel")
+    else:
+        parallel = parse_bool(env.get("DNS_FORWARD_PARALLEL", "false") or "false", "DNS_FORWARD_PARALLEL")
+    if args.forward_timeout is not None:
+        timeout = parse_duration(args.forward_timeout, "--forward-timeout")
+    else:
+        timeout = parse_duration(env.get("DNS_FORWARD_TIMEOUT", "5s") or "5s", "DNS_FORWARD_TIMEOUT")
+    if timeout <= 0:
+        raise ConfigError(f"forward timeout must be positive, got {timeout}s")
+    try:
+        cache_size = int(args.cache_size)
+    except ValueError:
+        raise ConfigError(f"--cache-size: not a number: {args.cache_size!r}") from None
+    if cache_size < 0:
+        raise ConfigError(f"--cache-size: must be 0 or more, got {cache_size}")
+    cache_times = {}
+    for flag in ("cache_max_ttl", "cache_negative_ttl", "cache_stale"):
+        name = "--" + flag.replace("_", "-")
+        value = parse_duration(getattr(args, flag), name)
+        if value < 0:
+            raise ConfigError(f"{name}: must not be negative, got {getattr(args, flag)!r}")
+        cache_times[flag] = value
+    metrics = split_host_port(args.metrics_addr, "--metrics-addr") if args.metrics_addr else None
+    config = DnsConfig(
+        listen=tuple(listen),
+        upstreams=upstreams,
+        search=resolv.search,
+        proxy_namespace=namespace,
+        proxy_domain=domain,
+        forward_parallel=parallel,
+        forward_timeout=timeout,
+        forward_before_table=before_table,
+        cache_size=cache_size,
+        **cache_times,
+    )
+    return DnsCommand(config, args.name_table, metrics, tuple(warnings))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `pilotfish dns`: validate, load, bind, serve until SIGTERM/SIGINT."""
+    try:
+        cmd = resolve_command(args, os.environ, os.geteuid() == 0)
+        table = load_name_table(cmd.table_path)
+    except (ConfigError, TableFileError) as err:
+        log.error("dns: %s", err)
+        return 2
+    for warning in cmd.warnings:
+        log.warning("dns: %s", warning)
+    try:
+        proxy = DnsProxy(cmd.config)
+    except OSError as err:
+        where = ", ".join(f"{h}:{p}" for h, p in cmd.config.listen)
+        log.error("dns: cannot listen on %s: %s", where, err.strerror or err)
+        return 1
+    proxy.set_table(table)
+    cfg = cmd.config
+    log.info(
+        "dns: forwarding to %s (%s, timeout %gs), search %s, cache %s",
+        ", ".join(f"{h}:{p}" for h, p in cfg.upstreams) or "no nameserver",
+        "parallel" if cfg.forward_parallel else "serial", cfg.forward_timeout,
+        " ".join(cfg.search) or "none", f"{cfg.cache_size} entries" if cfg.cache_size else "off",
+    )
+    metrics_server = None
+    if cmd.metrics_addr:
+        host, port = cmd.metrics_addr
+        try:
+            metrics_server, _ = start_http_server(port, host or "0.0.0.0", registry=proxy.registry)
+        except OSError as err:
+            proxy.close()
+            log.error("dns: --metrics-addr %s:%d: %s", host, port, err.strerror or err)
+            return 1
+        log.info("dns: metrics on http://%s:%d/metrics", host, metrics_server.server_port)
+    try:
+        trio.run(_serve, proxy, cmd.table_path)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    log.info("dns: stopped")
+    return 0
+
+
+async def _serve(proxy: DnsProxy, table_path: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            nursery.start_soon(_watch_table, proxy, table_path)
+            async for signum in stops:
+                log.info("dns: %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _watch_table(proxy: DnsProxy, path: str) -> None:
+    """Reload on SIGHUP, and when the file's signature changes (polled every second)."""
+    seen = file_signature(path)
+    with trio.open_signal_receiver(signal.SIGHUP) as hups:
+        while True:
+            hup = False
+            with trio.move_on_after(TABLE_POLL):
+                await hups.__anext__()
+                hup = True
+            current = file_signature(path)
+            if not hup and current == seen:
+                continue
+            seen = current
+            await trio.to_thread.run_sync(_reload, proxy, path, "SIGHUP" if hup else "file change")
+
+
+def _reload(proxy: DnsProxy, path: str, why: str) -> None:
+    try:
+        table = load_name_table(path)
+    except TableFileError as err:
+        log.error("dns: rejected name table (%s): %s; still serving the previous table", why, err)
+        return
+    log.info("dns: reloading name table (%s)", why)
+    proxy.set_table(table)

@@ -1,0 +1,48 @@
+"""Reading a NameTable from a file in protobuf's JSON mapping (what `pilotfish dns` serves).
+
+The same shape istiod's NDS resource has, so a table dumped from Istio's /debug/ndsz (minus the
+generated alias keys) or written by hand works:
+`{"table": {"host": {"ips": [...], "registry": "Kubernetes", "shortname": ..., "namespace": ...,
+"altHosts": [...]}}}` (`alt_hosts` is accepted too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from google.protobuf import json_format
+
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+
+class TableFileError(ValueError):
+    """The file cannot be read or is not a NameTable; the message says which and why."""
+
+
+def load_name_table(path: str) -> NameTable:
+    """Parse the file; every failure is a TableFileError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as err:
+        raise TableFileError(f"{path}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise TableFileError(f"{path}: not JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("table", {}), dict):
+        raise TableFileError(f'{path}: want an object {{"table": {{host: NameInfo}}}}')
+    try:
+        return json_format.ParseDict(data, NameTable())
+    except json_format.ParseError as err:
+        raise TableFileError(f"{path}: not a NameTable: {err}") from None
+
+
+def file_signature(path: str) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten (None while it is missing)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
