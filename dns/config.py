@@ -112,11 +112,11 @@ def parse_upstream(text: str, setting: str) -> tuple[str, int]:
         return str(ipaddress.ip_address(value.strip("[]"))), 53
     except ValueError:
         pass
-    host, port = split_host_port(value, setting)
     try:
+        host, port = split_host_port(value, setting)
         return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        raise ConfigError(f"{setting}: {text!r} is not an IP address") from None
+    except (ConfigError, ValueError):
+        raise ConfigError(f"{setting}: {text!r} is not an IP, IP:port or [IPv6]:port") from None
 
 
 def upstreams_from_resolv(conf: ResolvConf) -> tuple[tuple[str, int], ...]:
