@@ -29,7 +29,7 @@ bench: system-deps venv
 	$(PY) bench/dns_bench.py
 
 demo: system-deps venv
-	$(PY) examples/dns_demo.py
+	demo/dns.sh
 
 # Regenerate the committed protobuf modules (Istio's NDS NameTable) with grpcio-tools.
 protos: venv

@@ -56,14 +56,25 @@ class ServingState:
         self.tcp_memo: dict[bytes, Any] = {}
 
 
-def _memo_store(memo: dict[bytes, Any], data: bytes, reply: Reply) -> None:
+_turns = itertools.count()  # rotation for replies built on the slow path (next() is atomic)
+
+
+def _pick(reply: Reply) -> int:
+    """Which variant to send. Queries that never repeat byte for byte (dig sends a fresh EDNS
+    cookie each time) miss the memo, so the slow path must rotate too."""
+    n = len(reply.variants)
+    return next(_turns) % n if n > 1 else 0
+
+
+def _memo_store(memo: dict[bytes, Any], data: bytes, reply: Reply, sent: int) -> None:
     if len(memo) >= MEMO_MAX:
         memo.clear()
     variants = reply.variants
     if len(variants) == 1:
         memo[data[2:]] = variants[0][2:]
-    else:  # the first variant was just sent: continue the rotation from the second
-        memo[data[2:]] = itertools.cycle([v[2:] for v in variants[1:] + variants[:1]])
+    else:  # continue the rotation after the variant just sent
+        order = variants[sent + 1 :] + variants[: sent + 1]
+        memo[data[2:]] = itertools.cycle([v[2:] for v in order])
 
 
 def _memo_reply(memo: dict[bytes, Any], data: bytes) -> bytes | None:
@@ -243,12 +254,13 @@ class DnsProxy:
             return
         if isinstance(outcome, Reply):
             _count(stats, outcome)
+            sent = _pick(outcome)
             try:
-                sock.sendto(outcome.variants[0], addr)
+                sock.sendto(outcome.variants[sent], addr)
             except OSError:
                 pass
             if outcome.local:
-                _memo_store(state.udp_memo, data, outcome)
+                _memo_store(state.udp_memo, data, outcome, sent)
             return
         stats.requests += 1
         token = self._token
@@ -329,10 +341,11 @@ class DnsProxy:
                 continue
             if isinstance(outcome, Reply):
                 _count(stats, outcome)
+                sent = _pick(outcome)
                 if outcome.local:
-                    _memo_store(state.tcp_memo, data, outcome)
+                    _memo_store(state.tcp_memo, data, outcome, sent)
                 async with send_lock:
-                    await stream.send_all(_framed(outcome.variants[0]))
+                    await stream.send_all(_framed(outcome.variants[sent]))
                 continue
             stats.requests += 1
             await pipeline.acquire()

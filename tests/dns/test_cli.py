@@ -29,6 +29,7 @@ TABLE = {
     "table": {
         "productpage.ns1.svc.cluster.local": {"ips": ["9.9.9.9"], "registry": "Kubernetes", "shortname": "productpage", "namespace": "ns1"},
         "www.google.com": {"ips": ["1.1.1.1", "2001:db8::1"], "registry": "External"},
+        "details.ns2.svc.cluster.remote": {"ips": ["11.11.11.11", "12.12.12.12", "13.13.13.13"], "registry": "External"},
     }
 }
 
@@ -136,6 +137,14 @@ def test_dig_mesh_names(proxy: tuple[Process, int]) -> None:
     full = dig(port, "www.google.com.ns1.svc.cluster.local")
     assert "status: NOERROR" in full and " aa " in full.split("flags:")[1].split(";")[0] + " "
     assert short(port, "www.google.com.ns1.svc.cluster.local") == ["www.google.com.", "1.1.1.1"]
+
+
+def test_answer_order_changes_between_replies(proxy: tuple[Process, int]) -> None:
+    """dig sends a fresh EDNS cookie per query, so this also covers queries that never repeat."""
+    _, port = proxy
+    orders = {tuple(short(port, "details.ns2.svc.cluster.remote")) for _ in range(4)}
+    orders |= {tuple(short(port, "+nocookie", "details.ns2.svc.cluster.remote")) for _ in range(4)}
+    assert len(orders) > 1 and all(sorted(o) == ["11.11.11.11", "12.12.12.12", "13.13.13.13"] for o in orders)
 
 
 def test_dig_search_expanded_name_through_the_resolver(proxy: tuple[Process, int]) -> None:
