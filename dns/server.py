@@ -301,10 +301,11 @@ class DnsProxy:
             return
         self._tcp_connections += 1
         try:
-            async with stream, trio.open_nursery() as nursery:
-                await self._tcp_queries(stream, nursery)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+            try:
+                async with stream, trio.open_nursery() as nursery:
+                    await self._tcp_queries(stream, nursery)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the client went away (trio reports it inside an exception group)
         except Exception:  # a bug must cost one connection, not the listener
             self._warn(logging.ERROR, "dns: error on a TCP connection", exc_info=True)
         finally:
