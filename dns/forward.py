@@ -11,11 +11,10 @@ never replies); an upstream SERVFAIL falls back to a stale cache entry when ther
 
 from __future__ import annotations
 
-import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -26,10 +25,9 @@ from .metrics import DnsMetrics
 from .relay import relay, upstream_query
 from .wire import QR, RCODE_MASK, SERVFAIL, Message, WireError, parse_message
 
-log = logging.getLogger("pilotfish.dns")
-
 Server = tuple[str, int]
 Exchange = tuple[bytes, Message]
+ExchangeFn = Callable[[Server, bytes, Message, float], Awaitable["Exchange | None"]]
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -124,7 +122,7 @@ class Forwarder:
         cache = self.cache
         key = cache_mod.cache_key(query) if cache is not None else None
         now = time.monotonic()
-        if key is not None:
+        if cache is not None and key is not None:
             entry = cache.fresh(key, now)
             if entry is not None:
                 return cache_mod.render(query, entry, now, tcp)
@@ -140,18 +138,20 @@ class Forwarder:
             self.metrics.upstream_duration.observe(time.monotonic() - started)
         now = time.monotonic()
         if result is None or result[1].flags & RCODE_MASK == SERVFAIL:
-            stale = cache.stale_entry(key, now) if key is not None else None
+            stale = cache.stale_entry(key, now) if cache is not None and key is not None else None
             if stale is not None:
                 return cache_mod.render(query, stale, now, tcp, stale=True)
         if result is None:
             self.metrics.upstream_failures += 1
             return servfail(query)
         raw, reply = result
-        if key is not None:
+        if cache is not None and key is not None:
             cache.put(key, reply, now)
         return relay(query, raw, reply, tcp)
 
-    def _exchange(self, tcp: bool):  # type: ignore[no-untyped-def]
+    @staticmethod
+    def _exchange(tcp: bool) -> ExchangeFn:
+        """Upstream exchanges use the client's transport, as Istio's do."""
         return exchange_tcp if tcp else exchange_udp
 
     async def _serial(self, wire: bytes, query: Message, tcp: bool) -> Exchange | None:

@@ -13,6 +13,7 @@ assignment, together with empty memos, so a reader sees either the old table or 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import socket
@@ -43,6 +44,7 @@ TCP_FIRST_READ = 2.0  # seconds to the first query on a new connection (miekg's 
 TCP_IDLE = 10.0  # seconds between queries before the connection is closed (RFC 7766 §6.2.3)
 TCP_BODY = 2.0  # seconds to receive a message once its length prefix arrived
 LOG_EVERY = 10.0  # seconds between repeated log lines about bad input
+PAIR_ATTEMPTS = 20  # port 0: tries to find a port free for both UDP and TCP
 
 
 class ServingState:
@@ -124,6 +126,25 @@ def _bind(family: socket.AddressFamily, kind: socket.SocketKind, addr: tuple[str
     return sock
 
 
+def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same address and port.
+
+    With port 0 (tests, demos) the kernel picks the UDP port and TCP takes the same one, as a
+    client expects both on one port; that port may already be in use for TCP (another
+    connection's ephemeral port), so a new pair is tried.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(PAIR_ATTEMPTS):
+        udp = _bind(family, socket.SOCK_DGRAM, (host, port))
+        try:
+            return udp, _bind(family, socket.SOCK_STREAM, (host, port or udp.getsockname()[1]))
+        except OSError as err:
+            udp.close()
+            if port or err.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free UDP+TCP port pair on {host} after {PAIR_ATTEMPTS} tries")
+
+
 class DnsProxy:
     """The DNS proxy: binds at construction, serves while `serve()` runs."""
 
@@ -143,12 +164,9 @@ class DnsProxy:
         self._tcp: list[socket.socket] = []
         try:
             for host, port in config.listen:  # UDP then TCP per address, as Istio binds them
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                udp = _bind(family, socket.SOCK_DGRAM, (host, port))
+                udp, tcp = _bind_pair(host, port)
                 self._udp.append(udp)
-                # Port 0 (tests): give TCP the port UDP got, as a client expects both on one.
-                tcp_port = port or udp.getsockname()[1]
-                self._tcp.append(_bind(family, socket.SOCK_STREAM, (host, tcp_port)))
+                self._tcp.append(tcp)
         except BaseException:
             self.close()
             raise

@@ -242,12 +242,12 @@ def _decompress_rdata(buf: bytes, off: int, rdlen: int, layout: tuple[str | int,
     end = off + rdlen
     parts = []
     for part in layout:
-        if part == "N":
-            name, off = read_name(buf, off)
-            parts.append(name)
-        else:
+        if isinstance(part, int):
             parts.append(buf[off : off + part])
             off += part
+        else:
+            name, off = read_name(buf, off)
+            parts.append(name)
         if off > end:
             raise WireError("rdata shorter than its fields")
     if off != end:
@@ -415,15 +415,15 @@ class Packer:
         if layout:
             off = 0
             for part in layout:
-                if part == "N":
+                if isinstance(part, int):
+                    buf += rr.rdata[off : off + part]
+                    off += part
+                else:
                     end = off
                     while rr.rdata[end]:
                         end += 1 + rr.rdata[end]
                     self._write_name(rr.rdata[off : end + 1], True)
                     off = end + 1
-                else:
-                    buf += rr.rdata[off : off + part]
-                    off += part
         else:
             buf += rr.rdata
         if len(buf) > self.limit:
