@@ -265,27 +265,36 @@ class DnsProxy:
             except Exception:  # a bug must cost one query, not the listener
                 self._warn(logging.ERROR, "dns: error handling a UDP query", exc_info=True)
 
-    def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, stats: ThreadStats) -> None:
+    def _answer(self, data: bytes, tcp: bool, stats: ThreadStats) -> bytes | Forward | None:
+        """The slow path of both transports: run the engine, count, pick the rotation to send
+        and memoise a local answer. Returns the reply, a query to forward, or None (drop)."""
         state = self._state
-        outcome = respond(state.table, data, False, self.config.forward_before_table)
-        if outcome is None:
+        outcome = respond(state.table, data, tcp, self.config.forward_before_table)
+        if outcome is None or isinstance(outcome, Forward):
+            if outcome is not None:
+                stats.requests += 1
+            return outcome
+        _count(stats, outcome)
+        sent = _pick(outcome)
+        if outcome.local:
+            _memo_store(state.tcp_memo if tcp else state.udp_memo, data, outcome, sent)
+        return outcome.variants[sent]
+
+    def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, stats: ThreadStats) -> None:
+        result = self._answer(data, False, stats)
+        if result is None:
             return
-        if isinstance(outcome, Reply):
-            _count(stats, outcome)
-            sent = _pick(outcome)
+        if isinstance(result, bytes):
             try:
-                sock.sendto(outcome.variants[sent], addr)
+                sock.sendto(result, addr)
             except OSError:
                 pass
-            if outcome.local:
-                _memo_store(state.udp_memo, data, outcome, sent)
             return
-        stats.requests += 1
         token = self._token
         if token is None:
             return
         try:
-            token.run_sync_soon(self._start_udp_forward, outcome, sock, addr)
+            token.run_sync_soon(self._start_udp_forward, result, sock, addr)
         except trio.RunFinishedError:
             pass
 
@@ -351,24 +360,17 @@ class DnsProxy:
             reply = _memo_reply(self._state.tcp_memo, data)
             if reply is not None:
                 stats.memo_hits += 1
-                async with send_lock:
-                    await stream.send_all(_framed(reply))
-                continue
-            state = self._state
-            outcome = respond(state.table, data, True, self.config.forward_before_table)
-            if outcome is None:
-                continue
-            if isinstance(outcome, Reply):
-                _count(stats, outcome)
-                sent = _pick(outcome)
-                if outcome.local:
-                    _memo_store(state.tcp_memo, data, outcome, sent)
-                async with send_lock:
-                    await stream.send_all(_framed(outcome.variants[sent]))
-                continue
-            stats.requests += 1
-            await pipeline.acquire()
-            nursery.start_soon(self._forward_tcp, outcome, stream, send_lock, pipeline)
+            else:
+                result = self._answer(data, True, stats)
+                if result is None:
+                    continue
+                if isinstance(result, Forward):
+                    await pipeline.acquire()
+                    nursery.start_soon(self._forward_tcp, result, stream, send_lock, pipeline)
+                    continue
+                reply = result
+            async with send_lock:
+                await stream.send_all(_framed(reply))
 
     async def _forward_tcp(
         self, fwd: Forward, stream: trio.SocketStream, lock: trio.Lock, pipeline: trio.Semaphore

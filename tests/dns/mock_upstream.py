@@ -234,21 +234,19 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def _bind_udp_tcp(host: str) -> tuple[socket.socket, socket.socket]:
-    """A TCP listener and a UDP socket bound to the same random free port."""
+    """A UDP and a TCP socket bound (not listening) to the same random free port."""
     family = _family(host)
     for _ in range(100):
         tcp = socket.socket(family, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tcp.bind((host, 0))
-        port = tcp.getsockname()[1]
         udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            udp.bind((host, port))
+            udp.bind((host, tcp.getsockname()[1]))
         except OSError:
             udp.close()
             tcp.close()
             continue
-        tcp.listen(128)
         return udp, tcp
     raise OSError("no port free for both UDP and TCP")
 
@@ -265,6 +263,7 @@ class MockUpstream:
         self.behaviour = behaviour
         self.host = host
         self._udp, self._tcp = _bind_udp_tcp(host)
+        self._tcp.listen(128)
         self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.port: int = self._tcp.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -426,22 +425,9 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
     listening on that TCP port meanwhile and connects keep being refused; the UDP side was checked
     free when the port was chosen.
     """
-    family = _family(host)
-    for _ in range(100):
-        tcp = socket.socket(family, socket.SOCK_STREAM)
-        tcp.bind((host, 0))
-        port = tcp.getsockname()[1]
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            udp.bind((host, port))
-        except OSError:
-            tcp.close()
-            continue
-        finally:
-            udp.close()
-        try:
-            yield port
-        finally:
-            tcp.close()
-        return
-    raise OSError("no closed port found")
+    udp, tcp = _bind_udp_tcp(host)
+    udp.close()
+    try:
+        yield tcp.getsockname()[1]
+    finally:
+        tcp.close()
