@@ -3,8 +3,11 @@ cache and serve-stale, UPDATE forwarding, EDNS versions, and table swaps while s
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+
+import pytest
 
 from dnslib import OPCODE, QTYPE, DNSRecord, EDNS0
 from mock_upstream import MockUpstream
@@ -103,8 +106,6 @@ def test_unknown_edns_version_gets_badvers() -> None:
 
 def test_tcp_queries_on_one_connection_may_be_pipelined() -> None:
     """RFC 7766: a slow forwarded query does not hold up local answers behind it."""
-    import socket
-
     with MockUpstream("silent") as upstream, running_proxy(
         _config(upstream, forward_timeout=1.0), [name_table(fixture_table("istio_test"))]
     ) as proxy:
@@ -169,3 +170,21 @@ def test_forward_before_table_when_configured() -> None:
         assert str(_ask(proxy.udp_address, "www.bing.com").rr[0].rdata) == "1.1.1.1"
         assert upstream.query_count == 1
         assert QTYPE.A == _ask(proxy.udp_address, "productpage").q.qtype
+
+
+def test_serves_on_ipv6_loopback_too() -> None:
+    """Istio listens on [::1]:15053 as well when resolv.conf has an IPv6 nameserver."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with MockUpstream() as upstream, running_proxy(
+        _config(upstream, listen=(("127.0.0.1", 0), ("::1", 0))), [name_table(fixture_table("istio_test"))]
+    ) as proxy:
+        v6_udp, v6_tcp = proxy.proxy.udp_addresses[1], proxy.proxy.tcp_addresses[1]
+        assert v6_udp[0] == "::1" and v6_udp[1] == v6_tcp[1]
+        assert str(_ask(v6_udp, "productpage").rr[0].rdata) == "9.9.9.9"
+        reply = tcp_exchange(v6_tcp, DNSRecord.question("dual.localhost", "AAAA").pack(), 3.0)
+        assert reply is not None and str(DNSRecord.parse(reply).rr[0].rdata) == "2001:db8::ff00:42:8329"
+        assert str(_ask(v6_udp, "www.bing.com").rr[0].rdata) == "1.1.1.1"  # forwarded from a v6 client
