@@ -231,9 +231,10 @@ class DnsProxy:
                     sock.shutdown(socket.SHUT_RD)  # wakes the thread blocked in recvfrom
                 except OSError:
                     pass
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join(timeout=2)
+            with trio.CancelScope(shield=True):  # finish the shutdown even though cancelled
+                for thread in threads:
+                    if thread.is_alive():
+                        await trio.to_thread.run_sync(thread.join, 2.0)
             self.close()
 
     # --- UDP ---------------------------------------------------------------------------------
