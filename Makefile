@@ -2,7 +2,7 @@
 # (when missing) and a virtualenv in .venv with the Python dependencies.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps
+APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps iptables libcap2-bin util-linux
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test bench demo protos system-deps venv

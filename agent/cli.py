@@ -1,39 +1,27 @@
-"""The `pilotfish` command: one binary with a subcommand per job (dns now; init, agent and
-controlplane as they land), like Istio's pilot-agent and istio-iptables in one image."""
+"""The `pilotfish` command: one binary with a subcommand per job (dns, init; agent and
+controlplane as they land), like Istio's pilot-agent and istio-iptables in one image.
+
+Subcommands are imported when chosen: `pilotfish init` runs in an init container on every pod
+start and must not pay for the DNS proxy's imports (trio, protobuf, prometheus-client).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
+import os
 import sys
-import time
 
-from pilotfish.dns import command as dns_command
+from pilotfish.agent.logs import setup_logging
 
 
 def version() -> str:
     return importlib.metadata.version("pilotfish")
 
 
-class _Formatter(logging.Formatter):
-    """One line per event: UTC time with milliseconds, level, message (Istio's layout)."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s\t%(levelname)s\t%(message)s"))
-    root = logging.getLogger("pilotfish")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from pilotfish.dns import command as dns_command
+
     parser = argparse.ArgumentParser(
         prog="pilotfish",
         description="Service-mesh sidecar agent: a drop-in for Istio's istio-init and pilot-agent.",
@@ -43,10 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level (default info)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dns_command.add_parser(sub)
+    sub.add_parser("init", add_help=False,
+                   help="install the traffic capture rules (istio-iptables' flags; init --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "init":
+        # istio-iptables' flags follow pflag's rules, not argparse's: init parses its own.
+        from pilotfish.init import command as init_command
+
+        return init_command.main(argv[1:], os.environ)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     return int(args.run(args))

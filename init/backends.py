@@ -1,0 +1,316 @@
+"""The two iptables backends, and the choice between them.
+
+- nft: one `iptables-nft-restore --noflush` (`ip6tables-nft-restore`) call per family.
+- legacy: python-iptables (libiptc), one commit per table, under the xtables lock that the
+  iptables binaries take (`/run/xtables.lock`).
+
+Both read the live state with their `-save` binary, and both roll back by restoring the saved
+tables whole (`-restore` without `--noflush` replaces each table it is given in one commit).
+
+The choice (reference §12.1, done once for both families so they never mix): the backend that
+already holds rules in this namespace; if both do, the one holding the sidecar's chains (else
+legacy, as istio-iptables); if neither, nft when the kernel has it. Unlike istio-iptables, the
+probe writes nothing: a legacy table that merely exists (which istio-iptables' own probe rule
+creates) does not count as rules.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .planner import V4, Rule
+from .restore import BUILTIN_TARGETS, parse_save
+from .state import OUR_CHAINS, Op
+
+log = logging.getLogger("pilotfish.init")
+
+XTABLES_LOCK = "/run/xtables.lock"
+LOCK_WAIT = 30.0  # seconds, as istio-iptables' --wait=30
+# Option abbreviations the iptables command accepts (getopt prefixes) and Istio uses, which
+# python-iptables' exact lookup does not: Istio writes the UDP DNS redirect with --to-port.
+ABBREVIATIONS = {"to-port": "to-ports"}
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be used, or a change could not be applied; the message says why."""
+
+
+Runner = Callable[[list[str], str | None], subprocess.CompletedProcess[str]]
+
+
+def run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing its output (the default Runner)."""
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def _tool(family: int, backend: str, suffix: str = "") -> str:
+    return f"{'iptables' if family == V4 else 'ip6tables'}-{backend}{suffix}"
+
+
+class Backend(abc.ABC):
+    """Reads and writes one backend's tables in the current network namespace."""
+
+    name = ""
+
+    def __init__(self, runner: Runner = run) -> None:
+        self.runner = runner
+
+    def save(self, family: int) -> str:
+        done = self.runner([_tool(family, self.name, "-save")], None)
+        if done.returncode != 0:
+            raise BackendError(f"{_tool(family, self.name, '-save')} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    @abc.abstractmethod
+    def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
+        """Apply the ops of one family; raise BackendError if the kernel refuses them."""
+
+    def restore_tables(self, family: int, text: str) -> None:
+        """Replace the tables in `text` (iptables-save output) whole, each in one commit."""
+        tool = _tool(family, self.name, "-restore")
+        done = self.runner([tool], text)
+        if done.returncode != 0:
+            raise BackendError(f"{tool} failed: {done.stderr.strip()}")
+
+
+class NftBackend(Backend):
+    name = "nft"
+
+    def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
+        text = "".join(
+            f"*{table}\n" + "".join(op.restore_line() + "\n" for op in table_ops) + "COMMIT\n"
+            for table, table_ops in ops.items() if table_ops
+        )
+        if not text:
+            return
+        tool = _tool(family, "nft", "-restore")
+        done = self.runner([tool, "--noflush"], text)
+        if done.returncode != 0:
+            raise BackendError(f"{tool} --noflush failed: {done.stderr.strip()}")
+
+
+class LegacyBackend(Backend):
+    name = "legacy"
+
+    def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
+        # Each family in its own child process: libxtables registers an extension such as TPROXY
+        # once per process, and loading it for the second family makes it exit the process
+        # ("target already registered"). The parent never loads python-iptables.
+        with xtables_lock():
+            in_child(lambda: _apply_legacy(family, ops))
+
+
+def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
+    import iptc  # loads libiptc and libxtables
+
+    for table_name, table_ops in ops.items():
+        if not table_ops:
+            continue
+        table = (iptc.Table if family == V4 else iptc.Table6)(table_name)
+        table.autocommit = False
+        try:
+            for op in table_ops:
+                _apply_iptc(iptc, table, op, family)
+            table.commit()
+        except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as err:
+            raise BackendError(f"{table_name} table: {err}") from None
+
+
+def in_child(action: Callable[[], None]) -> None:
+    """Run `action` in a forked child; its exception comes back as a BackendError."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe and leave without cleanup handlers
+        os.close(read_end)
+        message = b""
+        try:
+            action()
+        except BaseException as err:  # noqa: BLE001 - everything must reach the parent
+            message = (str(err) or type(err).__name__).encode()
+        os.write(write_end, message)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if message:
+        raise BackendError(message.decode(errors="replace"))
+    if status != 0:
+        raise BackendError(f"python-iptables exited the process with status {os.waitstatus_to_exitcode(status)}")
+
+
+def _apply_iptc(iptc: Any, table: Any, op: Op, family: int) -> None:
+    if op.kind == "delete":
+        chain = iptc.Chain(table, op.chain)
+        chain.delete_rule(chain.rules[op.index - 1])
+    elif op.kind == "flush":
+        iptc.Chain(table, op.chain).flush()
+    elif op.kind == "delete-chain":
+        table.delete_chain(op.chain)
+    elif op.kind == "new-chain":
+        table.create_chain(op.chain)
+    else:
+        assert op.rule is not None
+        rule = iptc_rule(iptc, op.rule, family)
+        chain = iptc.Chain(table, op.chain)
+        if op.rule.insert is None:
+            chain.append_rule(rule)
+        else:
+            chain.insert_rule(rule, position=op.rule.insert - 1)
+
+
+def iptc_rule(iptc: Any, rule: Rule, family: int) -> Any:
+    """A python-iptables rule from iptables arguments. Options go to the extension's own parser
+    (the same code the iptables command runs), so any match or target works; `--dport`/`--sport`
+    without an explicit match load the protocol's match, as iptables does."""
+    out = iptc.Rule() if family == V4 else iptc.Rule6()
+    args = rule.args
+    module = None
+    proto = ""
+    negate = False
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "!":
+            negate = True
+            i += 1
+            continue
+        bang = "!" if negate else ""
+        negate = False
+        if token in ("-s", "-d", "-i", "-o", "-p"):
+            value = bang + args[i + 1]
+            if token == "-p":
+                proto = args[i + 1]
+                out.protocol = value
+            elif token == "-s":
+                out.src = value
+            elif token == "-d":
+                out.dst = value
+            elif token == "-i":
+                out.in_interface = value
+            else:
+                out.out_interface = value
+            i += 2
+        elif token == "-m":
+            module = out.create_match(args[i + 1])
+            i += 2
+        elif token == "-j":
+            module = out.create_target(args[i + 1])
+            i += 2
+        else:
+            if token in ("--dport", "--sport") and (module is None or module.name not in ("tcp", "udp")):
+                module = out.create_match(proto)
+            assert module is not None, f"option {token} outside a match or target in {rule.text()}"
+            name = ABBREVIATIONS.get(token[2:], token[2:])
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                module.set_parameter(name, bang + args[i + 1])
+                i += 2
+            else:  # a flag such as CONNMARK --save-mark
+                module.set_parameter(name)
+                i += 1
+    return out
+
+
+@contextlib.contextmanager
+def xtables_lock(path: str = XTABLES_LOCK, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """The lock the legacy iptables tools take, so their writes never interleave with ours."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        log.warning("init: cannot open %s (%s); applying without the xtables lock", path, err.strerror)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"another process holds {path} for more than {wait:.0f}s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+BACKENDS: dict[str, type[Backend]] = {"legacy": LegacyBackend, "nft": NftBackend}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the probe found for one backend (over the families in use)."""
+
+    usable: bool
+    why_not: str = ""
+    rules: int = 0  # rule lines and user chains in its tables
+    sidecar_chains: bool = False
+
+
+def decide(requested: str, legacy: Evidence, nft: Evidence) -> tuple[str, str]:
+    """(backend, reason). Pure."""
+    found = {"legacy": legacy, "nft": nft}
+    if requested in found:
+        if not found[requested].usable:
+            raise BackendError(f"--iptables-backend {requested}: not usable here: {found[requested].why_not}")
+        return requested, f"requested with --iptables-backend {requested}"
+    with_rules = [n for n, e in found.items() if e.usable and e.rules]
+    if len(with_rules) == 1:
+        name = with_rules[0]
+        return name, f"{name} already holds {found[name].rules} rules or chains in this namespace"
+    if len(with_rules) == 2:
+        holding = [n for n in with_rules if found[n].sidecar_chains]
+        name = holding[0] if len(holding) == 1 else "legacy"
+        why = "it holds the sidecar's chains" if len(holding) == 1 else "legacy wins a tie, as in istio-iptables"
+        return name, f"both legacy and nft hold rules; using {name}: {why}"
+    if nft.usable:
+        return "nft", "no rules in either backend; nft preferred"
+    if legacy.usable:
+        return "legacy", f"no rules in either backend; nft not usable ({nft.why_not})"
+    raise BackendError(f"no usable iptables backend: legacy: {legacy.why_not}; nft: {nft.why_not}")
+
+
+def probe(name: str, families: tuple[int, ...], runner: Runner = run) -> Evidence:
+    """Look at a backend without changing anything."""
+    rules = 0
+    sidecar = False
+    for family in families:
+        save = _tool(family, name, "-save")
+        if shutil.which(save) is None:
+            return Evidence(False, f"{save} not installed")
+        if name == "legacy":
+            names = "/proc/net/ip_tables_names" if family == V4 else "/proc/net/ip6_tables_names"
+            if not os.path.exists(names):
+                return Evidence(False, f"no kernel support ({names} missing)")
+            with open(names) as f:
+                if not f.read().strip():
+                    continue  # no legacy table exists: nothing to read, and reading would create one
+        elif shutil.which(_tool(family, name, "-restore")) is None:
+            return Evidence(False, f"{_tool(family, name, '-restore')} not installed")
+        done = runner([save], None)
+        if done.returncode != 0:
+            return Evidence(False, f"{save} failed: {done.stderr.strip() or done.returncode}")
+        for table in parse_save(done.stdout).values():
+            for chain, lines in table.rules.items():
+                rules += len(lines) + (chain not in BUILTIN_TARGETS)
+                sidecar |= chain in OUR_CHAINS
+    return Evidence(True, rules=rules, sidecar_chains=sidecar)
+
+
+def choose(requested: str, families: tuple[int, ...], runner: Runner = run) -> tuple[Backend, str]:
+    """The backend to use for every family, and why."""
+    legacy = probe("legacy", families, runner) if requested in ("auto", "legacy") else Evidence(False, "not requested")
+    nft = probe("nft", families, runner) if requested in ("auto", "nft") else Evidence(False, "not requested")
+    name, reason = decide(requested, legacy, nft)
+    return BACKENDS[name](runner), reason

@@ -1,0 +1,138 @@
+"""`pilotfish init`: istio-iptables' command line, applied atomically and idempotently.
+
+    pilotfish init [istio-iptables flags] [--iptables-backend legacy|nft|auto]
+                   [--resolv-conf PATH] [--ipv6 auto|on|off]
+    pilotfish init clean [same flags]          (= --cleanup-only)
+
+Exit codes: 0 done (or nothing to do), 1 bad input or a failed apply (rolled back), 126 the
+validation probe was not redirected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from .apply import ApplyError, Refused, run_tables
+from .backends import BackendError, choose
+from .canonical import canonical
+from .config import CaptureConfig, ConfigError, effective_backend, parse_args, validate
+from .detect import check_names, detect, group_id, host_is_ipv6, user_id
+from .planner import Plan, Rule, plan
+from .restore import dry_run_text
+from .routespec import RouteSpec
+from .validation import EXIT_VALIDATION_FAILED, FAILURE_MESSAGE, validate_capture
+
+log = logging.getLogger("pilotfish.init")
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def log_level(config: CaptureConfig) -> str:
+    """Istio's `--log_output_level=default:debug` (or a bare level) as a Python level name."""
+    for part in config.log_level.split(","):
+        scope, _, level = part.rpartition(":")
+        if scope in ("", "default"):
+            return {"warn": "warning", "none": "critical", "fatal": "critical"}.get(level, level)
+    return "info"
+
+
+def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    from pilotfish.agent.logs import setup_logging
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        config, positional = parse_args(argv, env)
+        setup_logging(log_level(config) if log_level(config) in ("debug", "info", "warning", "error", "critical") else "info")
+        if positional == ["clean"]:
+            config = replace(config, cleanup_only=True)
+        elif positional:
+            raise ConfigError(f"unexpected argument {positional[0]!r} (only 'clean' is a subcommand)")
+        validate(config)
+        detected = detect(config)
+    except ConfigError as err:
+        setup_logging("info")
+        log.error("init: %s", err)
+        return 1
+    the_plan = plan(config, detected)
+    if config.dry_run:
+        text = dry_run_text(the_plan)
+        sys.stdout.write(text)
+        if config.dry_run_file_path:
+            _write_atomically(config.dry_run_file_path, text)
+        return 0
+    if not config.skip_rule_apply:
+        code = _apply(config, the_plan, detected)
+        if code:
+            return code
+    if config.run_validation:
+        ipv6 = detected.enable_ipv6 and host_is_ipv6()
+        if not validate_capture(config, ipv6):
+            log.error("init: %s", FAILURE_MESSAGE)
+            return EXIT_VALIDATION_FAILED
+    return 0
+
+
+def _canon(rule: Rule, family: int) -> str:
+    return canonical(rule, family, user_id, group_id)
+
+
+def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
+    try:
+        check_names(config, detected)  # type: ignore[arg-type]
+        backend, reason = choose(effective_backend(config), the_plan.families)
+    except (ConfigError, BackendError) as err:
+        log.error("init: %s", err)
+        return 1
+    log.info("init: iptables backend %s: %s", backend.name, reason)
+    spec = RouteSpec(
+        mark=int(config.inbound_tproxy_mark),
+        table=int(config.inbound_tproxy_route_table),
+        families=the_plan.families,
+        tproxy=config.tproxy and bool(config.inbound_ports),
+        passthrough_v6=6 in the_plan.families,
+    )
+    try:
+        if config.cleanup_only:
+            result = run_tables(backend, the_plan, _canon, cleanup=True)
+            if not spec.empty:
+                from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
+
+                routes.remove(spec)
+        else:
+            result = run_tables(
+                backend, the_plan, _canon, replace=config.reconcile or config.force_apply,
+                after=None if spec.empty else lambda: _install_routes(spec),
+            )
+    except Refused as err:
+        log.error("init: %s", err)
+        return 1
+    except (ApplyError, BackendError, OSError) as err:
+        log.error("init: %s", err)
+        return 1
+    what = "removed" if config.cleanup_only else "installed"
+    if not result.changed:
+        log.info("init: nothing to do: the rules are %s already", "absent" if config.cleanup_only else "in place")
+    else:
+        log.info("init: rules %s (%d changes)", what, len(result.diff))
+        for line in result.diff:
+            log.debug("init: %s", line)
+    return 0
+
+
+def _install_routes(spec: RouteSpec) -> None:
+    from . import routes
+
+    routes.install(spec)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

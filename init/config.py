@@ -1,0 +1,336 @@
+"""Configuration of `pilotfish init`: istio-iptables' flags and environment variables.
+
+Same names, defaults, list syntax and precedence as istio-iptables (reference/istio-iptables.md
+§2): built-in default < primary env var < extra env var < command-line flag. Flags are read the
+way pflag reads them: `--name=value`, `--name value`, `-x value`, `-xvalue`, `-x=value`, and
+booleans bare or as `--flag=true|false`.
+
+Where istio-iptables accepts anything and fails later (or silently does something else), pilotfish
+refuses up front with a message naming the setting and the value, before any rule is touched:
+ports out of range, an unknown interception mode (Istio treats `tproxy` as REDIRECT), a TPROXY
+mark or table that is not decimal (Istio fails after installing its rules), unparsable env values
+(Istio ignores them silently).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from pilotfish.dns.config import ConfigError, parse_bool, parse_duration
+
+__all__ = ["ConfigError", "CaptureConfig", "parse_args", "validate"]
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Everything istio-iptables reads, plus pilotfish's own switches. Lists stay strings, as
+    Istio keeps them, and are split where they are used."""
+
+    envoy_port: str = "15001"
+    inbound_capture_port: str = "15006"
+    inbound_tunnel_port: str = "15008"
+    proxy_uid: str = ""
+    proxy_gid: str = ""
+    inbound_interception_mode: str = ""
+    inbound_ports: str = ""
+    local_exclude_ports: str = ""
+    exclude_interfaces: str = ""
+    service_cidr: str = ""
+    service_exclude_cidr: str = ""
+    outbound_ports: str = ""
+    local_outbound_ports_exclude: str = ""
+    kube_virt_interfaces: str = ""
+    inbound_tproxy_mark: str = "1337"
+    inbound_tproxy_route_table: str = "133"
+    dry_run: bool = False
+    iptables_probe_port: str = "15002"
+    probe_timeout: float = 5.0
+    skip_rule_apply: bool = False
+    run_validation: bool = False
+    redirect_dns: bool = False
+    drop_invalid: bool = False
+    dual_stack: bool = False
+    capture_all_dns: bool = False
+    network_namespace: str = ""
+    cni_mode: bool = False
+    reconcile: bool = False
+    cleanup_only: bool = False
+    force_apply: bool = False
+    native_nftables: bool = False
+    force_iptables_binary: str = ""
+    # Environment-only settings (§2.2).
+    owner_groups_include: str = "*"
+    owner_groups_exclude: str = ""
+    ipv4_loopback_cidr: str = "127.0.0.1/32"
+    envoy_user: str = "istio-proxy"
+    dry_run_file_path: str = ""
+    # pilotfish's own.
+    iptables_backend: str = "auto"
+    resolv_conf: str = "/etc/resolv.conf"
+    ipv6: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def tproxy(self) -> bool:
+        return self.inbound_interception_mode == "TPROXY"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: its field, names, environment variables and kind."""
+
+    field: str
+    long: str
+    short: str = ""
+    env: str | None = ""  # "" means the long name upper-cased with _; None means no env
+    extra_env: str = ""
+    kind: str = "str"  # str, bool, duration, port
+
+    @property
+    def env_name(self) -> str | None:
+        if self.env is None:
+            return None
+        return self.env or self.long.upper().replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("envoy_port", "envoy-port", "p", env=None),
+    Flag("inbound_capture_port", "inbound-capture-port", "z"),
+    Flag("inbound_tunnel_port", "inbound-tunnel-port", "e"),
+    Flag("proxy_uid", "proxy-uid", "u"),
+    Flag("proxy_gid", "proxy-gid", "g"),
+    Flag("inbound_interception_mode", "istio-inbound-interception-mode", "m"),
+    Flag("inbound_ports", "istio-inbound-ports", "b"),
+    Flag("local_exclude_ports", "istio-local-exclude-ports", "d"),
+    Flag("exclude_interfaces", "istio-exclude-interfaces", "c"),
+    Flag("service_cidr", "istio-service-cidr", "i"),
+    Flag("service_exclude_cidr", "istio-service-exclude-cidr", "x"),
+    Flag("outbound_ports", "istio-outbound-ports", "q"),
+    Flag("local_outbound_ports_exclude", "istio-local-outbound-ports-exclude", "o"),
+    Flag("kube_virt_interfaces", "kube-virt-interfaces", "k"),
+    Flag("inbound_tproxy_mark", "istio-inbound-tproxy-mark", "t"),
+    Flag("inbound_tproxy_route_table", "istio-inbound-tproxy-route-table", "r"),
+    Flag("dry_run", "dry-run", "n", kind="bool"),
+    Flag("iptables_probe_port", "iptables-probe-port", kind="port"),
+    Flag("probe_timeout", "probe-timeout", kind="duration"),
+    Flag("skip_rule_apply", "skip-rule-apply", kind="bool"),
+    Flag("run_validation", "run-validation", kind="bool"),
+    Flag("redirect_dns", "redirect-dns", extra_env="ISTIO_META_DNS_CAPTURE", kind="bool"),
+    Flag("drop_invalid", "drop-invalid", extra_env="INVALID_DROP", kind="bool"),
+    Flag("dual_stack", "dual-stack", extra_env="ISTIO_DUAL_STACK", kind="bool"),
+    Flag("capture_all_dns", "capture-all-dns", kind="bool"),
+    Flag("network_namespace", "network-namespace"),
+    Flag("cni_mode", "cni-mode", kind="bool"),
+    Flag("reconcile", "reconcile", kind="bool"),
+    Flag("cleanup_only", "cleanup-only", kind="bool"),
+    Flag("force_apply", "force-apply", kind="bool"),
+    Flag("native_nftables", "native-nftables", kind="bool"),
+    Flag("force_iptables_binary", "force-iptables-binary"),
+    Flag("iptables_backend", "iptables-backend", env=None),
+    Flag("resolv_conf", "resolv-conf", env=None),
+    Flag("ipv6", "ipv6", env=None),
+    Flag("log_level", "log_output_level", env=None),
+)
+# Istio's root-command logging flags: accepted so the injection template's arguments work.
+IGNORED_FLAGS = ("log_as_json", "log_target", "log_caller", "log_stacktrace_level", "log_rotate")
+ENV_ONLY = {
+    "owner_groups_include": "ISTIO_OUTBOUND_OWNER_GROUPS",
+    "owner_groups_exclude": "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+    "ipv4_loopback_cidr": "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+    "envoy_user": "ENVOY_USER",
+    "dry_run_file_path": "DRY_RUN_FILE_PATH",
+}
+_BY_LONG = {f.long: f for f in FLAGS}
+_BY_SHORT = {f.short: f for f in FLAGS if f.short}
+_INTERFACE = re.compile(r"[^\s/:]{1,15}")
+
+
+def split_list(value: str) -> list[str]:
+    """Istio's list syntax: split on ',', drop empty items, no trimming."""
+    return [item for item in value.split(",") if item]
+
+
+def _convert(flag: Flag, setting: str, raw: str) -> object:
+    if flag.kind == "bool":
+        return parse_bool(raw, setting)
+    if flag.kind == "duration":
+        return parse_duration(raw, setting)
+    if flag.kind == "port":
+        _check_port(raw, setting)
+    return raw
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConfig, list[str]]:
+    """Flags and environment to a config; returns it and the positional words (e.g. `clean`).
+
+    Raises ConfigError naming the flag or variable and the value.
+    """
+    values: dict[str, object] = {}
+    for flag in FLAGS:
+        for name in (flag.env_name, flag.extra_env):
+            if name and name in env:
+                values[flag.field] = _convert(flag, name, env[name])
+    for field_name, name in ENV_ONLY.items():
+        if name in env:
+            values[field_name] = env[name]
+    positional: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token == "--":
+            positional += args[i:]
+            break
+        if not token.startswith("-") or token == "-":
+            positional.append(token)
+            continue
+        if token.startswith("--"):
+            name, has_value, value = token[2:].partition("=")
+            flag = _BY_LONG.get(name) or _BY_LONG.get(name.replace("_", "-"))
+            if flag is None and name in IGNORED_FLAGS:
+                if not has_value and i < len(args) and not args[i].startswith("-"):
+                    i += 1
+                continue
+            shown = "--" + name
+        else:
+            name, value = token[1], token[2:]
+            has_value = bool(value)
+            if value.startswith("="):
+                value = value[1:]
+            flag = _BY_SHORT.get(name)
+            shown = "-" + name
+        if flag is None:
+            raise ConfigError(f"unknown flag {shown}")
+        if not has_value:
+            if flag.kind == "bool":
+                value = "true"
+            elif i < len(args):
+                value = args[i]
+                i += 1
+            else:
+                raise ConfigError(f"flag {shown} needs a value")
+        values[flag.field] = _convert(flag, shown, value)
+    return replace(CaptureConfig(), **values), positional  # type: ignore[arg-type]
+
+
+def _check_port(port: str, setting: str, allow_range: bool = False) -> None:
+    parts = port.split(":") if allow_range else [port]
+    if len(parts) > 2 or not all(p.isdigit() and 0 < int(p) <= 65535 for p in parts):
+        kind = "port or range (1-65535)" if allow_range else "port (1-65535)"
+        raise ConfigError(f"{setting}: invalid {kind}: {port!r}")
+
+
+Cidr = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def parse_cidrs(value: str, setting: str) -> list[Cidr] | None:
+    """A CIDR list (`-i`, `-x`); None for the wildcard `*`. Like Go's netip.ParsePrefix the
+    address keeps its host bits; IPv4-mapped IPv6 prefixes count as IPv6."""
+    if value == "*":
+        return None
+    out: list[Cidr] = []
+    for item in split_list(value):
+        try:
+            if "/" not in item:
+                raise ValueError
+            out.append(ipaddress.ip_interface(item))
+        except ValueError:
+            raise ConfigError(f"{setting}: invalid CIDR {item!r} (want address/bits)") from None
+    return out
+
+
+def cidr_text(cidr: Cidr) -> str:
+    """Go netip's text of a prefix, host bits kept: lower case, RFC 5952, and an IPv4-mapped
+    address in dotted form (Python would print ::ffff:102:304)."""
+    mapped = getattr(cidr.ip, "ipv4_mapped", None)
+    address = f"::ffff:{mapped}" if mapped is not None else str(cidr.ip)
+    return f"{address}/{cidr.network.prefixlen}"
+
+
+def validate(config: CaptureConfig) -> None:
+    """Every check that can be made without touching the system; ConfigError on the first fault."""
+    for name in ("envoy_port", "inbound_capture_port", "inbound_tunnel_port", "iptables_probe_port"):
+        _check_port(getattr(config, name), _setting(name))
+    if config.inbound_ports != "*":
+        for port in split_list(config.inbound_ports):
+            _check_port(port, _setting("inbound_ports"), allow_range=True)
+    for name in ("local_exclude_ports", "outbound_ports", "local_outbound_ports_exclude"):
+        for port in split_list(getattr(config, name)):
+            _check_port(port, _setting(name), allow_range=True)
+    if config.inbound_interception_mode not in ("", "REDIRECT", "TPROXY"):
+        hint = " (TPROXY is case-sensitive; istio-iptables would silently use REDIRECT)" if (
+            config.inbound_interception_mode.upper() == "TPROXY") else ""
+        raise ConfigError(
+            f"{_setting('inbound_interception_mode')}: unknown mode "
+            f"{config.inbound_interception_mode!r}, want REDIRECT or TPROXY{hint}"
+        )
+    for name in ("inbound_tproxy_mark", "inbound_tproxy_route_table"):
+        value = getattr(config, name)
+        if not value.isdigit() or not 0 < int(value) < 2**32:
+            raise ConfigError(f"{_setting(name)}: want a decimal number, got {value!r}")
+    if config.service_exclude_cidr == "*":
+        raise ConfigError(f"{_setting('service_exclude_cidr')}: '*' is not allowed")
+    parse_cidrs(config.service_cidr, _setting("service_cidr"))
+    parse_cidrs(config.service_exclude_cidr, _setting("service_exclude_cidr"))
+    for name in ("exclude_interfaces", "kube_virt_interfaces"):
+        for iface in split_list(getattr(config, name)):
+            if not _INTERFACE.fullmatch(iface):
+                raise ConfigError(f"{_setting(name)}: invalid interface name {iface!r}")
+    for name in ("proxy_uid", "proxy_gid"):
+        for item in split_list(getattr(config, name)):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", item):
+                raise ConfigError(f"{_setting(name)}: invalid user or group {item!r}")
+    groups = config.owner_groups_include
+    if groups != "*" and len(split_list(groups)) > 64:
+        raise ConfigError(f"ISTIO_OUTBOUND_OWNER_GROUPS: at most 64 groups, got {len(split_list(groups))}")
+    _check_loopback_cidr(config.ipv4_loopback_cidr)
+    if config.force_iptables_binary not in ("", "legacy", "nft"):
+        raise ConfigError(f"--force-iptables-binary: want legacy or nft, got {config.force_iptables_binary!r}")
+    if config.iptables_backend not in ("auto", "legacy", "nft"):
+        raise ConfigError(f"--iptables-backend: want legacy, nft or auto, got {config.iptables_backend!r}")
+    if config.ipv6 not in ("auto", "on", "off"):
+        raise ConfigError(f"--ipv6: want auto, on or off, got {config.ipv6!r}")
+    if config.native_nftables:
+        raise ConfigError("--native-nftables: native nftables is not supported yet; use the nft backend of iptables")
+    if config.cleanup_only and config.reconcile:
+        raise ConfigError("--cleanup-only and --reconcile cannot be combined")
+    if config.cleanup_only and config.skip_rule_apply:
+        raise ConfigError("--cleanup-only and --skip-rule-apply cannot be combined")
+    if config.probe_timeout <= 0:
+        raise ConfigError(f"--probe-timeout: must be positive, got {config.probe_timeout}s")
+
+
+def _check_loopback_cidr(value: str) -> None:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        iface = None
+    if (
+        iface is None
+        or "/" not in value
+        or iface.version != 4
+        or not iface.ip.is_loopback
+        or not 8 <= iface.network.prefixlen <= 32
+    ):
+        raise ConfigError(
+            f"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: want an IPv4 loopback CIDR with a prefix of 8-32, "
+            f"got {value!r}"
+        )
+
+
+def _setting(field_name: str) -> str:
+    """How to name a setting in a message: its short and long flag."""
+    flag = next(f for f in FLAGS if f.field == field_name)
+    return f"-{flag.short}/--{flag.long}" if flag.short else f"--{flag.long}"
+
+
+def effective_backend(config: CaptureConfig) -> str:
+    """`--iptables-backend`, or Istio's FORCE_IPTABLES_BINARY when that is set."""
+    if config.iptables_backend != "auto":
+        return config.iptables_backend
+    return config.force_iptables_binary or "auto"
+

@@ -1,0 +1,153 @@
+"""From the live tables and a plan to the operations that install it, remove it, or nothing. Pure.
+
+What counts as pilotfish's (and Istio's, whose place it takes): the sidecar's ISTIO_* chains,
+every rule in a built-in chain that jumps to one of them, and the rules of the current plan that
+live in built-in chains (interface exclusions, the TPROXY marks). Everything else is foreign and is
+never touched.
+
+Operations per table, in an order both backends can apply in one commit: delete our rules from
+built-in chains (highest index first), flush our chains, delete the ones the plan no longer has,
+create the ones it adds, then add the planned rules in emission order. Chains that stay are
+flushed rather than deleted and re-created, which nft cannot do in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .planner import Rule
+from .restore import BUILTIN_TARGETS, TABLES, TableState
+
+OUR_CHAINS = frozenset((
+    "ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS",
+    "ISTIO_DIVERT", "ISTIO_TPROXY", "ISTIO_DROP",
+))
+Canon = Callable[[Rule], str]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One change to a table. kind: delete (rule `index`, 1-based), flush, delete-chain,
+    new-chain, rule (append, or insert at `rule.insert`)."""
+
+    kind: str
+    chain: str
+    index: int = 0
+    rule: Rule | None = None
+
+    def restore_line(self) -> str:
+        """The op as an iptables-restore (`--noflush`) line."""
+        if self.kind == "delete":
+            return f"-D {self.chain} {self.index}"
+        if self.kind == "flush":
+            return f"-F {self.chain}"
+        if self.kind == "delete-chain":
+            return f"-X {self.chain}"
+        if self.kind == "new-chain":
+            return f"-N {self.chain}"
+        assert self.rule is not None
+        return self.rule.text()
+
+
+@dataclass
+class Transition:
+    """What a run does to one family: ops per table, and the tables as they will be."""
+
+    ops: dict[str, list[Op]] = field(default_factory=dict)
+    after: dict[str, TableState] = field(default_factory=dict)
+    residue: bool = False  # some of ours was there before
+
+    @property
+    def changes(self) -> bool:
+        return any(self.ops.values())
+
+
+def _target(line: str) -> str | None:
+    words = line.split()
+    return words[words.index("-j") + 1] if "-j" in words else None
+
+
+def _is_ours(chain: str, line: str, planned_builtin: set[tuple[str, str]]) -> bool:
+    return _target(line) in OUR_CHAINS or (chain, line) in planned_builtin
+
+
+def transition(current: dict[str, TableState], planned: Iterable[Rule], canon: Canon, cleanup: bool = False) -> Transition:
+    """The ops that take `current` to (current without ours) + planned; with `cleanup`, to
+    current without ours (the plan still says which rules in built-in chains are ours). Tables
+    whose content would not change get no ops at all."""
+    rules = list(planned)
+    result = Transition()
+    for table in TABLES:
+        state = current.get(table, TableState())
+        mine = [r for r in rules if r.table == table]
+        builtin = {(r.chain, canon(r)) for r in mine if r.chain in BUILTIN_TARGETS}
+        ops: list[Op] = []
+        ours_present = [c for c in state.rules if c in OUR_CHAINS]
+        for chain, lines in state.rules.items():
+            if chain in OUR_CHAINS:
+                continue
+            for index in range(len(lines), 0, -1):
+                if _is_ours(chain, lines[index - 1], builtin):
+                    ops.append(Op("delete", chain, index))
+        result.residue |= bool(ours_present) or bool(ops)
+        ops += [Op("flush", c) for c in ours_present]
+        planned_chains: list[str] = []
+        for rule in [] if cleanup else mine:
+            for name in (rule.chain, rule.target):
+                if name and name not in BUILTIN_TARGETS and name in OUR_CHAINS and name not in planned_chains:
+                    planned_chains.append(name)
+        ops += [Op("delete-chain", c) for c in ours_present if c not in planned_chains]
+        ops += [Op("new-chain", c) for c in planned_chains if c not in state.rules]
+        if not cleanup:
+            ops += [Op("rule", r.chain, rule=r) for r in mine]
+        after = _simulate(state, ops, canon)
+        if _view(after) == _view(state):
+            ops = []
+        result.ops[table] = ops
+        result.after[table] = after
+    return result
+
+
+def _simulate(state: TableState, ops: list[Op], canon: Canon) -> TableState:
+    rules = {chain: list(lines) for chain, lines in state.rules.items()}
+    for op in ops:
+        if op.kind == "delete":
+            del rules[op.chain][op.index - 1]
+        elif op.kind == "flush":
+            rules[op.chain] = []
+        elif op.kind == "delete-chain":
+            del rules[op.chain]
+        elif op.kind == "new-chain":
+            rules[op.chain] = []
+        elif op.rule is not None:
+            chain = rules.setdefault(op.chain, [])
+            line = canon(op.rule)
+            if op.rule.insert is None:
+                chain.append(line)
+            else:
+                chain.insert(op.rule.insert - 1, line)
+    policies = {c: state.policies.get(c) for c in rules}
+    return TableState(policies, rules)
+
+
+def _view(state: TableState) -> dict[str, list[str]]:
+    """What matters for equality: user chains (even empty) and every chain's rules."""
+    return {c: r for c, r in state.rules.items() if r or c not in BUILTIN_TARGETS}
+
+
+def describe(before: dict[str, TableState], after: dict[str, TableState]) -> list[str]:
+    """A readable diff (`- table chain rule` / `+ ...`) for logs and error messages."""
+    out = []
+    for table in TABLES:
+        old = _view(before.get(table, TableState()))
+        new = _view(after.get(table, TableState()))
+        for chain in sorted(set(old) | set(new)):
+            a, b = old.get(chain, []), new.get(chain, [])
+            if chain not in new:
+                out.append(f"- {table} chain {chain}")
+            elif chain not in old:
+                out.append(f"+ {table} chain {chain}")
+            out += [f"- {table} {chain} {line}" for line in a if line not in b]
+            out += [f"+ {table} {chain} {line}" for line in b if line not in a]
+    return out
