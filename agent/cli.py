@@ -36,13 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init_arguments(argv: list[str]) -> tuple[list[str], str | None] | None:
+    """If the command is `init`, its arguments and any global --log-level before it.
+
+    istio-iptables' flags follow pflag's rules, not argparse's, so init parses its own.
+    """
+    level = None
+    i = 0
+    while i < len(argv) and argv[i].startswith("--log-level"):
+        name, has_value, value = argv[i].partition("=")
+        if name != "--log-level":
+            return None
+        if not has_value and i + 1 < len(argv):
+            i += 1
+            value = argv[i]
+        level = value
+        i += 1
+    if i < len(argv) and argv[i] == "init":
+        return argv[i + 1 :], level
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "init":
-        # istio-iptables' flags follow pflag's rules, not argparse's: init parses its own.
+    init = _init_arguments(argv)
+    if init is not None:
         from pilotfish.init import command as init_command
 
-        return init_command.main(argv[1:], os.environ)
+        init_argv, level = init
+        if level is not None:
+            init_argv = [f"--log_output_level={level}", *init_argv]
+        return init_command.main(init_argv, os.environ)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     return int(args.run(args))

@@ -111,6 +111,7 @@ class LegacyBackend(Backend):
 
 
 def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
+    _fast_library_lookup()
     import iptc  # loads libiptc and libxtables
 
     for table_name, table_ops in ops.items():
@@ -124,6 +125,28 @@ def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
             table.commit()
         except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as err:
             raise BackendError(f"{table_name} table: {err}") from None
+
+
+def _fast_library_lookup() -> None:
+    """Make python-iptables find libxtables/libip4tc/libip6tc by looking in the system library
+    directories. Its lookup goes through ctypes.util.find_library, which runs ldconfig, gcc and
+    ld (0.2 s per run here, and a slim image has no gcc). Only ever called in the forked child
+    that does the legacy work."""
+    import ctypes.util
+    import glob
+    import sysconfig
+
+    arch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = [f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/lib64", "/usr/lib", "/lib"]
+
+    def find_library(name: str) -> str | None:
+        for directory in dirs:  # a versioned file: the bare .so may be a linker script
+            found = sorted(glob.glob(f"{directory}/lib{name}.so.[0-9]*"))
+            if found:
+                return found[0]
+        return None  # python-iptables then tries its own paths (its xtwrapper helper)
+
+    ctypes.util.find_library = find_library
 
 
 def in_child(action: Callable[[], None]) -> None:
