@@ -55,3 +55,28 @@ def test_failure_mid_apply_rolls_everything_back(namespace: str, name: str, back
     assert report["error"] and "injected failure" in report["error"]
     assert "rolled back" in report["error"]
     assert snapshot(namespace, backend) == before
+
+
+def _init_auto(ns: str) -> str:
+    from netns import pilotfish_bin
+
+    done = run(ns_argv(ns, [pilotfish_bin(), "init", "-i", "*", "-b", "*", "--ipv6", "off"]), check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("seed,expect", [(None, "nft"), ("legacy", "legacy"), ("nft", "nft")])
+def test_auto_backend_follows_the_namespace(namespace: str, seed: str | None, expect: str) -> None:
+    """The backend that already holds rules wins, nft when none does; the other one never gets
+    a rule of ours, and a rerun picks the same backend and changes nothing."""
+    for backend in ("legacy", "nft"):
+        if backend_skip_reason(backend):
+            pytest.skip(backend_skip_reason(backend) or "")
+    if seed:
+        run(ns_argv(namespace, [f"iptables-{seed}", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"]))
+    log = _init_auto(namespace)
+    assert f"iptables backend {expect}:" in log
+    other = "legacy" if expect == "nft" else "nft"
+    assert "ISTIO" in snapshot(namespace, expect).v4 and "ISTIO" not in snapshot(namespace, other).v4
+    log = _init_auto(namespace)
+    assert f"iptables backend {expect}:" in log and "nothing to do" in log
