@@ -8,7 +8,6 @@ start and must not pay for the DNS proxy's imports (trio, protobuf, prometheus-c
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 
@@ -16,6 +15,8 @@ from pilotfish.agent.logs import setup_logging
 
 
 def version() -> str:
+    import importlib.metadata  # ~10 ms: only for --version
+
     return importlib.metadata.version("pilotfish")
 
 

@@ -84,9 +84,7 @@ def run_tables(
     moves: dict[int, Transition] = {}
     for family in plan.families:
         saved[family] = backend.save(family)
-        moves[family] = transition(
-            parse_save(saved[family]), plan.rules[family], lambda r, f=family: canon(r, f), cleanup
-        )
+        moves[family] = transition(parse_save(saved[family]), plan.rules[family], _for_family(canon, family), cleanup)
     result = Result()
     for family, move in moves.items():
         result.residue |= move.residue
@@ -110,6 +108,13 @@ def run_tables(
         status = _rollback(backend, saved, moves, done)
         raise ApplyError(f"applying the rules failed: {err}; {status}") from None
     return result
+
+
+def _for_family(canon: Callable[[Rule, int], str], family: int) -> Callable[[Rule], str]:
+    def for_family(rule: Rule) -> str:
+        return canon(rule, family)
+
+    return for_family
 
 
 def _rollback(backend: Backend, saved: dict[int, str], moves: dict[int, Transition], done: list[int]) -> str:

@@ -62,10 +62,13 @@ class Backend(abc.ABC):
 
     name = ""
 
-    def __init__(self, runner: Runner = run) -> None:
+    def __init__(self, runner: Runner = run, saved: dict[int, str] | None = None) -> None:
         self.runner = runner
+        self._saved = dict(saved or {})  # dumps the probe just took, used once
 
     def save(self, family: int) -> str:
+        if family in self._saved:
+            return self._saved.pop(family)
         done = self.runner([_tool(family, self.name, "-save")], None)
         if done.returncode != 0:
             raise BackendError(f"{_tool(family, self.name, '-save')} failed: {done.stderr.strip()}")
@@ -111,9 +114,10 @@ class LegacyBackend(Backend):
 
 
 def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
-    _fast_library_lookup()
+    _fast_iptc_import()
     import iptc  # loads libiptc and libxtables
 
+    rule_class = _scoped_rule_class(iptc.Rule if family == V4 else iptc.Rule6)
     for table_name, table_ops in ops.items():
         if not table_ops:
             continue
@@ -121,23 +125,44 @@ def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
         table.autocommit = False
         try:
             for op in table_ops:
-                _apply_iptc(iptc, table, op, family)
+                _apply_iptc(iptc, rule_class, table, op)
             table.commit()
         except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as err:
             raise BackendError(f"{table_name} table: {err}") from None
 
 
-def _fast_library_lookup() -> None:
-    """Make python-iptables find libxtables/libip4tc/libip6tc by looking in the system library
-    directories. Its lookup goes through ctypes.util.find_library, which runs ldconfig, gcc and
-    ld (0.2 s per run here, and a slim image has no gcc). Only ever called in the forked child
-    that does the legacy work."""
+def _scoped_rule_class(base: type) -> type:
+    """python-iptables looks a jump target up in every table of the family, which creates each
+    legacy table in the namespace (with its netfilter hooks). Our jumps stay within a table."""
+
+    class ScopedRule(base):  # type: ignore[misc, valid-type]
+        table: Any = None
+        tables = property(lambda self: [self.table])
+
+    return ScopedRule
+
+
+def _fast_iptc_import() -> None:
+    """Make importing python-iptables cheap; only ever called in the forked legacy child.
+
+    - its library lookup goes through ctypes.util.find_library, which runs ldconfig, gcc and ld
+      for every name (0.2 s here, and a slim image has no gcc): look in the library directories;
+    - it imports distutils.sysconfig only for a fallback path, which setuptools' distutils shim
+      makes cost ~40 ms: let that import fail, so it uses sysconfig;
+    - without XTABLES_LIBDIR it asks `ldconfig -v` where the extensions are.
+    """
     import ctypes.util
     import glob
+    import sys
     import sysconfig
 
     arch = sysconfig.get_config_var("MULTIARCH") or ""
     dirs = [f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/lib64", "/usr/lib", "/lib"]
+    sys.modules.setdefault("distutils.sysconfig", None)  # type: ignore[arg-type]
+    for directory in dirs:
+        if os.path.isdir(f"{directory}/xtables"):
+            os.environ.setdefault("XTABLES_LIBDIR", f"{directory}/xtables")
+            break
 
     def find_library(name: str) -> str | None:
         for directory in dirs:  # a versioned file: the bare .so may be a linker script
@@ -172,7 +197,7 @@ def in_child(action: Callable[[], None]) -> None:
         raise BackendError(f"python-iptables exited the process with status {os.waitstatus_to_exitcode(status)}")
 
 
-def _apply_iptc(iptc: Any, table: Any, op: Op, family: int) -> None:
+def _apply_iptc(iptc: Any, rule_class: type, table: Any, op: Op) -> None:
     if op.kind == "delete":
         chain = iptc.Chain(table, op.chain)
         chain.delete_rule(chain.rules[op.index - 1])
@@ -184,7 +209,7 @@ def _apply_iptc(iptc: Any, table: Any, op: Op, family: int) -> None:
         table.create_chain(op.chain)
     else:
         assert op.rule is not None
-        rule = iptc_rule(iptc, op.rule, family)
+        rule = iptc_rule(rule_class, table, op.rule)
         chain = iptc.Chain(table, op.chain)
         if op.rule.insert is None:
             chain.append_rule(rule)
@@ -192,11 +217,12 @@ def _apply_iptc(iptc: Any, table: Any, op: Op, family: int) -> None:
             chain.insert_rule(rule, position=op.rule.insert - 1)
 
 
-def iptc_rule(iptc: Any, rule: Rule, family: int) -> Any:
+def iptc_rule(rule_class: type, table: Any, rule: Rule) -> Any:
     """A python-iptables rule from iptables arguments. Options go to the extension's own parser
     (the same code the iptables command runs), so any match or target works; `--dport`/`--sport`
     without an explicit match load the protocol's match, as iptables does."""
-    out = iptc.Rule() if family == V4 else iptc.Rule6()
+    out = rule_class()
+    out.table = table
     args = rule.args
     module = None
     proto = ""
@@ -279,6 +305,7 @@ class Evidence:
     why_not: str = ""
     rules: int = 0  # rule lines and user chains in its tables
     sidecar_chains: bool = False
+    saved: dict[int, str] | None = None  # the dumps read, per family
 
 
 def decide(requested: str, legacy: Evidence, nft: Evidence) -> tuple[str, str]:
@@ -308,6 +335,7 @@ def probe(name: str, families: tuple[int, ...], runner: Runner = run) -> Evidenc
     """Look at a backend without changing anything."""
     rules = 0
     sidecar = False
+    saved: dict[int, str] = {}
     for family in families:
         save = _tool(family, name, "-save")
         if shutil.which(save) is None:
@@ -324,11 +352,12 @@ def probe(name: str, families: tuple[int, ...], runner: Runner = run) -> Evidenc
         done = runner([save], None)
         if done.returncode != 0:
             return Evidence(False, f"{save} failed: {done.stderr.strip() or done.returncode}")
+        saved[family] = done.stdout
         for table in parse_save(done.stdout).values():
             for chain, lines in table.rules.items():
                 rules += len(lines) + (chain not in BUILTIN_TARGETS)
                 sidecar |= chain in OUR_CHAINS
-    return Evidence(True, rules=rules, sidecar_chains=sidecar)
+    return Evidence(True, rules=rules, sidecar_chains=sidecar, saved=saved)
 
 
 def choose(requested: str, families: tuple[int, ...], runner: Runner = run) -> tuple[Backend, str]:
@@ -336,4 +365,4 @@ def choose(requested: str, families: tuple[int, ...], runner: Runner = run) -> t
     legacy = probe("legacy", families, runner) if requested in ("auto", "legacy") else Evidence(False, "not requested")
     nft = probe("nft", families, runner) if requested in ("auto", "nft") else Evidence(False, "not requested")
     name, reason = decide(requested, legacy, nft)
-    return BACKENDS[name](runner), reason
+    return BACKENDS[name](runner, {"legacy": legacy, "nft": nft}[name].saved), reason

@@ -107,7 +107,7 @@ def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
         else:
             result = run_tables(
                 backend, the_plan, _canon, replace=config.reconcile or config.force_apply,
-                after=None if spec.empty else lambda: _install_routes(spec),
+                after=None if spec.satisfied() else lambda: _install_routes(spec),
             )
     except Refused as err:
         log.error("init: %s", err)

@@ -169,10 +169,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConf
     Raises ConfigError naming the flag or variable and the value.
     """
     values: dict[str, object] = {}
-    for flag in FLAGS:
-        for name in (flag.env_name, flag.extra_env):
+    for known in FLAGS:
+        for name in (known.env_name, known.extra_env):
             if name and name in env:
-                values[flag.field] = _convert(flag, name, env[name])
+                values[known.field] = _convert(known, name, env[name])
     for field_name, name in ENV_ONLY.items():
         if name in env:
             values[field_name] = env[name]
@@ -188,8 +188,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConf
         if not token.startswith("-") or token == "-":
             positional.append(token)
             continue
+        flag: Flag | None
         if token.startswith("--"):
-            name, has_value, value = token[2:].partition("=")
+            name, equals, value = token[2:].partition("=")
+            has_value = bool(equals)
             flag = _BY_LONG.get(name) or _BY_LONG.get(name.replace("_", "-"))
             if flag is None and name in IGNORED_FLAGS:
                 if not has_value and i < len(args) and not args[i].startswith("-"):

@@ -21,3 +21,17 @@ class RouteSpec:
     @property
     def empty(self) -> bool:
         return not self.tproxy and not self.passthrough_v6
+
+    def satisfied(self) -> bool:
+        """Nothing to install: no TPROXY, and ::6 (if needed) is on lo already. Checked without
+        netlink, so an IPv6 rerun does not pay for importing pyroute2."""
+        return not self.tproxy and (not self.passthrough_v6 or has_passthrough_address())
+
+
+def has_passthrough_address() -> bool:
+    """Whether ::6 is configured on lo (/proc/net/if_inet6: address, ifindex, ..., name)."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            return any(line.split()[0] == "0" * 31 + "6" and line.split()[-1] == "lo" for line in f)
+    except OSError:
+        return False

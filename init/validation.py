@@ -29,7 +29,7 @@ FAILURE_MESSAGE = (
 def original_port(conn: socket.socket, ipv6: bool) -> int:
     """The destination port the connection had before the kernel redirected it."""
     if ipv6:
-        raw = conn.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
     else:
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return struct.unpack_from("!H", raw, 2)[0]
