@@ -23,7 +23,7 @@ from .config import CaptureConfig, ConfigError, effective_backend, parse_args, v
 from .detect import check_names, detect, group_id, host_is_ipv6, user_id
 from .planner import Plan, Rule, plan
 from .restore import dry_run_text
-from .routespec import RouteSpec
+from .routespec import RouteSpec, add_passthrough_address, remove_passthrough_address
 from .validation import EXIT_VALIDATION_FAILED, FAILURE_MESSAGE, validate_capture
 
 log = logging.getLogger("pilotfish.init")
@@ -100,10 +100,12 @@ def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
     try:
         if config.cleanup_only:
             result = run_tables(backend, the_plan, _canon, cleanup=True)
-            if not spec.empty:
+            if spec.tproxy:
                 from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
 
                 routes.remove(spec)
+            if spec.passthrough_v6:
+                remove_passthrough_address()
         else:
             result = run_tables(
                 backend, the_plan, _canon, replace=config.reconcile or config.force_apply,
@@ -126,9 +128,18 @@ def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
 
 
 def _install_routes(spec: RouteSpec) -> None:
-    from . import routes
+    """After the tables: ::6 on lo for IPv6, the policy routing for TPROXY. If the routing
+    fails, an address added here is taken away again (the tables are rolled back by the caller)."""
+    added = spec.passthrough_v6 and add_passthrough_address()
+    if spec.tproxy:
+        from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
 
-    routes.install(spec)
+        try:
+            routes.install(spec)
+        except OSError:
+            if added:
+                remove_passthrough_address()
+            raise
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -1,6 +1,6 @@
-"""TPROXY policy routing and the IPv6 inbound-passthrough address (reference §7.3), through
-netlink (pyroute2). Installing is idempotent (istio-iptables' exclusive `ip rule add` fails on a
-rerun) and cleanup removes what was installed (istio-iptables leaves it behind)."""
+"""TPROXY policy routing (reference §7.3) through netlink (pyroute2). Installing is idempotent
+(istio-iptables' exclusive `ip rule add` fails on a rerun) and cleanup removes what was installed
+(istio-iptables leaves it behind). The ::6 address is in routespec.py."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .planner import V4, V6
-from .routespec import PASSTHROUGH_V6, RouteSpec
+from .planner import V4
+from .routespec import RouteSpec
 
 log = logging.getLogger("pilotfish.init")
-Item = tuple[str, int]  # ("address" | "rule" | "route", family)
+Item = tuple[str, int]  # ("rule" | "route", family)
 
 
 def _af(family: int) -> int:
@@ -28,8 +28,8 @@ def _default(family: int) -> str:
 
 
 def everything(spec: RouteSpec) -> list[Item]:
-    """All a configuration installs, in installation order."""
-    items: list[Item] = [("address", V6)] if spec.passthrough_v6 else []
+    """All a TPROXY configuration installs, in installation order."""
+    items: list[Item] = []
     if spec.tproxy:
         for family in spec.families:
             items += [("rule", family), ("route", family)]
@@ -60,8 +60,6 @@ def remove(spec: RouteSpec) -> None:
 
 def _present(ipr: IPRoute, lo: int, spec: RouteSpec, item: Item) -> bool:
     kind, family = item
-    if kind == "address":
-        return any(a.get_attr("IFA_ADDRESS") == PASSTHROUGH_V6 for a in ipr.get_addr(family=socket.AF_INET6, index=lo))
     if kind == "rule":
         return _has_rule(ipr, family, spec.mark, spec.table)
     return any(r.get("type") == 2 and r.get("dst_len") == 0 for r in ipr.get_routes(family=_af(family), table=spec.table))
@@ -69,9 +67,7 @@ def _present(ipr: IPRoute, lo: int, spec: RouteSpec, item: Item) -> bool:
 
 def _add(ipr: IPRoute, lo: int, spec: RouteSpec, item: Item) -> None:
     kind, family = item
-    if kind == "address":
-        ipr.addr("add", index=lo, address=PASSTHROUGH_V6, prefixlen=128)
-    elif kind == "rule":
+    if kind == "rule":
         ipr.rule("add", family=_af(family), fwmark=spec.mark, table=spec.table)
     else:
         ipr.route("add", family=_af(family), dst=_default(family), type="local", oif=lo, table=spec.table,
@@ -81,9 +77,7 @@ def _add(ipr: IPRoute, lo: int, spec: RouteSpec, item: Item) -> None:
 def _remove(ipr: IPRoute, lo: int, spec: RouteSpec, items: list[Item]) -> None:
     for kind, family in reversed(items):
         try:
-            if kind == "address":
-                _ignore_missing(ipr.addr, "del", index=lo, address=PASSTHROUGH_V6, prefixlen=128)
-            elif kind == "rule":
+            if kind == "rule":
                 while _has_rule(ipr, family, spec.mark, spec.table):
                     ipr.rule("del", family=_af(family), fwmark=spec.mark, table=spec.table)
             else:  # the scope must be given: an IPv4 delete without it matches nothing (ESRCH)
