@@ -27,6 +27,7 @@ test: system-deps venv
 
 bench: system-deps venv
 	$(PY) bench/dns_bench.py
+	$(SUDO) $(PY) bench/init_bench.py
 
 demo: system-deps venv
 	demo/dns.sh
