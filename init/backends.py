@@ -30,6 +30,7 @@ from typing import Any
 
 from .planner import V4, Rule
 from .restore import BUILTIN_TARGETS, parse_save
+from .ruleargs import parse_rule_args
 from .state import OUR_CHAINS, Op
 
 log = logging.getLogger("pilotfish.init")
@@ -219,54 +220,25 @@ def _apply_iptc(iptc: Any, rule_class: type, table: Any, op: Op) -> None:
 
 def iptc_rule(rule_class: type, table: Any, rule: Rule) -> Any:
     """A python-iptables rule from iptables arguments. Options go to the extension's own parser
-    (the same code the iptables command runs), so any match or target works; `--dport`/`--sport`
-    without an explicit match load the protocol's match, as iptables does."""
+    (the same code the iptables command runs), so any match or target works."""
+    parsed = parse_rule_args(rule.args)
     out = rule_class()
     out.table = table
-    args = rule.args
-    module = None
-    proto = ""
-    negate = False
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if token == "!":
-            negate = True
-            i += 1
-            continue
-        bang = "!" if negate else ""
-        negate = False
-        if token in ("-s", "-d", "-i", "-o", "-p"):
-            value = bang + args[i + 1]
-            if token == "-p":
-                proto = args[i + 1]
-                out.protocol = value
-            elif token == "-s":
-                out.src = value
-            elif token == "-d":
-                out.dst = value
-            elif token == "-i":
-                out.in_interface = value
+    attributes = {"-s": "src", "-d": "dst", "-i": "in_interface", "-o": "out_interface", "-p": "protocol"}
+    for field, (text, inverted) in parsed.base.items():
+        setattr(out, attributes[field], ("!" if inverted else "") + text)
+    modules = parsed.matches + ([parsed.target] if parsed.target is not None else [])
+    for module in modules:
+        # Options are set before the next module is created: python-iptables checks a match
+        # when the next one arrives, and an owner match without options fails that check.
+        is_target = module is parsed.target
+        created = out.create_target(module.name) if is_target else out.create_match(module.name)
+        for option, value, negated in module.options:
+            option = ABBREVIATIONS.get(option, option)
+            if value is None:  # a flag such as CONNMARK --save-mark
+                created.set_parameter(option)
             else:
-                out.out_interface = value
-            i += 2
-        elif token == "-m":
-            module = out.create_match(args[i + 1])
-            i += 2
-        elif token == "-j":
-            module = out.create_target(args[i + 1])
-            i += 2
-        else:
-            if token in ("--dport", "--sport") and (module is None or module.name not in ("tcp", "udp")):
-                module = out.create_match(proto)
-            assert module is not None, f"option {token} outside a match or target in {rule.text()}"
-            name = ABBREVIATIONS.get(token[2:], token[2:])
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                module.set_parameter(name, bang + args[i + 1])
-                i += 2
-            else:  # a flag such as CONNMARK --save-mark
-                module.set_parameter(name)
-                i += 1
+                created.set_parameter(option, ("!" if negated else "") + value)
     return out
 
 

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 
 from .planner import Rule
+from .ruleargs import BASE_OPTIONS, Module, parse_rule_args
 
 CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
 FULL_MASK = 0xFFFFFFFF
@@ -51,47 +52,21 @@ def _numeric(resolve: Resolver) -> Resolver:
 
 def canonical(rule: Rule, family: int, user: Resolver, group: Resolver) -> str:
     """The rule as iptables-save prints it, without the leading `-A CHAIN `."""
-    args = rule.args
-    base: dict[str, str] = {}
-    matches: list[tuple[str, list[str]]] = []
-    target: list[str] = []
-    proto = ""
-    negate = False
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if token == "!":
-            negate = True
-            i += 1
-            continue
-        bang = "! " if negate else ""
-        negate = False
-        if token in ("-s", "-d", "-i", "-o", "-p"):
-            value = args[i + 1]
-            if token in ("-s", "-d"):
-                value = _address(value, family)
-            if token == "-p":
-                proto = value
-            base[token] = f"{bang}{token} {value}"
-            i += 2
-        elif token == "-m":
-            matches.append((args[i + 1], []))
-            i += 2
-        elif token == "-j":
-            target = _target(args[i + 1 :], family)
-            break
-        else:
-            if token in ("--dport", "--sport") and (not matches or matches[-1][0] not in ("tcp", "udp")):
-                matches.append((proto, []))  # iptables loads the protocol's match implicitly
-            name, options = matches[-1]
-            value = args[i + 1]
-            options.append(f"{bang}{token} {_option(name, token, value, user, group)}")
-            i += 2
-    parts = [base[k] for k in ("-s", "-d", "-i", "-o", "-p") if k in base]
-    for name, options in matches:
-        parts.append(f"-m {name}")
-        parts += options
-    parts += target
+    parsed = parse_rule_args(rule.args)
+    parts = []
+    for option in BASE_OPTIONS:
+        if option in parsed.base:
+            text, negated = parsed.base[option]
+            if option in ("-s", "-d"):
+                text = _address(text, family)
+            parts.append(f"{'! ' if negated else ''}{option} {text}")
+    for match in parsed.matches:
+        parts.append(f"-m {match.name}")
+        for name, value, negated in match.options:
+            shown = _option(match.name, f"--{name}", value or "", user, group)
+            parts.append(f"{'! ' if negated else ''}--{name} {shown}")
+    if parsed.target is not None:
+        parts += _target(parsed.target, family)
     return " ".join(parts)
 
 
@@ -106,17 +81,21 @@ def _option(match: str, option: str, value: str, user: Resolver, group: Resolver
     return value
 
 
-def _target(tokens: tuple[str, ...], family: int) -> list[str]:
-    name, options = tokens[0], dict(zip(tokens[1::2], tokens[2::2]))
-    flags = [t for t in tokens[1:] if t in ("--save-mark", "--restore-mark")]
+def _target(target: Module, family: int) -> list[str]:
+    options = {name: value for name, value, _ in target.options}
+    flags = [f"--{name}" for name, value, _ in target.options if value is None]
+    name = target.name
     if name == "REDIRECT":
-        return ["-j", "REDIRECT", "--to-ports", options.get("--to-ports") or options["--to-port"]]
+        return ["-j", "REDIRECT", "--to-ports", options.get("to-ports") or options["to-port"] or ""]
     if name == "TPROXY":
-        on_ip = options.get("--on-ip", "0.0.0.0" if family == 4 else "::")
-        return ["-j", "TPROXY", "--on-port", options["--on-port"], "--on-ip", on_ip,
-                "--tproxy-mark", _xmark(options["--tproxy-mark"])]
-    if name == "MARK" and "--set-mark" in options:
-        return ["-j", "MARK", "--set-xmark", _xmark(options["--set-mark"])]
+        on_ip = options.get("on-ip") or ("0.0.0.0" if family == 4 else "::")
+        return ["-j", "TPROXY", "--on-port", options["on-port"] or "", "--on-ip", on_ip,
+                "--tproxy-mark", _xmark(options["tproxy-mark"] or "")]
+    if name == "MARK" and options.get("set-mark"):
+        return ["-j", "MARK", "--set-xmark", _xmark(options["set-mark"] or "")]
     if name == "CONNMARK" and flags:
         return ["-j", "CONNMARK", flags[0], "--nfmask", "0xffffffff", "--ctmask", "0xffffffff"]
-    return ["-j", *tokens]
+    out = ["-j", name]
+    for option, value, negated in target.options:
+        out += (["!"] if negated else []) + [f"--{option}"] + ([value] if value is not None else [])
+    return out

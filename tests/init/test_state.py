@@ -119,3 +119,18 @@ def test_backend_choice_errors_say_why() -> None:
         decide("auto", Evidence(False, "no kernel support"), Evidence(False, "iptables-nft-save not installed"))
     with pytest.raises(BackendError, match="--iptables-backend legacy: not usable here"):
         decide("legacy", Evidence(False, "gone"), Evidence(True))
+
+
+def test_rule_arguments_grammar() -> None:
+    from pilotfish.init.ruleargs import parse_rule_args
+
+    parsed = parse_rule_args(("-o", "lo", "!", "-d", "::1/128", "-p", "tcp", "!", "--dport", "53", "-m", "owner",
+                              "!", "--uid-owner", "3", "-j", "CONNMARK", "--save-mark"))
+    assert parsed.base == {"-o": ("lo", False), "-d": ("::1/128", True), "-p": ("tcp", False)}
+    assert [(m.name, m.options) for m in parsed.matches] == [
+        ("tcp", [("dport", "53", True)]),  # implicit, as iptables loads it
+        ("owner", [("uid-owner", "3", True)]),
+    ]
+    assert parsed.target is not None and parsed.target.options == [("save-mark", None, False)]
+    with pytest.raises(ValueError, match="outside a match or target"):
+        parse_rule_args(("--uid-owner", "3"))
