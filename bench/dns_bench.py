@@ -42,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import git_commit, med, pilotfish_exe, tool_version
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 N_NAMESPACES = 100
@@ -274,17 +275,6 @@ class Server:
         self.log.close()
 
 
-def pilotfish_exe() -> str:
-    cand = Path(sys.executable).parent / "pilotfish"
-    if cand.exists():
-        return str(cand)
-    cand = REPO / ".venv" / "bin" / "pilotfish"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("pilotfish")
-    if not found:
-        raise RuntimeError("pilotfish executable not found (run `make venv`)")
-    return found
 
 
 def make_pilotfish(paths, workdir: Path, upstream_port: int, extra: list[str]) -> Server:
@@ -501,9 +491,6 @@ def check_answers(servers: list[Server], names, sample_every: int = 10) -> list[
 # Reporting
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def fmt(v, spec="{:.0f}", none="-"):
@@ -599,13 +586,13 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
-                    "dnsperf": _version(["dnsperf", "-h"], r"Version\s+(\S+)"),
-                    "dnsmasq": _version(["dnsmasq", "--version"], r"version\s+(\S+)")},
+                    "dnsperf": tool_version(["dnsperf", "-h"], r"Version\s+(\S+)"),
+                    "dnsmasq": tool_version(["dnsmasq", "--version"], r"version\s+(\S+)")},
         "settings": {"rounds": args.rounds, "duration_s": args.duration,
                      "names": N_NAMESPACES * SVC_PER_NS, "pin": {k: sorted(v) for k, v in PIN.items()},
                      "configs": args.configs},
     }
-    report["pilotfish_commit"] = _git_commit()
+    report["pilotfish_commit"] = git_commit("dns", "agent")
     print(f"pilotfish DNS benchmark  {report['date']}  commit {report['pilotfish_commit']}  {os.cpu_count()} CPUs  "
           f"dnsperf {report['machine']['dnsperf']}  dnsmasq {report['machine']['dnsmasq']}")
 
@@ -623,25 +610,8 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def _git_commit() -> str | None:
-    """HEAD of the repository, with "+dirty" when dns/ or agent/ differ from it."""
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "dns", "agent"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
 
 
-def _version(argv, pat):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return None
-    m = re.search(pat, p.stdout + p.stderr)
-    return m.group(1) if m else None
 
 
 def dns_section(args, report) -> bool:

@@ -45,8 +45,6 @@ Figures: median and p90 wall time per case; ratios are median(pilotfish) / media
 
 from __future__ import annotations
 
-from typing import Any
-
 import argparse
 import json
 import os
@@ -59,8 +57,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, git_commit, med, pilotfish_exe, tool_version
+
 PY = sys.executable
 
 DEFAULT_ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
@@ -207,14 +207,6 @@ print(json.dumps({"s": total, "rcs": rcs}))
 # Helpers
 
 
-def pilotfish_exe() -> str:
-    for cand in (Path(sys.executable).parent / "pilotfish", REPO / ".venv" / "bin" / "pilotfish"):
-        if cand.exists():
-            return str(cand)
-    found = shutil.which("pilotfish")
-    if not found:
-        raise RuntimeError("pilotfish executable not found (run `make venv`)")
-    return found
 
 
 CHILD_ENV: dict[str, str] = dict(os.environ)  # the environment of every measured command
@@ -295,9 +287,6 @@ def legacy_table_names(ns: Netns, families) -> dict:
     return out
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def p90(xs):
@@ -313,24 +302,8 @@ def ms(x, f="{:.1f}"):
     return "—" if x is None else f.format(x * 1e3)
 
 
-def _version(argv, pat):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return None
-    m = re.search(pat, p.stdout + p.stderr)
-    return m.group(1) if m else None
 
 
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "init", "agent", "dns"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,10 +550,10 @@ def main() -> int:
     t_start = time.perf_counter()
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "pilotfish_commit": _git_commit(),
+        "pilotfish_commit": git_commit("init", "agent", "dns"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
-                    "iptables": _version(["iptables-legacy", "--version"], r"v(\S+)"),
+                    "iptables": tool_version(["iptables-legacy", "--version"], r"v(\S+)"),
                     "loadavg_start": os.getloadavg()},
         "settings": {"rounds": args.rounds, "variants": args.variants, "backends": args.backends},
     }
@@ -626,7 +599,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    overhead = med([x for c in cases for x in c.samples["true"]])
+    overhead = med([x for c in cases for x in c.samples["true"]]) or 0.0
     report["netns_exec_true_s"] = {"median": overhead, "p90": p90([x for c in cases for x in c.samples["true"]])}
     print(f"\n`ip netns exec NS true`: median {ms(overhead, '{:.2f}')} ms, p90 "
           f"{ms(report['netns_exec_true_s']['p90'], '{:.2f}')} ms (subtracted from the peer once per restore "
@@ -650,7 +623,7 @@ def main() -> int:
             "mismatches": c.mismatches, "lock_retries": c.retries, "errors": c.errors,
             "legacy_tables_after": c.legacy_tables,
         }
-        m = {k: med(v) for k, v in (("peer", peer), ("peer_py", c.samples["peer_py"]), ("whole", whole),
+        m: dict[str, Any] = {k: med(v) for k, v in (("peer", peer), ("peer_py", c.samples["peer_py"]), ("whole", whole),
                                      ("rerun", rerun), ("apply", apply_), ("probe_apply", probe_apply))}
         res["median_s"] = m
         res["p90_s"] = {k: p90(v) for k, v in (("peer", peer), ("peer_py", c.samples["peer_py"]), ("whole", whole),
