@@ -1,0 +1,190 @@
+"""The ADS connection to an istiod-compatible control plane: gRPC over TLS, reconnecting forever.
+
+grpcio's streaming API is blocking and thread-based, so each stream runs in a worker thread
+(`trio.to_thread`) while the trio task owns its lifetime: cancelling the task cancels the call,
+which ends the thread. What the stream means lives in AdsStream (stream.py); this module only
+moves bytes, handles credentials and retries.
+
+As istiod expects (reference/istio-agent.md §2.1): TLS to the discovery address with the server
+name `istiod.istio-system.svc` unless the address names another host (or ISTIOD_SAN says so), a
+`ClusterID` header, `XDS_HEADER_*` headers, and `authorization: Bearer <token>` read from the token
+file on every (re)connection so a rotated projected token is picked up. Unlike Istio's agent (which
+leaves retrying to Envoy), this client retries by itself: exponential backoff from 0.5 s, doubled
+per failure up to 30 s, with full jitter, reset after a stream that delivered a response.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import trio
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+from .stream import AdsStream, Handler, TypeState
+
+log = logging.getLogger("pilotfish.xds")
+
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+SYSTEM_ROOTS = "SYSTEM"
+
+
+@dataclass(frozen=True)
+class XdsSettings:
+    """Where and how to connect."""
+
+    address: str  # host:port
+    server_name: str  # the name the server's certificate must carry
+    root_cert: str | None  # PEM file, SYSTEM_ROOTS for the OS trust store, None for plaintext
+    token_file: str  # re-read on every connection; missing or empty means no header
+    cluster_id: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    backoff_base: float = BACKOFF_BASE
+    backoff_cap: float = BACKOFF_CAP
+
+
+@dataclass
+class ConnectionState:
+    """What the agent reports about the connection (status server, metrics, logs)."""
+
+    connected: bool = False
+    connects: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_update: float = 0.0  # time.time() of the last accepted resource
+    types: dict[str, TypeState] = field(default_factory=dict)
+
+
+def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**(failures-1))]."""
+    return rand * min(cap, base * (2 ** max(0, failures - 1)))
+
+
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class XdsClient:
+    """Keeps one ADS stream open to the control plane, for as long as `run` runs."""
+
+    def __init__(self, settings: XdsSettings, node: Node, handlers: dict[str, Handler]) -> None:
+        self.settings = settings
+        self.node = node
+        self.handlers = handlers
+        self.state = ConnectionState()
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        root = self.settings.root_cert
+        if root is None:
+            return None
+        if root == SYSTEM_ROOTS:
+            return grpc.ssl_channel_credentials()
+        with open(root, "rb") as f:  # read at every connection: the file may have rotated
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        metadata = [("clusterid", self.settings.cluster_id)]
+        metadata += [(name.lower(), value) for name, value in self.settings.headers]
+        token = read_token(self.settings.token_file)
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        return metadata
+
+    def _channel(self) -> grpc.Channel:
+        options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+        ]
+        credentials = self._credentials()
+        if credentials is None:
+            return grpc.insecure_channel(self.settings.address, options=options)
+        options.append(("grpc.ssl_target_name_override", self.settings.server_name))
+        return grpc.secure_channel(self.settings.address, credentials, options=options)
+
+    def _serve_stream(self) -> bool:
+        """One stream, start to end (runs in a worker thread). True if a response was accepted."""
+        channel = self._channel()
+        outbox: queue.Queue[DiscoveryRequest | None] = queue.Queue()
+        stream = AdsStream(self.node, self.handlers, self.state.types)
+        for request in stream.initial_requests():
+            outbox.put(request)
+
+        def requests() -> Iterator[DiscoveryRequest]:
+            while (item := outbox.get()) is not None:
+                yield item
+
+        accepted_before = sum(t.accepted for t in stream.types.values())
+        try:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+                requests(), metadata=self._metadata()
+            )
+            with self._lock:
+                self._call = call
+            for response in call:
+                if not self.state.connected:
+                    self.state.connected = True
+                    self.state.connects += 1
+                    log.info("xds: connected to %s", self.settings.address)
+                reply = stream.on_response(response)
+                type_state = stream.types.get(response.type_url)
+                if reply is not None and type_state is not None:
+                    if reply.HasField("error_detail"):
+                        log.warning("xds: rejected %s version %r: %s", response.type_url, response.version_info,
+                                    reply.error_detail.message)
+                    else:
+                        self.state.last_update = time.time()
+                        log.info("xds: accepted %s version %r", response.type_url, response.version_info)
+                    outbox.put(reply)
+            return sum(t.accepted for t in stream.types.values()) > accepted_before
+        finally:
+            outbox.put(None)
+            self.state.types = stream.types
+            self.state.connected = False
+            with self._lock:
+                self._call = None
+            channel.close()
+
+    def _cancel(self) -> None:
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+
+    async def run(self) -> None:
+        """Stream forever; on any failure wait (backoff with jitter) and reconnect."""
+        failures = 0
+        while True:
+            try:
+                got_data = await trio.to_thread.run_sync(self._serve_stream, abandon_on_cancel=True)
+                error = "stream closed by the server"
+            except grpc.RpcError as err:
+                got_data = False
+                error = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+            except OSError as err:  # e.g. the root certificate file is missing
+                got_data = False
+                error = f"{err.strerror or err}: {getattr(err, 'filename', '')}"
+            finally:
+                self._cancel()
+            failures = 0 if got_data else failures + 1
+            self.state.failures += 0 if got_data else 1
+            self.state.last_error = error
+            delay = backoff_delay(max(failures, 1), self.settings.backoff_base, self.settings.backoff_cap,
+                                  random.random())
+            log.warning("xds: connection to %s ended (%s); retrying in %.1fs", self.settings.address, error, delay)
+            await trio.sleep(delay)
