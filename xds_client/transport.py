@@ -106,7 +106,7 @@ class XdsClient:
         return metadata
 
     def _channel(self) -> grpc.Channel:
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.max_receive_message_length", -1),
