@@ -57,10 +57,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     p.add_argument("--name-table", required=True, metavar="TABLE.json",
                    help="NameTable in protobuf JSON; reloaded on SIGHUP and on change")
+    add_dns_arguments(p)
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (/metrics, /stats/prometheus)")
+    p.set_defaults(run=run)
+
+
+def add_dns_arguments(p: argparse.ArgumentParser) -> None:
+    """The DNS proxy's flags, shared by `pilotfish dns` and `pilotfish agent`."""
     p.add_argument("--resolv-conf", metavar="PATH",
                    help="nameservers and search list (default /etc/resolv.conf)")
     p.add_argument("--listen", action="append", metavar="ADDR",
-                   help="host:port to serve UDP and TCP on, repeatable (default $DNS_PROXY_ADDR "
+                   help="host:port to serve DNS on (UDP and TCP), repeatable (default $DNS_PROXY_ADDR "
                         "or localhost:15053)")
     p.add_argument("--upstream", action="append", metavar="IP[:PORT]",
                    help="nameserver to forward to, repeatable (default: resolv.conf's, port 53)")
@@ -79,13 +87,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--cache-stale", default="24h", metavar="DURATION",
                    help="how long past expiry an answer may be served when no upstream answers "
                         "(RFC 8767; default 24h, 0 turns it off)")
-    p.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve Prometheus metrics here (/metrics, /stats/prometheus)")
-    p.set_defaults(run=run)
 
 
 def resolve_command(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) -> DnsCommand:
     """Flags and environment to a validated DnsCommand (reads resolv.conf, nothing else)."""
+    config, warnings = dns_config(args, env, is_root)
+    metrics = split_host_port(args.metrics_addr, "--metrics-addr") if args.metrics_addr else None
+    return DnsCommand(config, args.name_table, metrics, tuple(warnings))
+
+
+def dns_config(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) -> tuple[DnsConfig, list[str]]:
+    """The DNS flags (add_dns_arguments) and Istio's environment to a DnsConfig, plus warnings."""
     warnings: list[str] = []
     addrs = args.listen or [env.get("DNS_PROXY_ADDR", "")]
     addr_setting = "--listen" if args.listen else "DNS_PROXY_ADDR"
@@ -136,7 +148,6 @@ def resolve_command(args: argparse.Namespace, env: Mapping[str, str], is_root: b
         if value < 0:
             raise ConfigError(f"{name}: must not be negative, got {getattr(args, flag)!r}")
         cache_times[flag] = value
-    metrics = split_host_port(args.metrics_addr, "--metrics-addr") if args.metrics_addr else None
     config = DnsConfig(
         listen=tuple(listen),
         upstreams=upstreams,
@@ -149,7 +160,7 @@ def resolve_command(args: argparse.Namespace, env: Mapping[str, str], is_root: b
         cache_size=cache_size,
         **cache_times,
     )
-    return DnsCommand(config, args.name_table, metrics, tuple(warnings))
+    return config, warnings
 
 
 def run(args: argparse.Namespace) -> int:
