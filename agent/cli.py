@@ -21,6 +21,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pilotfish.agent import command as agent_command
     from pilotfish.dns import command as dns_command
 
     parser = argparse.ArgumentParser(
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level (default info)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dns_command.add_parser(sub)
+    agent_command.add_parser(sub)
     sub.add_parser("init", add_help=False,
                    help="install the traffic capture rules (istio-iptables' flags; init --help)")
     return parser
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             init_argv = [f"--log_output_level={level}", *init_argv]
         return init_command.main(init_argv, os.environ)
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, getattr(args, "log_format", "text"))
     return int(args.run(args))
 
 

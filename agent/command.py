@@ -1,0 +1,162 @@
+"""`pilotfish agent`: the long-running agent next to Envoy (first form).
+
+One trio nursery runs the xDS client (ADS to the control plane, NameTable subscription), the DNS
+proxy it feeds, and the status server on 15020. The last good name table is saved to disk and
+served at start, before the control plane answers.
+
+    pilotfish agent [proxy [sidecar|router|waypoint]] [--discovery-address HOST:PORT]
+                    [--status-port N] [--nametable-cache PATH] [--log-format text|json]
+                    [DNS flags as `pilotfish dns`]
+
+SIGTERM or SIGINT (or POST /quitquitquit): readiness fails at once, then everything stops and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+import trio
+from envoy.config.core.v3.base_pb2 import Node
+from google.protobuf.struct_pb2 import Struct
+from prometheus_client import CollectorRegistry
+
+from pilotfish.dns.command import add_dns_arguments, dns_config
+from pilotfish.dns.config import ConfigError
+from pilotfish.dns.server import DnsProxy
+from pilotfish.dns.table import debug_view
+from pilotfish.xds_client.metrics import XdsMetrics
+from pilotfish.xds_client.nds import TYPE_URL as NDS_TYPE
+from pilotfish.xds_client.nds import NameTableHolder
+from pilotfish.xds_client.transport import XdsClient, XdsSettings
+
+from .config import AgentConfig, agent_config
+from .status import DNS_NOT_READY, StatusServer, StatusSources
+
+log = logging.getLogger("pilotfish.agent")
+
+# pilot-agent flags the injection template passes; accepted so the template works unchanged.
+PILOT_AGENT_FLAGS = ("--proxyLogLevel", "--proxyComponentLogLevel", "--log_output_level", "--concurrency",
+                     "--serviceCluster", "--meshConfig", "--templateFile", "--outlierLogPath", "--stsPort",
+                     "--profiling", "--log_as_json", "--log_target", "--log_caller", "--log_stacktrace_level")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "agent",
+        help="run the agent: xDS client, DNS proxy fed by it, status server",
+        description="The sidecar agent (pilot-agent proxy): xDS, DNS, status server.",
+    )
+    p.add_argument("words", nargs="*", metavar="proxy [TYPE]",
+                   help="pilot-agent's `proxy sidecar` (the default), `proxy router` or `proxy waypoint`")
+    p.add_argument("--discovery-address", metavar="HOST:PORT",
+                   help="control plane (default $PILOT_DISCOVERY_ADDRESS, PROXY_CONFIG's discoveryAddress, "
+                        "istiod.istio-system.svc:15012)")
+    p.add_argument("--status-port", type=int, metavar="N", help="status server port (default 15020; 0 turns it off)")
+    p.add_argument("--nametable-cache", metavar="PATH",
+                   help="where the last good name table is saved and served from at start "
+                        "(default $PILOTFISH_NAMETABLE_CACHE or ./var/lib/pilotfish/nametable.pb; '' turns it off)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
+    for flag in PILOT_AGENT_FLAGS:
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    add_dns_arguments(p)
+    p.set_defaults(run=run)
+
+
+def proxy_type(words: list[str]) -> str:
+    """`proxy sidecar`, `proxy`, `sidecar` or nothing: the proxy type (pilot-agent's positional)."""
+    rest = words[1:] if words[:1] == ["proxy"] else words
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return rest[0] if rest else "sidecar"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pilotfish.init.detect import local_addresses
+
+    env = os.environ
+    try:
+        config = agent_config(
+            env, proxy_type=proxy_type(args.words), domain=args.domain, discovery=args.discovery_address,
+            status_port=args.status_port, nametable_cache=args.nametable_cache,
+            interface_ips=tuple(str(ip) for ip in local_addresses()),
+        )
+        dns, warnings = dns_config(args, env, os.geteuid() == 0) if config.dns_enabled else (None, [])
+    except ConfigError as err:
+        log.error("agent: %s", err)
+        return 2
+    for warning in warnings:
+        log.warning("agent: %s", warning)
+    log.info("agent: node %s, control plane %s (TLS name %s, root %s), DNS proxy %s",
+             config.node_id, config.discovery_address, config.server_name,
+             config.root_cert or "none: plaintext", "on" if config.dns_enabled else "off")
+    try:
+        proxy = DnsProxy(dns) if dns is not None else None
+    except OSError as err:
+        log.error("agent: DNS proxy cannot listen: %s", err.strerror or err)
+        return 1
+    try:
+        trio.run(_serve, config, proxy)
+    except OSError as err:  # the status port in use
+        log.error("agent: %s", err.strerror or err)
+        return 1
+    log.info("agent: stopped")
+    return 0
+
+
+def node(config: AgentConfig) -> Node:
+    metadata = Struct()
+    metadata.update(config.metadata)
+    return Node(id=config.node_id, cluster="istio-proxy", metadata=metadata)
+
+
+async def _serve(config: AgentConfig, proxy: DnsProxy | None) -> None:
+    registry = proxy.registry if proxy is not None else CollectorRegistry()
+    holder = NameTableHolder(proxy.set_table if proxy is not None else (lambda table: None), config.nametable_cache)
+    if proxy is not None:
+        holder.load_cached()
+    handlers = {NDS_TYPE: holder.on_response} if proxy is not None else {}
+    settings = XdsSettings(
+        address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
+        token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
+    )
+    client = XdsClient(settings, node(config), handlers)
+    registry.register(XdsMetrics(lambda: client.state))
+    stopping: list[str] = []
+
+    def readiness() -> str | None:
+        if stopping:
+            return f"server is terminated: {stopping[0]}"
+        if config.dns_enabled and proxy is not None and proxy.table is None:
+            return DNS_NOT_READY
+        return None
+
+    def ndsz() -> dict[str, object] | None:
+        table = holder.table
+        return None if table is None else debug_view(table.table, config.pod_namespace, config.domain)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            def stop(reason: str) -> None:
+                """Readiness fails from this moment; then every task is cancelled."""
+                if not stopping:
+                    stopping.append(reason)
+                    log.info("agent: %s, shutting down", reason)
+                nursery.cancel_scope.cancel()
+
+            sources = StatusSources(readiness, registry, ndsz, lambda: stop("quitquitquit"))
+            if config.status_port:
+                await nursery.start(StatusServer(config.status_port, sources).serve)
+            if proxy is not None:
+                await nursery.start(proxy.serve)
+            if handlers:
+                nursery.start_soon(client.run)
+            else:
+                log.info("agent: no DNS proxy: nothing to subscribe to yet")
+            async for signum in signals:
+                stop(f"received signal: {signal.Signals(signum).name}")
+                break

@@ -1,0 +1,207 @@
+"""The agent's configuration from pilot-agent's environment, PROXY_CONFIG and flags. Pure: the
+environment and a file-existence test are passed in.
+
+Names and defaults are pilot-agent's (reference/istio-agent.md §1.2, §1.4, §2.1, §10). Unlike
+pilot-agent, a value that does not parse is an error naming the variable (Istio falls back to
+the default with a warning, which hides typos).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import yaml
+
+from pilotfish.dns.config import ConfigError, parse_bool, split_host_port
+
+DEFAULT_DISCOVERY = "istiod.istio-system.svc:15012"
+DEFAULT_SERVER_NAME = "istiod.istio-system.svc"
+DEFAULT_ROOT_CERT = "./var/run/secrets/istio/root-cert.pem"
+LEGACY_ROOT_CERT = "./etc/certs/root-cert.pem"
+TOKEN_FILE = "./var/run/secrets/tokens/istio-token"
+DEFAULT_NAMETABLE_CACHE = "./var/lib/pilotfish/nametable.pb"
+PROXY_TYPES = ("sidecar", "router", "waypoint")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Who the proxy is and how it reaches the control plane."""
+
+    proxy_type: str
+    pod_name: str
+    pod_namespace: str
+    instance_ips: tuple[str, ...]
+    service_account: str
+    domain: str
+    discovery_address: str
+    server_name: str
+    root_cert: str | None  # a PEM file, "SYSTEM", or None for plaintext (controlPlaneAuthPolicy NONE)
+    token_file: str
+    cluster_id: str
+    xds_headers: tuple[tuple[str, str], ...]
+    dns_enabled: bool
+    status_port: int
+    nametable_cache: str  # "" turns persistence off
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        """`<type>~<first IP>~<pod>.<namespace>~<domain>`, as pilot-agent builds it."""
+        ip = self.instance_ips[0] if self.instance_ips else ""
+        return f"{self.proxy_type}~{ip}~{self.pod_name}.{self.pod_namespace}~{self.domain}"
+
+
+def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
+    """PROXY_CONFIG (YAML or JSON ProxyConfig), as a dict; {} when unset."""
+    text = env.get("PROXY_CONFIG", "")
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
+    return value
+
+
+def _bool_env(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name, "")
+    return parse_bool(value, name) if value else default
+
+
+def discovery_address(flag: str | None, env: Mapping[str, str], pc: Mapping[str, object]) -> tuple[str, str]:
+    """(address, which setting gave it): the flag, PILOT_DISCOVERY_ADDRESS, PROXY_CONFIG's
+    discoveryAddress, or istiod's default. Validated as host:port."""
+    for value, setting in ((flag, "--discovery-address"), (env.get("PILOT_DISCOVERY_ADDRESS"), "PILOT_DISCOVERY_ADDRESS"),
+                           (pc.get("discoveryAddress"), "PROXY_CONFIG discoveryAddress")):
+        if value:
+            split_host_port(str(value), setting)
+            return str(value), setting
+    return DEFAULT_DISCOVERY, "default"
+
+
+def server_name(address: str, env: Mapping[str, str]) -> str:
+    """The name istiod's certificate must carry: ISTIOD_SAN, else the address's host, with
+    localhost meaning istiod (a port-forward or a local control plane)."""
+    if env.get("ISTIOD_SAN"):
+        return env["ISTIOD_SAN"]
+    host = split_host_port(address, "discovery address")[0]
+    return DEFAULT_SERVER_NAME if "localhost" in host or not host else host
+
+
+def xds_root(env: Mapping[str, str], pc: Mapping[str, object], exists: Callable[[str], bool]) -> str | None:
+    """The root certificate for the control-plane connection, in Istio's order (§2.1)."""
+    if str(pc.get("controlPlaneAuthPolicy", "MUTUAL_TLS")).upper() == "NONE":
+        return None
+    root = env.get("XDS_ROOT_CA", "")
+    if root == "SYSTEM":
+        return "SYSTEM"
+    if root:
+        return _must_exist(root, "XDS_ROOT_CA", exists)
+    if exists(LEGACY_ROOT_CERT):
+        return LEGACY_ROOT_CERT
+    if env.get("PROV_CERT"):
+        return os.path.join(env["PROV_CERT"], "root-cert.pem")
+    if _bool_env(env, "FILE_MOUNTED_CERTS"):
+        metadata = pc.get("proxyMetadata") or {}
+        path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or (metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") if isinstance(metadata, dict) else None)
+        if not path:
+            raise ConfigError("FILE_MOUNTED_CERTS: ISTIO_META_TLS_CLIENT_ROOT_CERT is not set")
+        return _must_exist(str(path), "ISTIO_META_TLS_CLIENT_ROOT_CERT", exists)
+    if env.get("PILOT_CERT_PROVIDER") == "none":
+        raise ConfigError("PILOT_CERT_PROVIDER=none: no root certificate for the control plane (set XDS_ROOT_CA)")
+    return _must_exist(DEFAULT_ROOT_CERT, "root CA file for XDS", exists)
+
+
+def _must_exist(path: str, setting: str, exists: Callable[[str], bool]) -> str:
+    if not exists(path):
+        raise ConfigError(f"{setting}: root CA file for XDS does not exist: {path}")
+    return path
+
+
+def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
+    """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
+    proxyMetadata) as <K>, plus the identity fields istiod reads."""
+    out: dict[str, str] = {}
+    proxy_metadata = pc.get("proxyMetadata") or {}
+    sources = [env] + ([{str(k): str(v) for k, v in proxy_metadata.items()}] if isinstance(proxy_metadata, dict) else [])
+    for source in reversed(sources):  # the environment wins over proxyMetadata
+        for name, value in source.items():
+            if name.startswith("ISTIO_META_"):
+                out[name[len("ISTIO_META_"):]] = value
+    out.update(cfg_values)
+    return out
+
+
+def agent_config(
+    env: Mapping[str, str],
+    *,
+    proxy_type: str = "sidecar",
+    domain: str | None = None,
+    discovery: str | None = None,
+    status_port: int | None = None,
+    nametable_cache: str | None = None,
+    interface_ips: tuple[str, ...] = (),
+    exists: Callable[[str], bool] = os.path.exists,
+) -> AgentConfig:
+    """Validate everything; ConfigError names the variable or flag and the bad value."""
+    if proxy_type not in PROXY_TYPES:
+        raise ConfigError(f"proxy type: want one of {', '.join(PROXY_TYPES)}, got {proxy_type!r}")
+    pc = proxy_config(env)
+    namespace = env.get("POD_NAMESPACE", "")
+    pod = env.get("POD_NAME", "")
+    ips = []
+    instance_ip = env.get("INSTANCE_IP", "")
+    if instance_ip:
+        import ipaddress
+
+        try:
+            ips.append(str(ipaddress.ip_address(instance_ip)))
+        except ValueError:
+            raise ConfigError(f"INSTANCE_IP: not an IP address: {instance_ip!r}") from None
+    ips += [ip for ip in interface_ips if ip not in ips]
+    if not ips:
+        ips = ["127.0.0.1", "::1"]
+    address, _ = discovery_address(discovery, env, pc)
+    port_value = status_port if status_port is not None else pc.get("statusPort", 15020)
+    try:
+        port = int(str(port_value))
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"status port: want 0-65535, got {port_value!r}") from None
+    dns_capture = _bool_env(env, "ISTIO_META_DNS_CAPTURE")
+    dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
+    cluster_id = env.get("ISTIO_META_CLUSTER_ID", "")
+    headers = tuple(sorted((k[len("XDS_HEADER_"):], v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
+    cache = nametable_cache if nametable_cache is not None else env.get("PILOTFISH_NAMETABLE_CACHE", DEFAULT_NAMETABLE_CACHE)
+    domain = domain or f"{namespace}.svc.cluster.local"
+    identity = {
+        "NAMESPACE": namespace,
+        "NAME": pod,
+        "INSTANCE_IPS": ",".join(ips),
+        "CLUSTER_ID": cluster_id,
+        "SERVICE_ACCOUNT": env.get("SERVICE_ACCOUNT", ""),
+        "DNS_CAPTURE": "true" if dns_capture else "",
+    }
+    return AgentConfig(
+        proxy_type=proxy_type,
+        pod_name=pod,
+        pod_namespace=namespace,
+        instance_ips=tuple(ips),
+        service_account=env.get("SERVICE_ACCOUNT", ""),
+        domain=domain,
+        discovery_address=address,
+        server_name=server_name(address, env),
+        root_cert=xds_root(env, pc, exists),
+        token_file=TOKEN_FILE,
+        cluster_id=cluster_id,
+        xds_headers=headers,
+        dns_enabled=dns_enabled,
+        status_port=port,
+        nametable_cache=cache,
+        metadata=metadata(env, pc, {k: v for k, v in identity.items() if v}),
+    )

@@ -1,0 +1,35 @@
+"""Metrics of the control-plane connection, read from the client's state at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .transport import ConnectionState
+
+
+class XdsMetrics:
+    """prometheus-client collector over a ConnectionState."""
+
+    def __init__(self, state: Callable[[], ConnectionState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state: ConnectionState = self._state()
+        yield GaugeMetricFamily("pilotfish_xds_connected", "1 while the ADS stream to the control plane is up.",
+                                value=1 if state.connected else 0)
+        yield CounterMetricFamily("istio_agent_istiod_connection_failures",
+                                  "Connections to the control plane that failed or ended.", value=state.failures)
+        yield GaugeMetricFamily("pilotfish_xds_last_update_timestamp_seconds",
+                                "When the last resource was accepted (Unix time; 0 before the first).",
+                                value=state.last_update)
+        accepted = CounterMetricFamily("pilotfish_xds_accepted", "Resources accepted (ACKed), by type.",
+                                       labels=["type_url"])
+        rejected = CounterMetricFamily("pilotfish_xds_rejected", "Resources rejected (NACKed), by type.",
+                                       labels=["type_url"])
+        for type_url, type_state in state.types.items():
+            accepted.add_metric([type_url], type_state.accepted)
+            rejected.add_metric([type_url], type_state.rejected)
+        yield accepted
+        yield rejected

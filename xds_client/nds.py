@@ -1,0 +1,66 @@
+"""The NameTable type (Istio's NDS): decoding, the last good table, and its copy on disk.
+
+The agent consumes NDS itself (it is never passed to Envoy). A table that does not decode is
+NACKed and the one in use stays; a good one is installed through `apply` (the DNS proxy swaps its
+lookup table) and saved, so a restart without a control plane serves it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import DecodeError
+
+from . import persist
+from .proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from .stream import unpack_first
+
+log = logging.getLogger("pilotfish.xds")
+
+TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+
+
+class NameTableHolder:
+    """Receives NameTables (on grpc's thread), installs and saves them."""
+
+    def __init__(self, apply: Callable[[NameTable], object], cache_path: str = "") -> None:
+        self.apply = apply
+        self.cache_path = cache_path
+        self.table: NameTable | None = None
+        self.version = ""
+
+    def load_cached(self) -> bool:
+        """Install the table saved by an earlier run, if there is one that decodes."""
+        if not self.cache_path:
+            return False
+        data = persist.read(self.cache_path)
+        if data is None:
+            return False
+        table = NameTable()
+        try:
+            table.ParseFromString(data)
+        except DecodeError as err:
+            log.warning("xds: ignoring the saved name table %s: %s", self.cache_path, err)
+            return False
+        self._install(table, "saved")
+        log.info("xds: serving the saved name table from %s (%d hosts) until the control plane answers",
+                 self.cache_path, len(table.table))
+        return True
+
+    def on_response(self, version: str, resources: list[Any]) -> None:
+        """The NDS handler of the ADS stream: ResourceError (a NACK) if it does not decode."""
+        table = unpack_first(resources, NameTable, TYPE_URL)
+        assert isinstance(table, NameTable)
+        self._install(table, version)
+        if self.cache_path:
+            try:
+                persist.write_atomic(self.cache_path, table.SerializeToString(deterministic=True))
+            except OSError as err:
+                log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
+
+    def _install(self, table: NameTable, version: str) -> None:
+        self.apply(table)
+        self.table = table
+        self.version = version
