@@ -1,0 +1,110 @@
+"""The agent's settings from pilot-agent's environment: discovery address, TLS root and name,
+node identity, DNS switch, and errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pilotfish.agent.config import agent_config, server_name, xds_root
+from pilotfish.agent.status import DNS_NOT_READY, StatusSources, handle
+from pilotfish.dns.config import ConfigError
+
+ROOT = "./var/run/secrets/istio/root-cert.pem"
+BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE_IP": "10.244.1.5",
+        "SERVICE_ACCOUNT": "bookinfo-productpage", "ISTIO_META_CLUSTER_ID": "Kubernetes"}
+
+
+def _config(env: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
+    return agent_config({**BASE, **env}, exists=lambda p: p == ROOT, **kw)  # type: ignore[arg-type]
+
+
+def test_defaults_are_istios() -> None:
+    config = _config({})
+    assert config.discovery_address == "istiod.istio-system.svc:15012"
+    assert config.server_name == "istiod.istio-system.svc"
+    assert config.root_cert == ROOT and config.status_port == 15020
+    assert config.node_id == "sidecar~10.244.1.5~productpage-v1-abc.bookinfo~bookinfo.svc.cluster.local"
+    assert config.token_file == "./var/run/secrets/tokens/istio-token" and config.cluster_id == "Kubernetes"
+    assert not config.dns_enabled
+
+
+def test_discovery_address_precedence() -> None:
+    pc = '{"discoveryAddress": "pc.example:15012"}'
+    assert _config({"PROXY_CONFIG": pc}).discovery_address == "pc.example:15012"
+    assert _config({"PROXY_CONFIG": pc, "PILOT_DISCOVERY_ADDRESS": "env.example:15012"}).discovery_address == "env.example:15012"
+    assert _config({"PILOT_DISCOVERY_ADDRESS": "env.example:15012"}, discovery="flag.example:1").discovery_address == "flag.example:1"
+
+
+def test_server_name() -> None:
+    assert server_name("localhost:15012", {}) == "istiod.istio-system.svc"
+    assert server_name("istiod-canary.istio-system.svc:15012", {}) == "istiod-canary.istio-system.svc"
+    assert server_name("10.0.0.1:15012", {"ISTIOD_SAN": "istiod.istio-system.svc"}) == "istiod.istio-system.svc"
+
+
+@pytest.mark.parametrize("env,pc,present,expect", [
+    ({"XDS_ROOT_CA": "SYSTEM"}, {}, set(), "SYSTEM"),
+    ({"XDS_ROOT_CA": "/x/root.pem"}, {}, {"/x/root.pem"}, "/x/root.pem"),
+    ({}, {}, {"./etc/certs/root-cert.pem", ROOT}, "./etc/certs/root-cert.pem"),
+    ({"PROV_CERT": "/prov"}, {}, set(), "/prov/root-cert.pem"),
+    ({}, {}, {ROOT}, ROOT),
+    ({}, {"controlPlaneAuthPolicy": "NONE"}, set(), None),
+])
+def test_xds_root_in_istios_order(env: dict[str, str], pc: dict[str, object], present: set[str], expect: str | None) -> None:
+    assert xds_root(env, pc, present.__contains__) == expect
+
+
+def test_missing_root_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="root CA file for XDS does not exist: ./var/run/secrets/istio/root-cert.pem"):
+        xds_root({}, {}, lambda p: False)
+    with pytest.raises(ConfigError, match="XDS_ROOT_CA: root CA file for XDS does not exist: /nope"):
+        xds_root({"XDS_ROOT_CA": "/nope"}, {}, lambda p: False)
+
+
+def test_dns_switch_and_metadata() -> None:
+    config = _config({"ISTIO_META_DNS_CAPTURE": "true", "ISTIO_META_MESH_ID": "mesh1",
+                      "PROXY_CONFIG": "proxyMetadata:\n  ISTIO_META_MESH_ID: from-pc\n  ISTIO_META_FOO: bar\n"})
+    assert config.dns_enabled
+    assert config.metadata["MESH_ID"] == "mesh1" and config.metadata["FOO"] == "bar"
+    assert config.metadata["NAMESPACE"] == "bookinfo" and config.metadata["DNS_CAPTURE"] == "true"
+    assert config.metadata["INSTANCE_IPS"] == "10.244.1.5"
+    assert _config({"ISTIO_META_DNS_CAPTURE": "true"}, proxy_type="router").dns_enabled is False
+    assert _config({"ISTIO_META_ENABLE_DNS_SERVER": "true"}, proxy_type="router").dns_enabled
+
+
+def test_xds_headers() -> None:
+    assert _config({"XDS_HEADER_X_ENV": "prod"}).xds_headers == (("X_ENV", "prod"),)
+
+
+@pytest.mark.parametrize("env,kw,message", [
+    ({"ISTIO_META_DNS_CAPTURE": "yes"}, {}, "ISTIO_META_DNS_CAPTURE: invalid boolean 'yes'"),
+    ({"INSTANCE_IP": "10.0.0.300"}, {}, "INSTANCE_IP: not an IP address: '10.0.0.300'"),
+    ({"PILOT_DISCOVERY_ADDRESS": "istiod"}, {}, "PILOT_DISCOVERY_ADDRESS: invalid address 'istiod'"),
+    ({"PROXY_CONFIG": "[1, 2"}, {}, "PROXY_CONFIG: not YAML or JSON"),
+    ({"PROXY_CONFIG": "- a\n- b"}, {}, "PROXY_CONFIG: want a ProxyConfig object"),
+    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got 70000"),
+    ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
+])
+def test_bad_values_name_the_variable(env: dict[str, str], kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _config(env, **kw)
+    assert message in str(err.value)
+
+
+def _sources(reason: str | None, table: dict | None = None) -> tuple[StatusSources, list[str]]:
+    quits: list[str] = []
+    return StatusSources(lambda: reason, CollectorRegistry(), lambda: table, lambda: quits.append("q")), quits
+
+
+def test_status_routes() -> None:
+    sources, quits = _sources(DNS_NOT_READY)
+    not_ready = handle("GET", "/healthz/ready", False, sources)
+    assert not_ready.status == 503 and not_ready.body == DNS_NOT_READY.encode()
+    assert handle("GET", "/healthz/ready", False, _sources(None)[0]).status == 200
+    assert handle("GET", "/stats/prometheus", False, sources).status == 200
+    assert handle("GET", "/debug/ndsz", False, sources).status == 403
+    assert handle("GET", "/debug/ndsz", True, sources).status == 404
+    assert handle("GET", "/debug/ndsz", True, _sources(None, {"a.": {}})[0]).body == b'{\n  "a.": {}\n}'
+    assert handle("GET", "/quitquitquit", True, sources).status == 405 and not quits
+    assert handle("POST", "/quitquitquit", True, sources).status == 200 and quits == ["q"]
+    assert handle("GET", "/nope", True, sources).status == 404
