@@ -1,0 +1,502 @@
+"""The mesh file: the Kubernetes Services and Istio ServiceEntries `pilotfish controlplane` serves.
+
+A demo user writes it by hand (format in docs/controlplane.md, "The mesh file"), so the field
+names are the ones they already know from Kubernetes and Istio, and every mistake is reported as
+`FILE: services[2].clusterIPs[0]: '10.96.0.300' is not an IP address` rather than a traceback or,
+worse, a name that silently does not resolve. The file is turned into istiod's model
+(controlplane/nametable.py) once, when it is loaded; each proxy's NameTable is then built from
+that model.
+
+ServiceEntries without addresses get auto-allocated ones, as istiod does for DNS capture
+(240.240.0.0/16 and 2001:2::/48). istiod's first allocator numbered the entries in order, so
+adding or removing one renumbered the others and live connections went to the wrong host
+(istio#44837). Here an address is derived from a hash of namespace/name/host, so it does not
+depend on the rest of the file: a host can only move when a newly added host collides with it
+(for IPv4 about 1 in 65,000 per addition, for IPv6 practically never).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pilotfish.controlplane.nametable import (
+    UNSPECIFIED_IP,
+    Endpoint,
+    Health,
+    ProxyInfo,
+    Registry,
+    Resolution,
+    Service,
+    build_name_table,
+)
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_NAME = "Kubernetes"  # Istio's default CLUSTER_ID
+
+_TOP_KEYS = ("clusterDomain", "clusterName", "services", "serviceEntries")
+_SERVICE_KEYS = (
+    "name",
+    "namespace",
+    "clusterIP",
+    "clusterIPs",
+    "headless",
+    "externalName",
+    "ports",
+    "publishNotReadyAddresses",
+    "endpoints",
+)
+_SERVICE_ENTRY_KEYS = ("name", "namespace", "hosts", "addresses", "resolution", "ports", "endpoints")
+_ENDPOINT_KEYS = ("addresses", "address", "hostname", "subdomain", "ready", "network", "cluster")
+_PORT_KEYS = ("name", "protocol", "targetPort")  # accepted so manifests can be copied; unused
+
+# ServiceEntry resolution (Istio's enum) -> istiod's model resolution.
+_RESOLUTIONS = {
+    "NONE": Resolution.PASSTHROUGH,
+    "STATIC": Resolution.CLIENT_SIDE_LB,
+    "DNS": Resolution.DNS_LB,
+    "DNS_ROUND_ROBIN": Resolution.DNS_ROUND_ROBIN_LB,
+}
+
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"  # RFC 1123 label, as Kubernetes checks it
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # Service names
+_DNS1123_LABEL = re.compile(_LABEL)
+_DNS1123_SUBDOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+_HOST_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*")
+_HOST_PATTERN = re.compile(rf"(?=.{{1,253}}$)(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*")
+
+# Auto-allocation ranges. IPv4 skips .0 and .255 in every /24, which some stacks refuse.
+_V4_BASE = int(ipaddress.IPv4Address("240.240.0.0"))
+_V4_SLOTS = 256 * 254
+_V6_BASE = int(ipaddress.IPv6Address("2001:2::"))
+_V6_SLOTS = 2**80 - 1  # the /48 without its network address
+
+
+class MeshError(ValueError):
+    """The mesh file cannot be used; the message names the file, the entry and the field."""
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The mesh file in istiod's model: services in file order (Kubernetes Services first, then
+    ServiceEntries) and their endpoints by hostname."""
+
+    services: tuple[Service, ...]
+    endpoints: Mapping[str, tuple[Endpoint, ...]]
+
+    def name_table(self, proxy: ProxyInfo) -> NameTable:
+        """The NameTable istiod would send `proxy` for this mesh."""
+        return build_name_table(self.services, self.endpoints, proxy)
+
+
+def load_mesh(path: str | Path) -> Mesh:
+    """Read and parse a mesh file; MeshError (naming the file) if it cannot be read or used."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MeshError(f"{path}: cannot read: {reason}") from None
+    return parse_mesh(text, source=str(path))
+
+
+def parse_mesh(text: str, source: str = "<mesh>") -> Mesh:
+    """Parse mesh-file text; `source` names it in error messages."""
+    try:
+        document = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise MeshError(f"{source}: {where}not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise MeshError(f"{source}: not valid YAML: {e}") from None
+    try:
+        return _mesh(document)
+    except _Invalid as e:
+        raise MeshError(f"{source}: {e.path}: {e.message}" if e.path else f"{source}: {e.message}") from None
+
+
+def mesh_version(mesh: Mesh) -> str:
+    """A short digest of the model: the same mesh gives the same version in every process and
+    on every reload (comments and layout do not count), usable as the xDS version_info."""
+    content = repr((mesh.services, sorted(mesh.endpoints.items())))
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+class _Invalid(Exception):
+    """A fault at `path` (like `services[2].clusterIPs[0]`); parse_mesh adds the file name."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, message)
+        self.path = path
+        self.message = message
+
+
+def _mesh(document: Any) -> Mesh:
+    if document is None:  # an empty file: an empty mesh
+        document = {}
+    top = _mapping(document, "", _TOP_KEYS)
+    domain = _string(top, "clusterDomain", "", default=DEFAULT_CLUSTER_DOMAIN)
+    if not _HOSTNAME.fullmatch(domain):
+        raise _Invalid("clusterDomain", f"{domain!r} is not a DNS domain")
+    cluster = _string(top, "clusterName", "", default=DEFAULT_CLUSTER_NAME)
+    if not cluster:
+        raise _Invalid("clusterName", "must not be empty")
+
+    services: list[Service] = []
+    endpoints: dict[str, list[Endpoint]] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for path, item in _items(top, "services", ""):
+        svc, eps = _service(item, path, domain, cluster)
+        _unique(seen, (svc.namespace, svc.name), path, "service")
+        services.append(svc)
+        endpoints.setdefault(svc.hostname, []).extend(eps)
+
+    seen = {}
+    for path, item in _items(top, "serviceEntries", ""):
+        name, namespace, se_services, eps = _service_entry(item, path, cluster)
+        _unique(seen, (namespace, name), path, "serviceEntry")
+        services += se_services
+        for svc in se_services:
+            endpoints.setdefault(svc.hostname, []).extend(eps)
+    return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()})
+
+
+def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, list[Endpoint]]:
+    """A Kubernetes Service: ClusterIP, headless or ExternalName."""
+    item = _mapping(data, path, _SERVICE_KEYS)
+    name = _name(item, "name", path, _DNS1035_LABEL, "a Service name (a lower-case RFC 1035 label)")
+    namespace = _name(item, "namespace", path, _DNS1123_LABEL, "a namespace (a lower-case RFC 1123 label)")
+    vips, headless = _cluster_ips(item, path)
+    external = _string(item, "externalName", path)
+    ports = _ports(item, path, "port")
+    svc = Service(
+        hostname=f"{name}.{namespace}.svc.{domain}",
+        registry=Registry.KUBERNETES,
+        name=name,
+        namespace=namespace,
+        resolution=Resolution.CLIENT_SIDE_LB,
+        ports=ports,
+        publish_not_ready_addresses=_bool(item, "publishNotReadyAddresses", path),
+    )
+    if external:
+        if not _HOSTNAME.fullmatch(external):
+            raise _Invalid(_at(path, "externalName"), f"{external!r} is not a DNS name")
+        for key in ("clusterIP", "clusterIPs", "headless", "endpoints"):
+            if item.get(key) is not None:
+                raise _Invalid(_at(path, key), "not allowed with externalName (an ExternalName service has no IPs)")
+        # No NameTable entry, as in istiod: the name goes to kube-dns, which answers the CNAME.
+        return replace(svc, resolution=Resolution.ALIAS), []
+    if not headless and not vips:
+        raise _Invalid(path, "needs clusterIPs (or clusterIP: None for a headless service, or externalName)")
+    eps = [_endpoint(e, p, cluster, hostnames_ok=False) for p, e in _items(item, "endpoints", path)]
+    if not ports:  # as Kubernetes; istiod would give a headless service without ports no entry
+        raise _Invalid(path, "'ports' is required (at least one port)")
+    if headless:
+        return replace(svc, resolution=Resolution.PASSTHROUGH), eps
+    return replace(svc, default_address=vips[0], cluster_vips={cluster: vips}), eps
+
+
+def _cluster_ips(item: dict[str, Any], path: str) -> tuple[tuple[str, ...], bool]:
+    """(VIPs, headless) from clusterIP / clusterIPs / headless, with Kubernetes' consistency rules."""
+    single = _string(item, "clusterIP", path)
+    plural = [(p, _string_value(v, p)) for p, v in _items(item, "clusterIPs", path)]
+    headless = _bool(item, "headless", path)
+    if single and plural and plural[0][1] != single:
+        raise _Invalid(_at(path, "clusterIP"), f"{single!r} differs from clusterIPs[0] {plural[0][1]!r}")
+    listed = plural or ([(_at(path, "clusterIP"), single)] if single else [])
+    if any(value == "None" for _, value in listed):
+        if len(listed) > 1:
+            raise _Invalid(_at(path, "clusterIPs"), "'None' (headless) must be the only cluster IP")
+        return (), True
+    vips: list[str] = []
+    for p, value in listed:
+        vips.append(_ip(value, p))
+    if len(vips) > 2 or len({ipaddress.ip_address(v).version for v in vips}) < len(vips):
+        raise _Invalid(_at(path, "clusterIPs"), "at most two cluster IPs, one IPv4 and one IPv6")
+    if headless and vips:
+        raise _Invalid(_at(path, "headless"), "a headless service has no cluster IPs")
+    return tuple(vips), headless
+
+
+def _service_entry(data: Any, path: str, cluster: str) -> tuple[str, str, list[Service], list[Endpoint]]:
+    """An Istio ServiceEntry: one istiod service per host and address (per host without addresses)."""
+    item = _mapping(data, path, _SERVICE_ENTRY_KEYS)
+    name = _name(item, "name", path, _DNS1123_SUBDOMAIN, "a resource name (a lower-case RFC 1123 subdomain)")
+    namespace = _name(item, "namespace", path, _DNS1123_LABEL, "a namespace (a lower-case RFC 1123 label)")
+    hosts = [_host(_string_value(v, p), p) for p, v in _items(item, "hosts", path)]
+    if not hosts:
+        raise _Invalid(path, "'hosts' is required (at least one host)")
+    addresses = [_ip_or_cidr(_string_value(v, p), p) for p, v in _items(item, "addresses", path)]
+    resolution_name = _string(item, "resolution", path, default="NONE")
+    if resolution_name not in _RESOLUTIONS:
+        raise _Invalid(
+            _at(path, "resolution"), f"unknown resolution {resolution_name!r} (expected one of {', '.join(_RESOLUTIONS)})"
+        )
+    resolution = _RESOLUTIONS[resolution_name]
+    ports = _ports(item, path, "number")
+    by_dns = resolution in (Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN_LB)
+    eps = [_endpoint(e, p, cluster, hostnames_ok=by_dns) for p, e in _items(item, "endpoints", path)]
+    if not ports:  # as Istio; istiod would give a NONE entry without addresses no DNS entry
+        raise _Invalid(path, "'ports' is required (at least one port)")
+    services = [
+        Service(
+            hostname=host,
+            registry=Registry.EXTERNAL,
+            name=name,
+            namespace=namespace,
+            resolution=resolution,
+            default_address=address,
+            ports=ports,
+        )
+        for host in hosts
+        for address in (addresses or [UNSPECIFIED_IP])
+    ]
+    return name, namespace, services, eps
+
+
+def _endpoint(data: Any, path: str, cluster: str, hostnames_ok: bool) -> Endpoint:
+    """A pod or ServiceEntry endpoint. `cluster` defaults to the mesh's, as istiod's registries do."""
+    item = _mapping(data, path, _ENDPOINT_KEYS)
+    if "address" in item and "addresses" in item:
+        raise _Invalid(_at(path, "address"), "give either address or addresses, not both")
+    if "address" in item:
+        raw = [(_at(path, "address"), _string_value(item["address"], _at(path, "address")))]
+    else:
+        raw = [(p, _string_value(v, p)) for p, v in _items(item, "addresses", path)]
+        if not raw:
+            raise _Invalid(path, "'addresses' is required")
+    addresses = tuple(_address(v, p, hostnames_ok) for p, v in raw)
+    hostname = _string(item, "hostname", path)
+    subdomain = _string(item, "subdomain", path)
+    for key, value in (("hostname", hostname), ("subdomain", subdomain)):
+        if value and not _DNS1123_LABEL.fullmatch(value):
+            raise _Invalid(_at(path, key), f"{value!r} is not a lower-case RFC 1123 label")
+    if subdomain and not hostname:
+        raise _Invalid(_at(path, "subdomain"), "needs a hostname too (the pod's name is <hostname>.<subdomain>)")
+    return Endpoint(
+        addresses=addresses,
+        hostname=hostname,
+        subdomain=subdomain,
+        network=_string(item, "network", path),
+        cluster=_string(item, "cluster", path, default=cluster),
+        health=Health.HEALTHY if _bool(item, "ready", path, default=True) else Health.UNHEALTHY,
+    )
+
+
+def _ports(item: dict[str, Any], path: str, number_key: str) -> tuple[int, ...]:
+    """Ports as numbers, or as mappings the way the manifest spells them (`port` for a Service,
+    `number` for a ServiceEntry)."""
+    ports = []
+    for p, value in _items(item, "ports", path):
+        if isinstance(value, dict):
+            other = "number" if number_key == "port" else "port"
+            if other in value:  # the other manifest kind's spelling
+                raise _Invalid(_at(p, other), f"the port number is {number_key!r} here")
+            port = _mapping(value, p, (number_key, *_PORT_KEYS))
+            if port.get(number_key) is None:
+                raise _Invalid(p, f"{number_key!r} is required")
+            p, value = _at(p, number_key), port[number_key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise _Invalid(p, f"{_show(value)} is not a port number (1-65535)")
+        ports.append(value)
+    return tuple(ports)
+
+
+def _auto_allocate(services: list[Service]) -> list[Service]:
+    """The services with their auto-allocated addresses set, avoiding the addresses the file gives."""
+    written = [
+        a
+        for s in services
+        for a in (s.default_address, *(v for vips in s.cluster_vips.values() for v in vips))
+        if "/" not in a  # CIDRs
+    ]
+    allocated = _allocate([_allocation_key(s) for s in services if _needs_address(s)], written)
+    out = []
+    for svc in services:
+        if _needs_address(svc):
+            v4, v6 = allocated[_allocation_key(svc)]
+            svc = replace(svc, auto_allocated_ipv4=v4, auto_allocated_ipv6=v6)
+        out.append(svc)
+    return out
+
+
+def _needs_address(svc: Service) -> bool:
+    """istiod allocates for ServiceEntry hosts without addresses, except with resolution NONE (the
+    original destination is kept, so an invented one would lead nowhere) and for wildcard hosts
+    (no single name resolves to them)."""
+    return (
+        svc.registry is Registry.EXTERNAL
+        and svc.default_address == UNSPECIFIED_IP
+        and svc.resolution is not Resolution.PASSTHROUGH
+        and not svc.hostname.startswith("*")
+    )
+
+
+def _allocation_key(svc: Service) -> str:
+    return f"{svc.namespace}/{svc.name}/{svc.hostname}"
+
+
+def _allocate(keys: list[str], written: list[str]) -> dict[str, tuple[str, str]]:
+    """Stable addresses: key -> (IPv4, IPv6), none of them an address `written` in the file.
+
+    Each key starts at the slot its hash picks and takes the next free one on a collision; keys
+    are placed in sorted order, so the result depends only on the set of keys, and a key moves
+    only when a newly added one (or a newly written address) collides with it.
+    """
+    addresses = [ipaddress.ip_address(a) for a in written]
+    taken4 = {s for s in (_v4_slot(int(a)) for a in addresses if a.version == 4) if s is not None}
+    taken6 = {o for o in (int(a) - _V6_BASE - 1 for a in addresses if a.version == 6) if 0 <= o < _V6_SLOTS}
+    out = {}
+    for key in sorted(set(keys)):
+        digest = hashlib.sha256(key.encode()).digest()
+        slot4 = _probe(int.from_bytes(digest[:8], "big") % _V4_SLOTS, _V4_SLOTS, taken4)
+        slot6 = _probe(int.from_bytes(digest[8:18], "big") % _V6_SLOTS, _V6_SLOTS, taken6)
+        v4 = "" if slot4 is None else str(ipaddress.IPv4Address(_v4_address(slot4)))
+        v6 = "" if slot6 is None else str(ipaddress.IPv6Address(_V6_BASE + 1 + slot6))
+        out[key] = (v4, v6)
+    return out
+
+
+def _v4_address(slot: int) -> int:
+    """Slot n is the n-th address of 240.240.0.0/16 not ending in .0 or .255."""
+    return _V4_BASE + slot // 254 * 256 + slot % 254 + 1
+
+
+def _v4_slot(address: int) -> int | None:
+    """The slot of an IPv4 address (as an int), None if it is no slot."""
+    offset = address - _V4_BASE
+    if 0 <= offset < 65536 and 0 < offset % 256 < 255:
+        return offset // 256 * 254 + offset % 256 - 1
+    return None
+
+
+def _probe(start: int, size: int, taken: set[int]) -> int | None:
+    """The first free slot from `start` on (wrapping), or None when the range is full."""
+    if len(taken) >= size:
+        return None
+    slot = start
+    while slot in taken:
+        slot = (slot + 1) % size
+    taken.add(slot)
+    return slot
+
+
+# --- reading YAML values, with the path of each in the errors ---------------------------------
+
+
+def _at(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _mapping(value: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """`value` as a mapping with only `keys`: a misspelt key is an error, not a silent default."""
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping, not {_show(value)}")
+    for key in value:
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(keys)}"
+            raise _Invalid(path, f"unknown key {str(key)!r} ({hint})")
+    return value
+
+
+def _items(item: dict[str, Any], key: str, path: str) -> list[tuple[str, Any]]:
+    """The optional list `item[key]` as (path of element, element) pairs."""
+    value = item.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid(_at(path, key), f"must be a list, not {_show(value)}")
+    return [(_at(_at(path, key), i), v) for i, v in enumerate(value)]
+
+
+def _string_value(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(path, f"must be a string, not {_show(value)}")
+    return value
+
+
+def _string(item: dict[str, Any], key: str, path: str, default: str = "") -> str:
+    value = item.get(key)
+    return default if value is None else _string_value(value, _at(path, key))
+
+
+def _bool(item: dict[str, Any], key: str, path: str, default: bool = False) -> bool:
+    value = item.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _Invalid(_at(path, key), f"must be true or false, not {_show(value)}")
+    return value
+
+
+def _name(item: dict[str, Any], key: str, path: str, pattern: re.Pattern[str], what: str) -> str:
+    value = _string(item, key, path)
+    if not value:
+        raise _Invalid(path, f"{key!r} is required")
+    if not pattern.fullmatch(value):
+        raise _Invalid(_at(path, key), f"{value!r} is not {what}")
+    return value
+
+
+def _unique(seen: dict[tuple[str, str], str], key: tuple[str, str], path: str, kind: str) -> None:
+    if key in seen:
+        raise _Invalid(path, f"duplicate {kind} {key[0]}/{key[1]} (also {seen[key]})")
+    seen[key] = path
+
+
+def _host(value: str, path: str) -> str:
+    if not _HOST_PATTERN.fullmatch(value):
+        raise _Invalid(path, f"{value!r} is not a host name (like api.example.com or *.example.com)")
+    return value
+
+
+def _address(value: str, path: str, hostnames_ok: bool) -> str:
+    """An endpoint address: an IP, or for DNS-resolved ServiceEntries also a host name."""
+    if hostnames_ok and _HOSTNAME.fullmatch(value):
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        what = "an IP address or host name" if hostnames_ok else "an IP address"
+        raise _Invalid(path, f"{value!r} is not {what}") from None
+
+
+def _ip(value: str, path: str) -> str:
+    """The address in canonical text form."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _Invalid(path, f"{value!r} is not an IP address") from None
+
+
+def _ip_or_cidr(value: str, path: str) -> str:
+    """ServiceEntry addresses may be CIDRs (for TCP matching); those get no DNS entry."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False)) if "/" in value else str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _Invalid(path, f"{value!r} is not an IP address or CIDR") from None
