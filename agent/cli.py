@@ -22,6 +22,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from pilotfish.agent import command as agent_command
+    from pilotfish.controlplane import command as controlplane_command
     from pilotfish.dns import command as dns_command
 
     parser = argparse.ArgumentParser(
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level (default info)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dns_command.add_parser(sub)
+    controlplane_command.add_parser(sub)
     agent_command.add_parser(sub)
     sub.add_parser("init", add_help=False,
                    help="install the traffic capture rules (istio-iptables' flags; init --help)")

@@ -2,7 +2,7 @@
 serves what it had (Istio's agent starts empty and answers SERVFAIL until istiod is back).
 
 Written to a temp file in the same directory and renamed over the old one (never a half-written
-file), mode 0600 (the table lists every service and address in the mesh).
+file), mode 0600 by default (the table lists every service and address in the mesh).
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import os
 import tempfile
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Readers see the old file or the new one, never a part. Missing directories are created,
+    private unless the file itself is readable by others (a root certificate, 0644)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.makedirs(directory, mode=0o755 if mode & 0o044 else 0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

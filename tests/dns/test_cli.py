@@ -9,15 +9,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import PILOTFISH, Process
 
-PILOTFISH = str(Path(sys.executable).with_name("pilotfish"))
 DIG = shutil.which("dig")
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 
@@ -32,34 +31,6 @@ TABLE = {
         "details.ns2.svc.cluster.remote": {"ips": ["11.11.11.11", "12.12.12.12", "13.13.13.13"], "registry": "External"},
     }
 }
-
-
-class Process:
-    """A running command whose stderr is collected line by line into a file."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._file = open(log, "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._file, env=env)
-
-    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in log:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            self._file.close()
 
 
 @pytest.fixture

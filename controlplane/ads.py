@@ -1,0 +1,451 @@
+"""ADS as istiod speaks it: state-of-the-world `StreamAggregatedResources`, serving the NameTable.
+
+Two halves. `StreamState` is the protocol of one stream without I/O: requests and mesh snapshots
+go in, responses and events come out, so every rule below is tested without gRPC. `AdsServicer`
+is the thin gRPC shell around it: authentication, one queue per stream, log lines and counters.
+
+The rules are istiod's (reference/istio-dns-proxy.md §4.2, istio-agent.md §2.1):
+- the first request carries the node; its id (`sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local`) and
+  metadata say who the proxy is, and the table is computed for that proxy;
+- a request for a served type without a nonce, or with a nonce this stream never sent (a client
+  that reconnected from another control plane), gets the current resource with a fresh nonce;
+- a request echoing the last nonce is an ACK, or a NACK if it carries `error_detail`; neither is
+  answered, and a NACK keeps the stream open (the client keeps its last good table);
+- a request echoing an older nonce of this stream is stale and ignored: answering it would make a
+  client that is one response behind ping-pong with the server forever;
+- types not served here are ignored, as istiod ignores types it has no generator for;
+- a new mesh version is pushed to every stream that subscribed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import queue
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+from google.protobuf import any_pb2
+
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+from .nametable import ProxyInfo
+
+log = logging.getLogger("pilotfish.controlplane")
+
+NAME_TABLE_TYPE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel")  # istiod's valid node types
+TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
+
+# Each open stream holds one of grpcio's worker threads for its whole life (the sync server has
+# no other way to wait for both requests and pushes); beyond this, new streams are refused with
+# RESOURCE_EXHAUSTED instead of queueing silently.
+MAX_STREAMS = 1000
+
+SERVER_OPTIONS = [
+    # Two control planes on one port would each get half of the connections.
+    ("grpc.so_reuseport", 0),
+    # istiod's keepalive: ping idle clients every 30 s, and allow clients to ping every 15 s
+    # (Istio's agent pings every 30 s; grpc's default enforcement would answer GOAWAY).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 15_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StreamError(ValueError):
+    """The client broke the protocol; the stream ends with INVALID_ARGUMENT and this message."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the control plane serves right now: a mesh version and the table for any proxy."""
+
+    version: str
+    table_for: Callable[[ProxyInfo], NameTable]
+    hosts: int  # for log lines only
+
+
+def short_type(type_url: str) -> str:
+    return "NDS" if type_url == NAME_TABLE_TYPE else type_url
+
+
+def _metadata_strings(node: Node) -> dict[str, str]:
+    """String (and bool) metadata values; istiod reads the rest as typed fields we don't need."""
+    out: dict[str, str] = {}
+    for key, value in node.metadata.fields.items():
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            out[key] = value.string_value
+        elif kind == "bool_value":
+            out[key] = "true" if value.bool_value else "false"
+    return out
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def proxy_info(node: Node) -> ProxyInfo:
+    """Who the proxy is, read as istiod's ParseServiceNodeWithMetadata reads it.
+
+    IPs come from metadata INSTANCE_IPS when every entry is an IP, else from the node id; the DNS
+    domain is the id's last field. Errors carry istiod's wording.
+    """
+    if not node.id:
+        raise StreamError("missing node information")
+    parts = node.id.split("~")
+    if len(parts) != 4:
+        raise StreamError(f"missing parts in the service node {node.id!r}")
+    if parts[0] not in NODE_TYPES:
+        raise StreamError(
+            f"invalid node type (valid types: {', '.join(NODE_TYPES)}) in the service node {node.id!r}"
+        )
+    meta = _metadata_strings(node)
+    ips = tuple(ip.strip() for ip in meta.get("INSTANCE_IPS", "").split(",") if ip.strip())
+    if not ips or not all(_is_ip(ip) for ip in ips):
+        ips = (parts[1],) if _is_ip(parts[1]) else ()
+    if not ips:
+        raise StreamError("no valid IP address in the service node id or metadata")
+    return ProxyInfo(
+        ips=ips,
+        network=meta.get("NETWORK", ""),
+        cluster=meta.get("CLUSTER_ID", ""),
+        dns_domain=parts[3],
+        dns_capture=meta.get("DNS_CAPTURE", "").lower() in TRUE_STRINGS,
+    )
+
+
+# What happened on a stream, for the shell to log and count.
+
+
+@dataclass(frozen=True)
+class Connected:
+    node_id: str
+    proxy: ProxyInfo
+
+
+@dataclass(frozen=True)
+class Sent:
+    type_url: str
+    version: str
+    nonce: str
+    entries: int  # hosts in the table this proxy got
+
+
+@dataclass(frozen=True)
+class Acked:
+    type_url: str
+    version: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Nacked:
+    type_url: str
+    version: str  # the version the client still has
+    nonce: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Stale:
+    type_url: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    type_url: str
+
+
+Event = Connected | Sent | Acked | Nacked | Stale | Ignored
+
+
+@dataclass(frozen=True)
+class Outcome:
+    responses: tuple[DiscoveryResponse, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+@dataclass
+class _Watch:
+    """One subscribed type: what was last sent and what the client last accepted."""
+
+    version_sent: str
+    nonce_sent: str
+    version_acked: str | None = None
+
+
+class StreamState:
+    """The server side of one SotW ADS stream; no I/O, no clock, no randomness.
+
+    `nonce_prefix` must differ between streams (the shell draws it at random): it is how a nonce
+    from an earlier connection, or another control plane, is told apart from a stale one of ours.
+    """
+
+    def __init__(self, nonce_prefix: str) -> None:
+        self._prefix = nonce_prefix + "-"
+        self._counter = 0
+        self._watches: dict[str, _Watch] = {}
+        self.node_id: str | None = None
+        self.proxy: ProxyInfo | None = None
+
+    def acked_version(self, type_url: str) -> str | None:
+        watch = self._watches.get(type_url)
+        return watch.version_acked if watch else None
+
+    def on_request(self, request: DiscoveryRequest, snapshot: Snapshot) -> Outcome:
+        """Answer one request given what is served now. StreamError if the stream must end."""
+        events: list[Event] = []
+        if self.proxy is None:
+            self.proxy = proxy_info(request.node)
+            self.node_id = request.node.id
+            events.append(Connected(self.node_id, self.proxy))
+        type_url = request.type_url
+        if type_url != NAME_TABLE_TYPE:
+            return Outcome(events=(*events, Ignored(type_url)))
+        watch = self._watches.get(type_url)
+        nonce = request.response_nonce
+        if watch is not None and nonce and nonce == watch.nonce_sent:
+            if request.HasField("error_detail"):
+                events.append(Nacked(type_url, request.version_info, nonce, request.error_detail.message))
+            else:
+                watch.version_acked = request.version_info
+                events.append(Acked(type_url, request.version_info, nonce))
+            return Outcome(events=tuple(events))
+        if watch is not None and self._is_ours(nonce):
+            return Outcome(events=(*events, Stale(type_url, nonce)))
+        response, sent = self._respond(type_url, snapshot)
+        return Outcome((response,), (*events, sent))
+
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome:
+        """Push a new mesh version to this stream if it subscribed and has not got it yet."""
+        watch = self._watches.get(NAME_TABLE_TYPE)
+        if watch is None or watch.version_sent == snapshot.version:
+            return Outcome()
+        response, sent = self._respond(NAME_TABLE_TYPE, snapshot)
+        return Outcome((response,), (sent,))
+
+    def _is_ours(self, nonce: str) -> bool:
+        return nonce.startswith(self._prefix) and nonce[len(self._prefix):].isdigit()
+
+    def _respond(self, type_url: str, snapshot: Snapshot) -> tuple[DiscoveryResponse, Sent]:
+        assert self.proxy is not None  # on_request sets it before any response
+        table = snapshot.table_for(self.proxy)
+        resource = any_pb2.Any()
+        resource.Pack(table)
+        self._counter += 1
+        nonce = f"{self._prefix}{self._counter}"
+        previous = self._watches.get(type_url)
+        self._watches[type_url] = _Watch(snapshot.version, nonce, previous.version_acked if previous else None)
+        response = DiscoveryResponse(
+            version_info=snapshot.version, resources=[resource], type_url=type_url, nonce=nonce
+        )
+        return response, Sent(type_url, snapshot.version, nonce, len(table.table))
+
+
+def check_bearer(header: str | None, token: str) -> str | None:
+    """Why the `authorization` header does not carry `Bearer <token>`, or None if it does."""
+    if not header:
+        return "missing bearer token"
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "missing bearer token"
+    if not token or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return "bearer token rejected"
+    return None
+
+
+class MeshHub:
+    """The snapshot being served and the streams to tell when it changes; thread-safe."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._lock = threading.Lock()
+        self._current = snapshot
+        self._inboxes: set[queue.SimpleQueue[object]] = set()
+
+    @property
+    def current(self) -> Snapshot:
+        with self._lock:
+            return self._current
+
+    def publish(self, snapshot: Snapshot) -> int:
+        """Serve `snapshot` from now on; returns how many open streams were told."""
+        with self._lock:
+            self._current = snapshot
+            inboxes = list(self._inboxes)
+        for inbox in inboxes:
+            inbox.put(snapshot)
+        return len(inboxes)
+
+    def subscribe(self, inbox: queue.SimpleQueue[object]) -> None:
+        with self._lock:
+            self._inboxes.add(inbox)
+
+    def unsubscribe(self, inbox: queue.SimpleQueue[object]) -> None:
+        with self._lock:
+            self._inboxes.discard(inbox)
+
+
+@dataclass
+class Counters:
+    """Totals since start, for logs and tests."""
+
+    streams: int = 0
+    pushes: int = 0
+    acks: int = 0
+    nacks: int = 0
+
+
+_CLOSED = object()  # put in a stream's inbox when the call ends, whichever side ended it
+
+
+def _pump(requests: Iterator[DiscoveryRequest], inbox: queue.SimpleQueue[object]) -> None:
+    """Move a stream's requests into its inbox, so one thread can wait for requests and pushes."""
+    try:
+        for request in requests:
+            inbox.put(request)
+    except grpc.RpcError:
+        pass  # the client went away; the call's callback says so too
+    finally:
+        inbox.put(_CLOSED)
+
+
+def read_token(path: str) -> str:
+    """The expected token, trimmed; '' if the file cannot be read or is empty (then every stream
+    is refused: an empty expected token must not let an empty bearer in)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        log.error("controlplane: cannot read token file %s: %s; refusing streams", path,
+                  getattr(err, "strerror", None) or err)
+        return ""
+    if not token:
+        log.error("controlplane: token file %s is empty; refusing streams", path)
+    return token
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """The gRPC shell: authenticates a stream, then runs its StreamState until either side ends it."""
+
+    def __init__(self, hub: MeshHub, token_file: str | None = None) -> None:
+        self.hub = hub
+        self.token_file = token_file
+        self.counters = Counters()
+        self._lock = threading.Lock()
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        if self.token_file is None:
+            return
+        header = dict(context.invocation_metadata()).get("authorization")
+        problem = check_bearer(header if isinstance(header, str) else None, read_token(self.token_file))
+        if problem is not None:
+            log.warning("controlplane: refused stream from %s: %s", context.peer(), problem)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def StreamAggregatedResources(
+        self, request_iterator: Iterator[DiscoveryRequest], context: grpc.ServicerContext
+    ) -> Iterator[DiscoveryResponse]:
+        self._authenticate(context)
+        peer = context.peer()
+        inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        context.add_callback(lambda: inbox.put(_CLOSED))
+        state = StreamState(secrets.token_hex(4))
+        self.hub.subscribe(inbox)
+        threading.Thread(target=_pump, args=(request_iterator, inbox), name="ads-requests",
+                         daemon=True).start()
+        with self._lock:
+            self.counters.streams += 1
+        try:
+            while (item := inbox.get()) is not _CLOSED:
+                try:
+                    if isinstance(item, DiscoveryRequest):
+                        outcome = state.on_request(item, self.hub.current)
+                    else:
+                        assert isinstance(item, Snapshot)
+                        outcome = state.on_snapshot(item)
+                except StreamError as err:
+                    log.warning("controlplane: closing stream from %s: %s", peer, err)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                for event in outcome.events:
+                    self._record(peer, state.node_id or "?", event)
+                yield from outcome.responses
+        finally:
+            self.hub.unsubscribe(inbox)
+            log.info("controlplane: stream from %s closed (node %s)", peer, state.node_id or "unknown")
+
+    def DeltaAggregatedResources(
+        self, request_iterator: Iterator[DeltaDiscoveryRequest], context: grpc.ServicerContext
+    ) -> Iterator[DeltaDiscoveryResponse]:
+        log.info("controlplane: refused delta xDS stream from %s", context.peer())
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("delta xDS is not supported; use state-of-the-world "
+                            "StreamAggregatedResources (Istio: ISTIO_DELTA_XDS=false)")
+        return iter(())
+
+    def _record(self, peer: str, node: str, event: Event) -> None:
+        match event:
+            case Connected(node_id=node_id, proxy=proxy):
+                log.info("controlplane: stream from %s: node %s (ips %s, cluster %r, network %r)",
+                         peer, node_id, ",".join(proxy.ips), proxy.cluster, proxy.network)
+            case Sent(type_url=type_url, version=version, nonce=nonce, entries=entries):
+                with self._lock:
+                    self.counters.pushes += 1
+                log.info("controlplane: sent %s version %s to %s (%d hosts, nonce %s)",
+                         short_type(type_url), version, node, entries, nonce)
+            case Acked(type_url=type_url, version=version):
+                with self._lock:
+                    self.counters.acks += 1
+                log.info("controlplane: %s accepted %s version %s", node, short_type(type_url), version)
+            case Nacked(type_url=type_url, version=version, nonce=nonce, detail=detail):
+                with self._lock:
+                    self.counters.nacks += 1
+                log.warning("controlplane: %s rejected %s (nonce %s; keeps version %r): %s",
+                            node, short_type(type_url), nonce, version, detail)
+            case Stale(type_url=type_url, nonce=nonce):
+                log.debug("controlplane: %s answered an old %s nonce %s; ignored",
+                          node, short_type(type_url), nonce)
+            case Ignored(type_url=type_url):
+                log.debug("controlplane: %s asked for %s, which is not served here; ignored",
+                          node, type_url or "an empty type")
+
+
+def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials) -> tuple[grpc.Server, int]:
+    """Bind `listen` (host:port, port 0 for any) with TLS and start; returns the server and port.
+
+    OSError if the address cannot be bound (in use, not local, no permission).
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="ads"),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=MAX_STREAMS,
+    )
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    try:
+        port = server.add_secure_port(listen, credentials)
+    except RuntimeError as err:  # grpcio >= 1.60 raises instead of returning 0
+        raise OSError(f"cannot listen on {listen}: {err}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, port

@@ -1,0 +1,261 @@
+"""`pilotfish controlplane`: the project's own small control plane, speaking istiod's wire protocol.
+
+An agent connects to it exactly as to istiod (reference/istio-agent.md §2.1): gRPC ADS over TLS on
+15012, server name `istiod.istio-system.svc`, trusting the root certificate this command writes
+(`--root-cert-out`, Istio's default agent path is ./var/run/secrets/istio/root-cert.pem),
+optionally with a bearer token. It serves each proxy its NameTable from a mesh file.
+
+The root CA lives in --state-dir so that restarts keep the root agents already trust; the serving
+certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled)
+and on SIGHUP; a bad file is rejected with a log line and the previous mesh keeps being served.
+gRPC runs on grpcio's threads; the main thread only polls the file and waits for a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+from datetime import datetime, timezone
+from types import FrameType
+
+import grpc
+from cryptography import x509
+
+from pilotfish.dns.tablefile import file_signature
+from pilotfish.xds_client.persist import write_atomic
+
+from .ads import AdsServicer, MeshHub, Snapshot, start_server
+from .ca import (
+    CAError,
+    CertificateAuthority,
+    cert_pem,
+    issue_serving,
+    key_pem,
+    load_root,
+    new_key,
+    new_root,
+    serving_names,
+)
+from .mesh import MeshError, load_mesh, mesh_version
+
+log = logging.getLogger("pilotfish.controlplane")
+
+DEFAULT_LISTEN = "0.0.0.0:15012"
+DEFAULT_STATE_DIR = "./var/lib/pilotfish/controlplane"
+ROOT_KEY_FILE = "root-key.pem"
+ROOT_CERT_FILE = "root-cert.pem"
+MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed well within 1 s
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "controlplane",
+        help="run a small control plane: NameTables from a mesh file over istiod's xDS, with its own CA",
+        description="A small istiod-compatible control plane for demos and tests: ADS over TLS, "
+                    "NameTable (NDS) per proxy from a mesh file, a self-signed root CA.",
+    )
+    p.add_argument("--mesh", required=True, metavar="MESH.yaml",
+                   help="the mesh file; reloaded on change and on SIGHUP")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"address for gRPC with TLS (default {DEFAULT_LISTEN}; port 0 picks a free one)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"where the root CA key and certificate are kept (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--root-cert-out", metavar="PATH",
+                   help="also write the root certificate here, for agents to trust "
+                        "(Istio's agent reads ./var/run/secrets/istio/root-cert.pem)")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="require `authorization: Bearer <this file's content>` on every stream "
+                        "(re-read for each stream)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="extra DNS name or IP for the serving certificate, repeatable")
+    p.set_defaults(run=run)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` to (host as gRPC writes it, port); ValueError naming the flag."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"--listen: want HOST:PORT, got {value!r}")
+    return host, int(port_text)
+
+
+def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralName]]:
+    """The listen address and the certificate's names; ValueError naming the bad flag."""
+    host, port = parse_listen(args.listen)
+    try:
+        names = serving_names(args.san)
+    except ValueError as err:
+        raise ValueError(f"--san: {err}") from None
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: {err.strerror or err}") from None
+    return host, port, names
+
+
+def probe_listen(host: str, port: int) -> None:
+    """Bind the address once with a plain socket, so a port in use or an address that is not
+    local is reported with the system's reason, before the root CA is touched (grpcio only says
+    "Failed to bind"). OSError with the message to show."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio: TIME_WAIT is free
+        try:
+            sock.bind(sockaddr)
+        except OSError as err:
+            raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
+    """The root kept in `state_dir`, or a new one saved there (key 0600, directory 0700).
+
+    Half a root (a key without its certificate or the other way round) is an error, not a reason
+    to make a new one: agents may trust the old root, and replacing it must be a decision.
+    """
+    key_path = os.path.join(state_dir, ROOT_KEY_FILE)
+    cert_path = os.path.join(state_dir, ROOT_CERT_FILE)
+    have = [p for p in (key_path, cert_path) if os.path.exists(p)]
+    if len(have) == 2:
+        with open(key_path, "rb") as f:
+            key_data = f.read()
+        with open(cert_path, "rb") as f:
+            cert_data = f.read()
+        try:
+            ca = load_root(key_data, cert_data, now)
+        except CAError as err:
+            raise CAError(f"{state_dir}: {err}") from None
+        log.info("controlplane: root CA from %s (valid until %s)", state_dir,
+                 f"{ca.cert.not_valid_after_utc:%Y-%m-%d}")
+        return ca
+    if have:
+        missing = ({key_path, cert_path} - set(have)).pop()
+        raise CAError(f"{state_dir}: {os.path.basename(have[0])} without {os.path.basename(missing)}; "
+                      "restore it, or remove the directory to make a new root")
+    if not os.path.isdir(state_dir):
+        os.makedirs(state_dir, mode=0o700)
+        os.chmod(state_dir, 0o700)  # makedirs' mode is subject to the umask
+    ca = new_root(new_key(), now)
+    write_atomic(key_path, key_pem(ca.key), 0o600)
+    write_atomic(cert_path, cert_pem(ca.cert), 0o644)
+    log.info("controlplane: created a new root CA in %s", state_dir)
+    return ca
+
+
+def load_snapshot(path: str) -> Snapshot:
+    """The mesh file as what the ADS server serves. MeshError if the file is bad."""
+    mesh = load_mesh(path)
+    return Snapshot(mesh_version(mesh), mesh.name_table, len({s.hostname for s in mesh.services}))
+
+
+class _Signals:
+    """Signal handlers that only set attributes: the main loop acts on them (no locks taken in a
+    handler, so a signal cannot deadlock the thread it interrupts)."""
+
+    def __init__(self) -> None:
+        self.stop: str | None = None
+        self.hup = False
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = signal.Signals(signum).name
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.hup = True
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point: validate, load the mesh, get the root, bind, serve until SIGTERM/SIGINT."""
+    try:
+        host, port, names = check_flags(args)
+    except ValueError as err:
+        log.error("controlplane: %s", err)
+        return 2
+    signature = file_signature(args.mesh)  # before loading: a change while loading is seen
+    try:
+        snapshot = load_snapshot(args.mesh)
+    except MeshError as err:
+        log.error("controlplane: %s", err)
+        return 2
+    try:
+        probe_listen(host, port)
+    except OSError as err:
+        log.error("controlplane: %s", err)
+        return 1
+    now = datetime.now(timezone.utc)
+    try:
+        ca = root_ca(args.state_dir, now)
+    except CAError as err:
+        log.error("controlplane: %s", err)
+        return 2
+    except OSError as err:
+        log.error("controlplane: --state-dir %s: %s", err.filename or args.state_dir, err.strerror or err)
+        return 1
+    if args.root_cert_out:
+        try:
+            write_atomic(args.root_cert_out, cert_pem(ca.cert), 0o644)
+        except OSError as err:
+            log.error("controlplane: --root-cert-out %s: %s", err.filename or args.root_cert_out,
+                      err.strerror or err)
+            return 1
+        log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
+    key = new_key()
+    credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, names, now)))])
+    hub = MeshHub(snapshot)
+    signals = _Signals()
+    try:
+        server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials)
+    except OSError as err:  # the port was taken since the probe
+        log.error("controlplane: %s", err)
+        return 1
+    log.info("controlplane: listening on %s:%d (TLS as %s)", host, bound,
+             ", ".join(str(n.value) for n in names))
+    log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
+    _watch_mesh(args.mesh, signature, hub, signals)
+    log.info("controlplane: %s, shutting down", signals.stop)
+    server.stop(grace=None).wait()
+    log.info("controlplane: stopped")
+    return 0
+
+
+def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, signals: _Signals) -> None:
+    """Until a stop signal: reload on SIGHUP and when the file's signature changes."""
+    while signals.stop is None:
+        time.sleep(MESH_POLL)
+        current = file_signature(path)
+        if signals.hup:
+            signals.hup = False
+            why = "SIGHUP"
+        elif current != seen:
+            why = "file change"
+        else:
+            continue
+        seen = current
+        _reload(path, hub, why)
+
+
+def _reload(path: str, hub: MeshHub, why: str) -> None:
+    try:
+        snapshot = load_snapshot(path)
+    except MeshError as err:
+        log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
+                  why, err, hub.current.version)
+        return
+    if snapshot.version == hub.current.version:
+        log.info("controlplane: mesh file reloaded (%s), version %s unchanged", why, snapshot.version)
+        return
+    streams = hub.publish(snapshot)
+    log.info("controlplane: serving mesh version %s (%d hosts), pushing to %d streams (%s)",
+             snapshot.version, snapshot.hosts, streams, why)

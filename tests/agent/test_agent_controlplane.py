@@ -1,0 +1,312 @@
+"""`pilotfish agent` against `pilotfish controlplane`, both real processes, over TLS on loopback:
+the table arrives and dig answers; changes are pushed; the agent rides out a control plane that
+goes away and comes back, a table that does not decode, a restart without a control plane, and
+a wrong token or root (it keeps retrying and stays not ready)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from dnslib import DNSRecord
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf.any_pb2 import Any
+from procs import PILOTFISH, Process
+
+from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+DIG = shutil.which("dig")
+MESH = """
+services:
+  - name: productpage
+    namespace: ns1
+    clusterIPs: [10.96.0.7]
+    ports: [9080]
+"""
+MORE = MESH + """
+  - name: reviews
+    namespace: ns1
+    clusterIPs: [10.96.0.8]
+    ports: [9080]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(port: int, name: str, timeout: float = 1.0) -> tuple[int, list[str]] | None:
+    """(rcode, answers) from the agent's DNS proxy, or None without a reply."""
+    try:
+        raw = DNSRecord.question(name).send("127.0.0.1", port, timeout=timeout)
+    except (socket.timeout, OSError):
+        return None
+    reply = DNSRecord.parse(raw)
+    return reply.header.rcode, [str(rr.rdata) for rr in reply.rr]
+
+
+def wait_answer(port: int, name: str, want: list[str], timeout: float) -> float:
+    """Seconds until `name` resolves to `want`; fails after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        got = query(port, name, timeout=0.2)
+        if got is not None and got[1] == want:
+            return time.monotonic() - started
+        time.sleep(0.01)
+    raise AssertionError(f"{name} did not resolve to {want} within {timeout}s (last: {got})")
+
+
+def readiness(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class World:
+    """A control plane and an agent in their own directories (the agent's relative paths, like
+    ./var/run/secrets/istio/root-cert.pem, live under its working directory)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mesh = tmp / "mesh.yaml"
+        self.mesh.write_text(MESH)
+        self.cp_port = free_port()
+        self.agent_dir = tmp / "agent"
+        self.root = self.agent_dir / "var/run/secrets/istio/root-cert.pem"
+        self.token = self.agent_dir / "var/run/secrets/tokens/istio-token"
+        self.token.parent.mkdir(parents=True)
+        (tmp / "resolv.conf").write_text("nameserver 127.0.0.1\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local\n")
+        self.cp: Process | None = None
+        self.agent: Process | None = None
+        self.dns_port = self.status_port = 0
+
+    def start_cp(self, *extra: str) -> Process:
+        self.cp = Process(
+            [PILOTFISH, "controlplane", "--mesh", str(self.mesh), "--listen", f"127.0.0.1:{self.cp_port}",
+             "--state-dir", str(self.tmp / "cp-state"), "--root-cert-out", str(self.root), *extra],
+            self.tmp / "cp.log",
+        )
+        self.cp.wait_for(r"controlplane: listening on")
+        return self.cp
+
+    def start_agent(self) -> Process:
+        env = {**os.environ, "POD_NAME": "productpage-v1", "POD_NAMESPACE": "ns1", "INSTANCE_IP": "10.1.0.5",
+               "ISTIO_META_DNS_CAPTURE": "true", "ISTIO_META_CLUSTER_ID": "Kubernetes",
+               "PILOT_DISCOVERY_ADDRESS": f"localhost:{self.cp_port}"}
+        log = self.tmp / "agent.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.agent = Process(
+            [PILOTFISH, "agent", "proxy", "sidecar", "--listen", "127.0.0.1:0", "--status-port", str(free_port()),
+             "--resolv-conf", str(self.tmp / "resolv.conf")],
+            log, env=env, cwd=self.agent_dir,
+        )
+        self.dns_port = int(self.agent.wait_for(r"dns: listening udp 127\.0\.0\.1:(\d+)", after=offset).group(1))
+        self.status_port = int(self.agent.wait_for(r"status: listening on port (\d+)", after=offset).group(1))
+        return self.agent
+
+    def stop(self) -> None:
+        for proc in (self.agent, self.cp):
+            if proc is not None:
+                proc.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    yield w
+    w.stop()
+
+
+def test_table_arrives_over_tls_and_dig_answers(world: World) -> None:
+    world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage.ns1.svc.cluster.local", ["10.96.0.7"], timeout=10)
+    if DIG:
+        out = subprocess.run([DIG, "@127.0.0.1", "-p", str(world.dns_port), "+short", "productpage"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        assert out == ["10.96.0.7"]
+    assert readiness(world.status_port) == (200, "")
+    agent.wait_for(r"xds: accepted type\.googleapis\.com/istio\.networking\.nds\.v1\.NameTable")
+    assert world.cp is not None
+    world.cp.wait_for(r"accepted NDS version")
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/debug/ndsz", timeout=2) as r:
+        assert "productpage.ns1.svc.cluster.local" in json.loads(r.read())
+
+
+def test_mesh_change_is_answered_within_a_second(world: World) -> None:
+    world.start_cp()
+    world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    write_atomically(world.mesh, MORE)
+    elapsed = wait_answer(world.dns_port, "reviews", ["10.96.0.8"], timeout=1.0)
+    print(f"mesh file change answered by the agent after {elapsed * 1000:.0f} ms")
+
+
+def test_control_plane_away_then_back(world: World) -> None:
+    cp = world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    cp.stop(signal_kill())
+    agent.wait_for(r"xds: connection to .* ended")
+    for _ in range(5):  # the last table keeps serving, and the agent stays ready
+        assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
+        time.sleep(0.1)
+    assert readiness(world.status_port)[0] == 200
+    write_atomically(world.mesh, MORE)
+    world.start_cp()
+    wait_answer(world.dns_port, "reviews", ["10.96.0.8"], timeout=40)
+    assert agent.text().count("xds: connected to") >= 2
+
+
+def signal_kill() -> int:
+    import signal
+
+    return signal.SIGKILL
+
+
+class _GarbageAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """A misbehaving control plane: a good table (v1), then bytes that are no NameTable (v2)."""
+
+    def __init__(self) -> None:
+        self.nacks: list[discovery_pb2.DiscoveryRequest] = []
+        self.acks: list[str] = []
+
+    def StreamAggregatedResources(self, requests, context):  # type: ignore[no-untyped-def]
+        good = NameTable()
+        entry = good.table["productpage.ns1.svc.cluster.local"]
+        entry.ips.append("10.96.0.7")
+        entry.registry, entry.shortname, entry.namespace = "Kubernetes", "productpage", "ns1"
+        packed = Any()
+        packed.Pack(good)
+        for request in requests:
+            if request.HasField("error_detail"):
+                self.nacks.append(request)
+            elif not request.response_nonce:
+                yield discovery_pb2.DiscoveryResponse(type_url=NDS, version_info="v1", nonce=uuid.uuid4().hex,
+                                                      resources=[packed])
+            else:
+                self.acks.append(request.version_info)
+                garbage = Any(type_url=NDS, value=b"\x0a\x05\x0a\x03\xff\xfe")
+                yield discovery_pb2.DiscoveryResponse(type_url=NDS, version_info="v2", nonce=uuid.uuid4().hex,
+                                                      resources=[garbage])
+
+
+def _serve_garbage(world: World) -> tuple[grpc.Server, _GarbageAds]:
+    now = datetime.now(timezone.utc)
+    ca = new_root(new_key(), now)
+    key = new_key()
+    credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, serving_names(), now)))])
+    world.root.parent.mkdir(parents=True, exist_ok=True)
+    world.root.write_bytes(cert_pem(ca.cert))
+    servicer = _GarbageAds()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    server.add_secure_port(f"127.0.0.1:{world.cp_port}", credentials)
+    server.start()
+    return server, servicer
+
+
+def test_undecodable_table_is_nacked_and_the_old_one_stays(world: World) -> None:
+    server, servicer = _serve_garbage(world)
+    try:
+        agent = world.start_agent()
+        wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+        deadline = time.monotonic() + 10
+        while not servicer.nacks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nack = servicer.nacks[0]
+        assert nack.error_detail.code == 13 and "cannot decode" in nack.error_detail.message
+        assert nack.version_info == "v1" and servicer.acks == ["v1"]
+        agent.wait_for(r"WARNING\s+xds: rejected .*NameTable version 'v2': cannot decode")
+        assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
+        assert readiness(world.status_port)[0] == 200
+    finally:
+        server.stop(0)
+
+
+def test_restart_without_control_plane_serves_the_saved_table(world: World) -> None:
+    cp = world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    assert agent.stop() == 0
+    cp.stop()
+    saved = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+    assert saved.exists() and (saved.stat().st_mode & 0o777) == 0o600
+    agent = world.start_agent()
+    assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])  # at once, no control plane
+    assert readiness(world.status_port)[0] == 200
+    agent.wait_for(r"serving the saved name table")
+
+
+def test_wrong_token_is_logged_retried_and_not_ready(world: World) -> None:
+    token = world.tmp / "cp-token"
+    token.write_text("the-right-token\n")
+    world.token.write_text("a-wrong-token\n")
+    world.start_cp("--token-file", str(token))
+    agent = world.start_agent()
+    agent.wait_for(r"UNAUTHENTICATED.*retrying in", timeout=10)
+    agent.wait_for(r"(?s)UNAUTHENTICATED.*retrying in.*UNAUTHENTICATED.*retrying in", timeout=15)
+    status, body = readiness(world.status_port)
+    assert status == 503 and "DNS lookup table is not ready yet" in body
+    world.token.write_text("the-right-token\n")  # re-read on the next attempt
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=40)
+
+
+def test_wrong_root_is_logged_retried_and_not_ready(world: World) -> None:
+    world.start_cp()
+    other = new_root(new_key(), datetime.now(timezone.utc), common_name="someone else's root")
+    world.root.write_bytes(cert_pem(other.cert))  # after the control plane wrote the real one
+    agent = world.start_agent()
+    agent.wait_for(r"(?s)UNAVAILABLE.*retrying in.*UNAVAILABLE.*retrying in", timeout=15)
+    assert readiness(world.status_port)[0] == 503
+    assert query(world.dns_port, "productpage", timeout=0.5) == (2, [])  # SERVFAIL: no table yet
+
+
+def test_sigterm_drops_readiness_and_exits_zero(world: World) -> None:
+    world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    started = time.monotonic()
+    assert agent.stop() == 0
+    assert time.monotonic() - started < 5
+    agent.wait_for(r"received signal: SIGTERM, shutting down")
+
+
+def test_json_logs(world: World, tmp_path: Path) -> None:
+    world.start_cp()
+    env = {**os.environ, "POD_NAMESPACE": "ns1", "ISTIO_META_DNS_CAPTURE": "true",
+           "PILOT_DISCOVERY_ADDRESS": f"localhost:{world.cp_port}"}
+    proc = Process([PILOTFISH, "agent", "--log-format", "json", "--listen", "127.0.0.1:0", "--status-port", "0",
+                    "--resolv-conf", str(world.tmp / "resolv.conf")], tmp_path / "json.log", env=env, cwd=world.agent_dir)
+    try:
+        proc.wait_for(r'"msg": "xds: accepted')
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.text().splitlines() if line.strip()]
+    assert all({"time", "level", "scope", "msg"} <= set(line) for line in lines)
+    assert any(line["scope"] == "xds" and line["level"] == "info" for line in lines)

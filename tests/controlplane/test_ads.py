@@ -1,0 +1,497 @@
+"""The control plane's ADS: the stream protocol without gRPC, then a real gRPC client over TLS.
+
+The mesh is a stand-in: a table whose one host is named after the mesh version and answers with
+the proxy's own IPs, so a test sees both which version it got and that it was built for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+from google.protobuf.struct_pb2 import Struct
+from google.rpc.status_pb2 import Status
+
+from pilotfish.controlplane.ads import (
+    NAME_TABLE_TYPE,
+    Acked,
+    AdsServicer,
+    Connected,
+    Ignored,
+    MeshHub,
+    Nacked,
+    Sent,
+    Snapshot,
+    Stale,
+    StreamError,
+    StreamState,
+    check_bearer,
+    proxy_info,
+    start_server,
+)
+from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.nametable import ProxyInfo
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+NODE_ID = "sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local"
+SERVER_NAME = "istiod.istio-system.svc"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+def snapshot(version: str) -> Snapshot:
+    def table_for(proxy: ProxyInfo) -> NameTable:
+        return NameTable(table={f"{version}.example.com": NameTable.NameInfo(ips=list(proxy.ips))})
+
+    return Snapshot(version, table_for, hosts=1)
+
+
+def node(node_id: str = NODE_ID, **metadata: str) -> Node:
+    meta = Struct()
+    meta.update(metadata)
+    return Node(id=node_id, cluster="istio-proxy", metadata=meta)
+
+
+def request(node: Node | None = None, version: str = "", nonce: str = "", error: str | None = None,
+            type_url: str = NAME_TABLE_TYPE) -> DiscoveryRequest:
+    req = DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce)
+    if node is not None:
+        req.node.CopyFrom(node)
+    if error is not None:
+        req.error_detail.CopyFrom(Status(code=13, message=error))
+    return req
+
+
+def table_of(response: DiscoveryResponse) -> NameTable:
+    assert response.type_url == NAME_TABLE_TYPE
+    assert len(response.resources) == 1
+    table = NameTable()
+    assert response.resources[0].Unpack(table)
+    return table
+
+
+# --- who the proxy is -------------------------------------------------------------------------
+
+
+def test_proxy_info_from_node_id_and_metadata() -> None:
+    got = proxy_info(node(INSTANCE_IPS="10.1.1.5,fd00::5", NETWORK="net1", CLUSTER_ID="Kubernetes",
+                          DNS_CAPTURE="true", NAMESPACE="ns"))
+    assert got == ProxyInfo(ips=("10.1.1.5", "fd00::5"), network="net1", cluster="Kubernetes",
+                            dns_domain="ns.svc.cluster.local", dns_capture=True)
+
+
+def test_proxy_info_falls_back_to_the_node_id_ip() -> None:
+    assert proxy_info(node()).ips == ("10.1.1.5",)
+    # istiod takes INSTANCE_IPS only when every entry is an IP
+    assert proxy_info(node(INSTANCE_IPS="10.1.1.6,nope")).ips == ("10.1.1.5",)
+    assert proxy_info(node(DNS_CAPTURE="")).dns_capture is False
+
+
+@pytest.mark.parametrize(("node_id", "message"), [
+    ("", "missing node information"),
+    ("sidecar~10.1.1.5~pod.ns", "missing parts in the service node"),
+    ("gateway~10.1.1.5~pod.ns~ns.svc.cluster.local", "invalid node type"),
+    ("sidecar~not-an-ip~pod.ns~ns.svc.cluster.local", "no valid IP address"),
+])
+def test_proxy_info_rejects_what_istiod_rejects(node_id: str, message: str) -> None:
+    with pytest.raises(StreamError, match=message):
+        proxy_info(node(node_id))
+
+
+# --- the stream protocol, without gRPC --------------------------------------------------------
+
+
+def subscribed(version: str = "v1") -> tuple[StreamState, DiscoveryResponse]:
+    state = StreamState("s1")
+    outcome = state.on_request(request(node()), snapshot(version))
+    assert len(outcome.responses) == 1
+    return state, outcome.responses[0]
+
+
+def test_first_request_gets_the_table_for_that_proxy() -> None:
+    state = StreamState("s1")
+    outcome = state.on_request(request(node()), snapshot("v1"))
+    (response,) = outcome.responses
+    assert response.version_info == "v1"
+    assert response.nonce
+    assert dict(table_of(response).table) == {"v1.example.com": NameTable.NameInfo(ips=["10.1.1.5"])}
+    connected, sent = outcome.events
+    assert isinstance(connected, Connected) and connected.node_id == NODE_ID
+    assert sent == Sent(NAME_TABLE_TYPE, "v1", response.nonce, 1)
+    assert state.node_id == NODE_ID
+
+
+def test_first_request_without_node_ends_the_stream() -> None:
+    with pytest.raises(StreamError, match="missing node information"):
+        StreamState("s1").on_request(request(), snapshot("v1"))
+
+
+def test_ack_is_recorded_and_not_answered() -> None:
+    state, response = subscribed()
+    outcome = state.on_request(request(version="v1", nonce=response.nonce), snapshot("v1"))
+    assert outcome.responses == ()
+    assert outcome.events == (Acked(NAME_TABLE_TYPE, "v1", response.nonce),)
+    assert state.acked_version(NAME_TABLE_TYPE) == "v1"
+
+
+def test_nack_is_reported_and_not_answered() -> None:
+    state, response = subscribed()
+    outcome = state.on_request(request(version="", nonce=response.nonce, error="bad table"), snapshot("v1"))
+    assert outcome.responses == ()
+    assert outcome.events == (Nacked(NAME_TABLE_TYPE, "", response.nonce, "bad table"),)
+    assert state.acked_version(NAME_TABLE_TYPE) is None
+
+
+def test_request_without_nonce_gets_the_resource_again() -> None:
+    state, first = subscribed()
+    (again,) = state.on_request(request(), snapshot("v1")).responses
+    assert again.version_info == "v1"
+    assert again.nonce != first.nonce
+
+
+def test_unknown_nonce_gets_the_current_resource() -> None:
+    """A client that reconnected from another control plane echoes a nonce we never sent."""
+    state = StreamState("s1")
+    (response,) = state.on_request(request(node(), version="old", nonce="elsewhere-7"), snapshot("v2")).responses
+    assert response.version_info == "v2"
+    state2, _ = subscribed()
+    (response,) = state2.on_request(request(nonce="other-1"), snapshot("v1")).responses
+    assert response.version_info == "v1"
+
+
+def test_stale_nonce_is_ignored() -> None:
+    """An ACK of an older push, while a newer one is in flight: answering it would ping-pong."""
+    state, first = subscribed("v1")
+    (second,) = state.on_snapshot(snapshot("v2")).responses
+    outcome = state.on_request(request(version="v1", nonce=first.nonce), snapshot("v2"))
+    assert outcome.responses == ()
+    assert outcome.events == (Stale(NAME_TABLE_TYPE, first.nonce),)
+    assert state.on_request(request(version="v2", nonce=second.nonce), snapshot("v2")).events == (
+        Acked(NAME_TABLE_TYPE, "v2", second.nonce),
+    )
+
+
+def test_types_not_served_are_ignored() -> None:
+    state = StreamState("s1")
+    outcome = state.on_request(request(node(), type_url=LISTENER_TYPE), snapshot("v1"))
+    assert outcome.responses == ()
+    assert isinstance(outcome.events[0], Connected)
+    assert outcome.events[1:] == (Ignored(LISTENER_TYPE),)
+
+
+def test_new_version_is_pushed_only_to_a_subscribed_stream() -> None:
+    assert StreamState("s1").on_snapshot(snapshot("v2")).responses == ()
+    state, first = subscribed("v1")
+    assert state.on_snapshot(snapshot("v1")).responses == ()
+    (pushed,) = state.on_snapshot(snapshot("v2")).responses
+    assert pushed.version_info == "v2"
+    assert pushed.nonce != first.nonce
+    assert list(table_of(pushed).table) == ["v2.example.com"]
+
+
+def test_a_nack_keeps_the_stream_and_the_next_version_is_pushed() -> None:
+    state, first = subscribed("v1")
+    state.on_request(request(nonce=first.nonce, error="no"), snapshot("v1"))
+    (pushed,) = state.on_snapshot(snapshot("v2")).responses
+    assert pushed.version_info == "v2"
+
+
+@pytest.mark.parametrize(("header", "problem"), [
+    (None, "missing bearer token"),
+    ("", "missing bearer token"),
+    ("Basic abc", "missing bearer token"),
+    ("Bearer ", "missing bearer token"),
+    ("Bearer wrong", "bearer token rejected"),
+    ("Bearer secret", None),
+    ("bearer secret", None),
+])
+def test_check_bearer(header: str | None, problem: str | None) -> None:
+    assert check_bearer(header, "secret") == problem
+
+
+def test_an_empty_expected_token_rejects_everything() -> None:
+    assert check_bearer("Bearer x", "") == "bearer token rejected"
+
+
+# --- over gRPC and TLS ------------------------------------------------------------------------
+
+
+class Collect(logging.Handler):
+    """Records of `pilotfish.controlplane`, whatever `propagate` an earlier test left on `pilotfish`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.DEBUG) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+class AdsClient:
+    """One StreamAggregatedResources call over TLS, as an agent dials istiod; responses are read
+    on a thread so a test can wait for one, or check that none comes."""
+
+    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.channel = grpc.secure_channel(
+            address, grpc.ssl_channel_credentials(root_certificates=root_pem),
+            options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+        )
+        self._requests: queue.Queue[DiscoveryRequest | None] = queue.Queue()
+        self._responses: queue.Queue[DiscoveryResponse | None] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        self.call = stub.StreamAggregatedResources(self._outgoing(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _outgoing(self) -> Iterator[DiscoveryRequest]:
+        while (req := self._requests.get()) is not None:
+            yield req
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self._responses.put(response)
+        except grpc.RpcError as err:
+            self.error = err
+        finally:
+            self._responses.put(None)
+
+    def send(self, req: DiscoveryRequest) -> None:
+        self._requests.put(req)
+
+    def receive(self, timeout: float = 5.0) -> DiscoveryResponse:
+        response = self._responses.get(timeout=timeout)
+        assert response is not None, f"stream ended: {self.error}"
+        return response
+
+    def expect_silence(self, seconds: float = 0.3) -> None:
+        try:
+            response = self._responses.get(timeout=seconds)
+        except queue.Empty:
+            return
+        raise AssertionError(f"unexpected response: {response}")
+
+    def status(self, timeout: float = 5.0) -> tuple[grpc.StatusCode, str]:
+        """How the stream ended (it must end with an error)."""
+        self._reader.join(timeout)
+        assert self.error is not None, "stream did not end with an error"
+        return self.error.code(), self.error.details()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+@dataclass
+class Served:
+    hub: MeshHub
+    servicer: AdsServicer
+    address: str
+    root_pem: bytes
+    log: Collect
+
+    def client(self, metadata: tuple[tuple[str, str], ...] = (), root_pem: bytes | None = None) -> AdsClient:
+        return AdsClient(self.address, root_pem or self.root_pem, metadata)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[bytes, grpc.ServerCredentials]:
+    now = datetime.now(timezone.utc)
+    ca = new_root(new_key(), now)
+    key = new_key()
+    cert = issue_serving(ca, key, serving_names(), now)
+    return cert_pem(ca.cert), grpc.ssl_server_credentials([(key_pem(key), cert_pem(cert))])
+
+
+@pytest.fixture
+def served(tls: tuple[bytes, grpc.ServerCredentials]) -> Iterator[Served]:
+    root_pem, credentials = tls
+    hub = MeshHub(snapshot("v1"))
+    servicer = AdsServicer(hub)
+    server, port = start_server(servicer, "127.0.0.1:0", credentials)
+    collect = Collect()
+    logger = logging.getLogger("pilotfish.controlplane")
+    logger.addHandler(collect)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield Served(hub, servicer, f"127.0.0.1:{port}", root_pem, collect)
+    finally:
+        server.stop(None).wait()
+        logger.removeHandler(collect)
+        logger.setLevel(old_level)
+
+
+def test_initial_request_gets_the_table(served: Served) -> None:
+    client = served.client()
+    try:
+        client.send(request(node(INSTANCE_IPS="10.1.1.5,fd00::5")))
+        response = client.receive()
+        assert response.version_info == "v1"
+        assert dict(table_of(response).table) == {
+            "v1.example.com": NameTable.NameInfo(ips=["10.1.1.5", "fd00::5"])
+        }
+    finally:
+        client.close()
+    wait_for(lambda: any("closed" in m for m in served.log.messages()))
+    assert any(f"node {NODE_ID}" in m and "127.0.0.1" in m for m in served.log.messages(logging.INFO))
+
+
+def test_ack_gets_nothing(served: Served) -> None:
+    client = served.client()
+    try:
+        client.send(request(node()))
+        response = client.receive()
+        client.send(request(version=response.version_info, nonce=response.nonce))
+        client.expect_silence()
+        assert served.servicer.counters.acks == 1
+        assert any("accepted NDS version v1" in m for m in served.log.messages(logging.INFO))
+    finally:
+        client.close()
+
+
+def test_nack_is_logged_and_counted_and_the_stream_stays(served: Served) -> None:
+    client = served.client()
+    try:
+        client.send(request(node()))
+        response = client.receive()
+        client.send(request(nonce=response.nonce, error="cannot build the table"))
+        client.expect_silence()
+        assert served.servicer.counters.nacks == 1
+        warnings = served.log.messages(logging.WARNING)
+        assert any("rejected NDS" in m and "cannot build the table" in m for m in warnings)
+        served.hub.publish(snapshot("v2"))
+        assert client.receive().version_info == "v2"
+    finally:
+        client.close()
+
+
+def test_mesh_change_is_pushed_to_every_subscribed_stream(served: Served) -> None:
+    clients = [served.client() for _ in range(2)]
+    idle = served.client()
+    try:
+        for i, client in enumerate(clients):
+            client.send(request(node(f"sidecar~10.1.1.{i + 1}~p{i}.ns~ns.svc.cluster.local")))
+            first = client.receive()
+            client.send(request(version=first.version_info, nonce=first.nonce))
+        idle.send(request(node(), type_url=LISTENER_TYPE))
+        wait_for(lambda: served.servicer.counters.acks == 2)
+        assert served.hub.publish(snapshot("v2")) == 3
+        for i, client in enumerate(clients):
+            pushed = client.receive()
+            assert pushed.version_info == "v2"
+            assert dict(table_of(pushed).table) == {"v2.example.com": NameTable.NameInfo(ips=[f"10.1.1.{i + 1}"])}
+        idle.expect_silence()
+    finally:
+        for client in (*clients, idle):
+            client.close()
+
+
+def test_bad_node_ends_the_stream_with_invalid_argument(served: Served) -> None:
+    client = served.client()
+    try:
+        client.send(request(node("sidecar~10.1.1.5")))
+        code, details = client.status()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "missing parts in the service node" in details
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("metadata", "details"), [
+    ((), "missing bearer token"),
+    ((("authorization", "Bearer wrong"),), "bearer token rejected"),
+])
+def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Path,
+                                                   metadata: tuple[tuple[str, str], ...], details: str) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    served.servicer.token_file = str(token)
+    client = served.client(metadata)
+    try:
+        code, got = client.status()
+        assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, details)
+        assert any(details in m for m in served.log.messages(logging.WARNING))
+    finally:
+        client.close()
+
+
+def test_token_file_is_read_for_each_new_stream(served: Served, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    served.servicer.token_file = str(token)
+    client = served.client((("authorization", "Bearer first"), ("clusterid", "Kubernetes")))
+    try:
+        client.send(request(node()))
+        assert client.receive().version_info == "v1"
+    finally:
+        client.close()
+    token.write_text("second")
+    client = served.client((("authorization", "Bearer first"),))
+    try:
+        assert client.status()[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        client.close()
+
+
+def test_empty_token_file_refuses_every_stream(served: Served, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("\n")
+    served.servicer.token_file = str(token)
+    client = served.client((("authorization", "Bearer "),))
+    try:
+        assert client.status() == (grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+    finally:
+        client.close()
+    assert any("is empty; refusing streams" in m for m in served.log.messages(logging.ERROR))
+
+
+def test_client_trusting_another_root_fails_the_handshake(served: Served) -> None:
+    other_root = cert_pem(new_root(new_key(), datetime.now(timezone.utc)).cert)
+    client = served.client(root_pem=other_root)
+    try:
+        client.send(request(node()))
+        assert client.status()[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+    assert served.servicer.counters.streams == 0
+
+
+def test_delta_is_unimplemented(served: Served) -> None:
+    channel = grpc.secure_channel(served.address, grpc.ssl_channel_credentials(served.root_pem),
+                                  options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+    try:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        call = stub.DeltaAggregatedResources(iter([DeltaDiscoveryRequest(type_url=NAME_TABLE_TYPE)]), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert "state-of-the-world" in err.value.details()  # type: ignore[attr-defined]
+    finally:
+        channel.close()

@@ -1,0 +1,389 @@
+"""`pilotfish controlplane` as a user runs it: a real process, dialled over TLS the way an agent
+dials istiod; reloads of its mesh file; bad input refused. Then the pieces behind it in-process:
+the CA, the state directory, the flags."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.protobuf.struct_pb2 import Struct
+
+from pilotfish.controlplane.ca import (
+    CAError,
+    cert_pem,
+    issue_serving,
+    key_pem,
+    load_root,
+    new_key,
+    new_root,
+    parse_san,
+    serving_names,
+)
+from pilotfish.controlplane.command import (
+    ROOT_CERT_FILE,
+    ROOT_KEY_FILE,
+    parse_listen,
+    probe_listen,
+    root_ca,
+    write_atomic,
+)
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+PILOTFISH = str(Path(sys.executable).with_name("pilotfish"))
+NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+SERVER_NAME = "istiod.istio-system.svc"
+NODE_ID = "sidecar~10.1.1.5~app.default~default.svc.cluster.local"
+
+MESH = """\
+services:
+  - name: reviews
+    namespace: default
+    clusterIP: 10.96.0.10
+    ports: [9080]
+"""
+MORE = MESH + """\
+  - name: ratings
+    namespace: default
+    clusterIP: 10.96.0.11
+    ports: [9080]
+"""
+
+
+def write(path: Path, text: str) -> None:
+    """Replace the file as editors and ConfigMap updates do: a new file renamed over the old."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ControlPlane:
+    """A running `pilotfish controlplane` whose stderr goes to a file."""
+
+    def __init__(self, tmp: Path, *flags: str, mesh: str = MESH) -> None:
+        self.mesh = tmp / "mesh.yaml"
+        if not self.mesh.exists():
+            write(self.mesh, mesh)
+        self.root_out = tmp / "out" / "root-cert.pem"
+        self.state = tmp / "state"
+        self.log = tmp / "controlplane.log"
+        self._file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [PILOTFISH, "controlplane", "--mesh", str(self.mesh), "--listen", "127.0.0.1:0",
+             "--state-dir", str(self.state), "--root-cert-out", str(self.root_out), *flags],
+            stdout=subprocess.DEVNULL, stderr=self._file,
+        )
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in log:\n{self.log.read_text()}")
+
+    def address(self) -> str:
+        port = self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        return f"127.0.0.1:{port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            self._file.close()
+
+
+@pytest.fixture
+def controlplanes(tmp_path: Path) -> Iterator[list[ControlPlane]]:
+    started: list[ControlPlane] = []
+    yield started
+    for cp in started:
+        cp.stop(signal.SIGKILL)
+
+
+class Stream:
+    """An ADS stream as the agent opens it: TLS trusting the written root, istiod's server name."""
+
+    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.channel = grpc.secure_channel(
+            address, grpc.ssl_channel_credentials(root_certificates=root_pem),
+            options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+        )
+        self._requests: queue.Queue[DiscoveryRequest | None] = queue.Queue()
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        self.responses: Iterator[DiscoveryResponse] = stub.StreamAggregatedResources(
+            iter(self._requests.get, None), metadata=metadata, timeout=20
+        )
+
+    def send(self, version: str = "", nonce: str = "", with_node: bool = False) -> None:
+        request = DiscoveryRequest(type_url=NDS, version_info=version, response_nonce=nonce)
+        if with_node:
+            meta = Struct()
+            meta.update({"CLUSTER_ID": "Kubernetes", "NAMESPACE": "default", "INSTANCE_IPS": "10.1.1.5"})
+            request.node.CopyFrom(Node(id=NODE_ID, metadata=meta))
+        self._requests.put(request)
+
+    def receive(self) -> tuple[DiscoveryResponse, dict[str, list[str]]]:
+        response = next(self.responses)
+        (resource,) = response.resources
+        table = NameTable()
+        assert resource.Unpack(table)
+        return response, {host: list(info.ips) for host, info in table.table.items()}
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.channel.close()
+
+
+# --- the real command -------------------------------------------------------------------------
+
+
+def test_serves_a_table_over_tls_and_stops_on_sigterm(tmp_path: Path, controlplanes: list[ControlPlane]) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    cp = ControlPlane(tmp_path, "--token-file", str(token))
+    controlplanes.append(cp)
+    address = cp.address()
+    version = cp.wait_for(r"serving mesh version (\w+) \(1 hosts\)").group(1)
+    root_pem = cp.root_out.read_bytes()
+    assert root_pem == (cp.state / ROOT_CERT_FILE).read_bytes()
+    assert stat.S_IMODE(os.stat(cp.state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cp.state / ROOT_KEY_FILE).st_mode) == 0o600
+
+    stream = Stream(address, root_pem, (("authorization", "Bearer s3cret"), ("clusterid", "Kubernetes")))
+    try:
+        stream.send(with_node=True)
+        response, table = stream.receive()
+        assert response.version_info == version
+        assert table == {"reviews.default.svc.cluster.local": ["10.96.0.10"]}
+        stream.send(version=version, nonce=response.nonce)
+        cp.wait_for(rf"accepted NDS version {version}")
+
+        anonymous = Stream(address, root_pem)
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.send(with_node=True)
+            anonymous.receive()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert err.value.details() == "missing bearer token"  # type: ignore[attr-defined]
+        anonymous.close()
+
+        started = time.monotonic()
+        assert cp.stop() == 0  # with a stream still open
+        assert time.monotonic() - started < 1.0
+    finally:
+        stream.close()
+    assert "controlplane: SIGTERM, shutting down" in cp.log.read_text()
+
+
+def test_reloads_the_mesh_file_and_keeps_serving_through_a_bad_one(
+    tmp_path: Path, controlplanes: list[ControlPlane]
+) -> None:
+    cp = ControlPlane(tmp_path)
+    controlplanes.append(cp)
+    stream = Stream(cp.address(), cp.root_out.read_bytes())
+    try:
+        stream.send(with_node=True)
+        first, _ = stream.receive()
+        stream.send(version=first.version_info, nonce=first.nonce)
+        cp.wait_for("accepted NDS")
+
+        write(cp.mesh, "services: [\n")
+        cp.wait_for(r"rejected mesh file \(file change\): .*mesh\.yaml.*still serving version " + first.version_info)
+
+        changed_at = time.monotonic()
+        write(cp.mesh, MORE)
+        pushed, table = stream.receive()
+        assert time.monotonic() - changed_at < 1.0
+        assert pushed.version_info != first.version_info
+        assert table == {
+            "ratings.default.svc.cluster.local": ["10.96.0.11"],
+            "reviews.default.svc.cluster.local": ["10.96.0.10"],
+        }
+        cp.wait_for(rf"serving mesh version {pushed.version_info} \(2 hosts\), pushing to 1 streams")
+
+        cp.proc.send_signal(signal.SIGHUP)
+        cp.wait_for(rf"mesh file reloaded \(SIGHUP\), version {pushed.version_info} unchanged")
+    finally:
+        stream.close()
+    assert cp.stop() == 0
+
+
+def test_a_bad_mesh_file_at_start_exits_2(tmp_path: Path, controlplanes: list[ControlPlane]) -> None:
+    cp = ControlPlane(tmp_path, mesh="services:\n  - name: reviews\n    namespace: default\n    clusterIP: 10.96.0.300\n")
+    controlplanes.append(cp)
+    assert cp.proc.wait(timeout=10) == 2
+    log = cp.log.read_text()
+    assert "mesh.yaml: services[0].clusterIP: '10.96.0.300' is not an IP address" in log
+    assert not cp.state.exists()  # nothing was changed
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--listen", "15012"), "--listen: want HOST:PORT, got '15012'"),
+    (("--san", "not a name"), "--san: not a DNS name or IP address: 'not a name'"),
+    (("--token-file", "/nonexistent/token"), "--token-file: cannot read /nonexistent/token"),
+])
+def test_bad_flags_exit_2(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    done = subprocess.run([PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"), *flags],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"),
+             "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=20,
+        )
+    assert done.returncode == 1
+    assert f"controlplane: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert not (tmp_path / "s").exists()  # refused before the root CA was made
+
+
+# --- the CA -----------------------------------------------------------------------------------
+
+NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+def test_root_is_a_p256_ca_for_ten_years() -> None:
+    ca = new_root(new_key(), NOW)
+    cert = ca.cert
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert cert.not_valid_after_utc - NOW == timedelta(days=3650)
+    cert.verify_directly_issued_by(cert)
+
+
+def test_serving_certificate_names_and_validity() -> None:
+    ca = new_root(new_key(), NOW)
+    key = new_key()
+    cert = issue_serving(ca, key, serving_names(["cp.example.com", "10.0.0.7", "localhost"]), NOW)
+    cert.verify_directly_issued_by(ca.cert)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [
+        "istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "istiod", "localhost", "cp.example.com",
+    ]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1", "10.0.0.7"]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage).value
+    assert cert.not_valid_after_utc - NOW == timedelta(days=365)
+    assert cert.not_valid_before_utc < NOW
+
+
+def test_a_leaf_never_outlives_its_root() -> None:
+    ca = new_root(new_key(), NOW)
+    cert = issue_serving(ca, new_key(), serving_names(), NOW + timedelta(days=3600))
+    assert cert.not_valid_after_utc == ca.cert.not_valid_after_utc
+
+
+@pytest.mark.parametrize("value", ["", "a b", "http://x", "héllo.example"])
+def test_parse_san_rejects_what_is_neither_name_nor_ip(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_san(value)
+
+
+def test_load_root_checks_what_it_loads() -> None:
+    ca = new_root(new_key(), NOW)
+    other = new_root(new_key(), NOW)
+    assert load_root(key_pem(ca.key), cert_pem(ca.cert), NOW).cert == ca.cert
+    with pytest.raises(CAError, match="do not belong together"):
+        load_root(key_pem(other.key), cert_pem(ca.cert), NOW)
+    with pytest.raises(CAError, match="not now"):
+        load_root(key_pem(ca.key), cert_pem(ca.cert), NOW + timedelta(days=3651))
+    leaf_key = new_key()
+    leaf = issue_serving(ca, leaf_key, serving_names(), NOW)
+    with pytest.raises(CAError, match="not a CA certificate"):
+        load_root(key_pem(leaf_key), cert_pem(leaf), NOW)
+    with pytest.raises(CAError, match="not an unencrypted PEM private key"):
+        load_root(b"junk", cert_pem(ca.cert), NOW)
+
+
+# --- the state directory and the flags --------------------------------------------------------
+
+
+def test_state_dir_keeps_the_root_across_restarts(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "state"
+    first = root_ca(str(state), NOW)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(state / ROOT_KEY_FILE).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(state / ROOT_CERT_FILE).st_mode) == 0o644
+    again = root_ca(str(state), NOW + timedelta(days=1))
+    assert again.cert == first.cert
+    assert sorted(os.listdir(state)) == [ROOT_CERT_FILE, ROOT_KEY_FILE]  # no temp files left
+
+
+def test_half_a_root_is_an_error_not_a_new_root(tmp_path: Path) -> None:
+    root_ca(str(tmp_path), NOW)
+    (tmp_path / ROOT_CERT_FILE).unlink()
+    with pytest.raises(CAError, match=f"{ROOT_KEY_FILE} without {ROOT_CERT_FILE}"):
+        root_ca(str(tmp_path), NOW)
+
+
+def test_write_atomic_sets_the_mode_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "root-cert.pem"
+    write_atomic(str(target), b"one", 0o644)
+    write_atomic(str(target), b"two", 0o644)
+    assert target.read_bytes() == b"two"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    assert os.listdir(target.parent) == ["root-cert.pem"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("0.0.0.0:15012", ("0.0.0.0", 15012)),
+    ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ("[::]:15012", ("[::]", 15012)),
+    ("localhost:15012", ("localhost", 15012)),
+])
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value", ["15012", ":15012", "host:", "host:http", "host:70000"])
+def test_parse_listen_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="--listen"):
+        parse_listen(value)
+
+
+def test_probe_listen_names_the_reason() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            probe_listen("127.0.0.1", port)
+    probe_listen("[::1]", 0)
+    with pytest.raises(OSError, match="cannot listen on 192.0.2.1:15012"):
+        probe_listen("192.0.2.1", 15012)  # TEST-NET: not an address of this host
