@@ -23,13 +23,25 @@ TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
 
 class NameTableHolder:
-    """Receives NameTables (on grpc's thread), installs and saves them."""
+    """Receives NameTables (on grpc's thread), installs and saves them.
+
+    Only the serialized form of the last table is kept (for /debug/ndsz and the disk copy): the
+    parsed message costs several times its size in memory and the lookup table already holds
+    what serving needs.
+    """
 
     def __init__(self, apply: Callable[[NameTable], object], cache_path: str = "") -> None:
         self.apply = apply
         self.cache_path = cache_path
-        self.table: NameTable | None = None
+        self._serialized: bytes | None = None
         self.version = ""
+
+    @property
+    def table(self) -> NameTable | None:
+        """The last table installed, decoded again (for debugging views; not on a hot path)."""
+        if self._serialized is None:
+            return None
+        return NameTable.FromString(self._serialized)
 
     def load_cached(self) -> bool:
         """Install the table saved by an earlier run, if there is one that decodes."""
@@ -44,7 +56,7 @@ class NameTableHolder:
         except DecodeError as err:
             log.warning("xds: ignoring the saved name table %s: %s", self.cache_path, err)
             return False
-        self._install(table, "saved")
+        self._install(table, "saved", data)
         log.info("xds: serving the saved name table from %s (%d hosts) until the control plane answers",
                  self.cache_path, len(table.table))
         return True
@@ -53,14 +65,15 @@ class NameTableHolder:
         """The NDS handler of the ADS stream: ResourceError (a NACK) if it does not decode."""
         table = unpack_first(resources, NameTable, TYPE_URL)
         assert isinstance(table, NameTable)
-        self._install(table, version)
+        self._install(table, version, resources[0].value)
         if self.cache_path:
             try:
-                persist.write_atomic(self.cache_path, table.SerializeToString(deterministic=True))
+                persist.write_atomic(self.cache_path, resources[0].value)
             except OSError as err:
                 log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
 
-    def _install(self, table: NameTable, version: str) -> None:
+    def _install(self, table: NameTable, version: str, serialized: bytes) -> None:
         self.apply(table)
-        self.table = table
+        self._serialized = serialized
         self.version = version
+
