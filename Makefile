@@ -28,6 +28,7 @@ test: system-deps venv
 bench: system-deps venv
 	$(PY) bench/dns_bench.py
 	$(SUDO) $(PY) bench/init_bench.py
+	$(PY) bench/agent_bench.py
 
 demo: system-deps venv
 	demo/dns.sh
