@@ -31,7 +31,7 @@ bench: system-deps venv
 	$(PY) bench/agent_bench.py
 
 demo: system-deps venv
-	demo/dns.sh
+	demo/mesh.sh
 
 # Regenerate the committed protobuf modules (Istio's NDS NameTable) with grpcio-tools.
 protos: venv

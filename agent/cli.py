@@ -75,6 +75,8 @@ def command_word(argv: list[str]) -> tuple[str | None, str | None, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # grpc's C core logs to stderr in its own format; pilotfish logs its events itself.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     word, level, at = command_word(argv)
     if word == "init":
         # istio-iptables' flags follow pflag's rules, not argparse's: init parses its own.

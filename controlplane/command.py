@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from types import FrameType
 
@@ -40,7 +41,10 @@ from .ca import (
     new_root,
     serving_names,
 )
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
 from .mesh import MeshError, load_mesh, mesh_version
+from .nametable import ProxyInfo
 
 log = logging.getLogger("pilotfish.controlplane")
 
@@ -70,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--token-file", metavar="PATH",
                    help="require `authorization: Bearer <this file's content>` on every stream "
                         "(re-read for each stream)")
+    p.add_argument("--dual-stack", action="store_true",
+                   help="serve both address families of dual-stack Services to dual-stack proxies "
+                        "(istiod's ISTIO_DUAL_STACK; off by default, as in istiod)")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="extra DNS name or IP for the serving certificate, repeatable")
     p.set_defaults(run=run)
@@ -152,10 +159,17 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
     return ca
 
 
-def load_snapshot(path: str) -> Snapshot:
-    """The mesh file as what the ADS server serves. MeshError if the file is bad."""
+def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
+    """The mesh file as what the ADS server serves. MeshError if the file is bad.
+
+    `dual_stack` is istiod's ISTIO_DUAL_STACK: without it a dual-stack proxy gets one address
+    family of a dual-stack Service (istiod's default, and the vectors'; istio#51608)."""
     mesh = load_mesh(path)
-    return Snapshot(mesh_version(mesh), mesh.name_table, len({s.hostname for s in mesh.services}))
+
+    def table_for(proxy: ProxyInfo) -> NameTable:
+        return mesh.name_table(replace(proxy, dual_stack_enabled=True) if dual_stack else proxy)
+
+    return Snapshot(mesh_version(mesh), table_for, len({s.hostname for s in mesh.services}))
 
 
 class _Signals:
@@ -185,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     signature = file_signature(args.mesh)  # before loading: a change while loading is seen
     try:
-        snapshot = load_snapshot(args.mesh)
+        snapshot = load_snapshot(args.mesh, args.dual_stack)
     except MeshError as err:
         log.error("controlplane: %s", err)
         return 2
@@ -223,14 +237,15 @@ def run(args: argparse.Namespace) -> int:
     log.info("controlplane: listening on %s:%d (TLS as %s)", host, bound,
              ", ".join(str(n.value) for n in names))
     log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
-    _watch_mesh(args.mesh, signature, hub, signals)
+    _watch_mesh(args.mesh, signature, hub, signals, args.dual_stack)
     log.info("controlplane: %s, shutting down", signals.stop)
     server.stop(grace=None).wait()
     log.info("controlplane: stopped")
     return 0
 
 
-def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, signals: _Signals) -> None:
+def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, signals: _Signals,
+                dual_stack: bool) -> None:
     """Until a stop signal: reload on SIGHUP and when the file's signature changes."""
     while signals.stop is None:
         time.sleep(MESH_POLL)
@@ -243,12 +258,12 @@ def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, sign
         else:
             continue
         seen = current
-        _reload(path, hub, why)
+        _reload(path, hub, why, dual_stack)
 
 
-def _reload(path: str, hub: MeshHub, why: str) -> None:
+def _reload(path: str, hub: MeshHub, why: str, dual_stack: bool) -> None:
     try:
-        snapshot = load_snapshot(path)
+        snapshot = load_snapshot(path, dual_stack)
     except MeshError as err:
         log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
                   why, err, hub.current.version)

@@ -14,7 +14,7 @@ client keeps the last accepted one, as the xDS protocol says (istiod reads only 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
@@ -49,7 +49,8 @@ class AdsStream:
     def __init__(self, node: Node, handlers: dict[str, Handler], known: dict[str, TypeState] | None = None) -> None:
         self.node = node
         self.handlers = handlers
-        self.types = {t: TypeState(version=(known or {}).get(t, TypeState()).version) for t in handlers}
+        # Versions and counts carry over a reconnect (counters must not go back); nonces do not.
+        self.types = {t: replace((known or {}).get(t, TypeState()), nonce="") for t in handlers}
         self._node_sent = False
 
     def _request(self, type_url: str, nonce: str = "", error: str | None = None) -> DiscoveryRequest:

@@ -123,6 +123,7 @@ class XdsClient:
         channel = self._channel()
         outbox: queue.Queue[DiscoveryRequest | None] = queue.Queue()
         stream = AdsStream(self.node, self.handlers, self.state.types)
+        self.state.types = stream.types  # live: metrics read the counters while the stream runs
         for request in stream.initial_requests():
             outbox.put(request)
 
@@ -155,7 +156,6 @@ class XdsClient:
             return sum(t.accepted for t in stream.types.values()) > accepted_before
         finally:
             outbox.put(None)
-            self.state.types = stream.types
             self.state.connected = False
             with self._lock:
                 self._call = None

@@ -156,6 +156,13 @@ def test_table_arrives_over_tls_and_dig_answers(world: World) -> None:
     world.cp.wait_for(r"accepted NDS version")
     with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/debug/ndsz", timeout=2) as r:
         assert "productpage.ns1.svc.cluster.local" in json.loads(r.read())
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/stats/prometheus", timeout=2) as r:
+        metrics = r.read().decode()
+    assert "pilotfish_xds_connected 1.0" in metrics
+    assert f'pilotfish_xds_accepted_total{{type_url="{NDS}"}} 1.0' in metrics
+    assert f'pilotfish_xds_rejected_total{{type_url="{NDS}"}} 0.0' in metrics
+    assert "pilotfish_xds_last_update_timestamp_seconds 1." in metrics  # a Unix time, not 0
+    assert "istio_agent_dns_requests_total" in metrics
 
 
 def test_mesh_change_is_answered_within_a_second(world: World) -> None:

@@ -78,9 +78,12 @@ def test_unsubscribed_type_is_ignored() -> None:
     assert stream.on_response(DiscoveryResponse(type_url="type.googleapis.com/other", nonce="x", resources=[_table()])) is None
 
 
-def test_a_new_stream_resumes_from_the_accepted_version() -> None:
-    stream = AdsStream(Node(id="n"), {NDS: lambda v, r: None}, {NDS: TypeState(version="v7")})
-    assert stream.initial_requests()[0].version_info == "v7"
+def test_a_new_stream_resumes_from_the_accepted_version_and_counts() -> None:
+    known = {NDS: TypeState(version="v7", nonce="old", accepted=3, rejected=1)}
+    stream = AdsStream(Node(id="n"), {NDS: lambda v, r: None}, known)
+    first = stream.initial_requests()[0]
+    assert first.version_info == "v7" and not first.response_nonce
+    assert (stream.types[NDS].accepted, stream.types[NDS].rejected) == (3, 1)
 
 
 def test_handler_errors_become_nacks() -> None:
