@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from procs import PILOTFISH, Process
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.core.v3.base_pb2 import Node
@@ -47,7 +46,6 @@ from pilotfish.controlplane.command import (
 )
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
-PILOTFISH = str(Path(sys.executable).with_name("pilotfish"))
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 SERVER_NAME = "istiod.istio-system.svc"
 NODE_ID = "sidecar~10.1.1.5~app.default~default.svc.cluster.local"
@@ -74,8 +72,8 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class ControlPlane:
-    """A running `pilotfish controlplane` whose stderr goes to a file."""
+class ControlPlane(Process):
+    """A running `pilotfish controlplane` with its own mesh file, state directory and log."""
 
     def __init__(self, tmp: Path, *flags: str, mesh: str = MESH) -> None:
         self.mesh = tmp / "mesh.yaml"
@@ -83,36 +81,15 @@ class ControlPlane:
             write(self.mesh, mesh)
         self.root_out = tmp / "out" / "root-cert.pem"
         self.state = tmp / "state"
-        self.log = tmp / "controlplane.log"
-        self._file = open(self.log, "wb")
-        self.proc = subprocess.Popen(
+        super().__init__(
             [PILOTFISH, "controlplane", "--mesh", str(self.mesh), "--listen", "127.0.0.1:0",
              "--state-dir", str(self.state), "--root-cert-out", str(self.root_out), *flags],
-            stdout=subprocess.DEVNULL, stderr=self._file,
+            tmp / "controlplane.log",
         )
-
-    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"{pattern!r} not in log:\n{self.log.read_text()}")
 
     def address(self) -> str:
         port = self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
         return f"127.0.0.1:{port}"
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            self._file.close()
 
 
 @pytest.fixture
