@@ -70,10 +70,12 @@ def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
 
 
 def read_token(path: str) -> str:
+    """The bearer token, trimmed; '' when the file is missing, unreadable or not UTF-8, so a bad
+    token file costs a refused stream (and a retry) instead of the stream thread."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return ""
 
 
