@@ -65,12 +65,14 @@ class NameTableHolder:
         """The NDS handler of the ADS stream: ResourceError (a NACK) if it does not decode."""
         table = unpack_first(resources, NameTable, TYPE_URL)
         assert isinstance(table, NameTable)
-        self._install(table, version, resources[0].value)
+        # Saved before it serves: once an answer from this table has been seen, a restart (even
+        # one that follows at once, before grpc's thread would have got round to it) serves it too.
         if self.cache_path:
             try:
                 persist.write_atomic(self.cache_path, resources[0].value)
             except OSError as err:
                 log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
+        self._install(table, version, resources[0].value)
 
     def _install(self, table: NameTable, version: str, serialized: bytes) -> None:
         self.apply(table)
