@@ -3,6 +3,9 @@ node identity, DNS switch, and errors that name the variable."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -34,6 +37,15 @@ def test_discovery_address_precedence() -> None:
     assert _config({"PROXY_CONFIG": pc}).discovery_address == "pc.example:15012"
     assert _config({"PROXY_CONFIG": pc, "PILOT_DISCOVERY_ADDRESS": "env.example:15012"}).discovery_address == "env.example:15012"
     assert _config({"PILOT_DISCOVERY_ADDRESS": "env.example:15012"}, discovery="flag.example:1").discovery_address == "flag.example:1"
+
+
+def test_json_proxy_config_does_not_load_yaml() -> None:
+    """Istio's injector writes PROXY_CONFIG as JSON; parsing it must not import PyYAML (memory)."""
+    code = ("import sys; from pilotfish.agent.config import proxy_config; "
+            "assert proxy_config({'PROXY_CONFIG': '{\"discoveryAddress\": \"a:1\"}'}) == {'discoveryAddress': 'a:1'}; "
+            "print('yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_server_name() -> None:
