@@ -7,6 +7,7 @@ lookup table) and saved, so a restart without a control plane serves it at once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 
@@ -20,6 +21,20 @@ from .stream import unpack_first
 log = logging.getLogger("pilotfish.xds")
 
 TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+
+# glibc's malloc_trim (absent from musl): see _release_freed_memory.
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def _release_freed_memory() -> None:
+    """Hand the pages freed by a table swap back to the system.
+
+    The replaced lookup table and the decoded message are several times the table's wire size
+    (~8 MB at 10,000 services); glibc keeps such freed heap for reuse, so without this the
+    agent's RSS grows by about one table on the first pushes (bench/agent_bench.py: 72 -> 66 MB).
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class NameTableHolder:
@@ -73,6 +88,8 @@ class NameTableHolder:
             except OSError as err:
                 log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
         self._install(table, version, resources[0].value)
+        del table
+        _release_freed_memory()
 
     def _install(self, table: NameTable, version: str, serialized: bytes) -> None:
         self.apply(table)

@@ -155,6 +155,7 @@ class XdsClient:
                         self.state.last_update = time.time()
                         log.info("xds: accepted %s version %r", response.type_url, response.version_info)
                     outbox.put(reply)
+                del response  # not held while idle: a NameTable response is its wire size and more
             return sum(t.accepted for t in stream.types.values()) > accepted_before
         finally:
             outbox.put(None)
