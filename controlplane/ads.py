@@ -20,7 +20,6 @@ The rules are istiod's (reference/istio-dns-proxy.md §4.2, istio-agent.md §2.1
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import queue
 import secrets
@@ -42,7 +41,7 @@ from google.protobuf import any_pb2
 
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
-from .nametable import ProxyInfo
+from .nametable import ProxyInfo, is_ip
 
 log = logging.getLogger("pilotfish.controlplane")
 
@@ -96,14 +95,6 @@ def _metadata_strings(node: Node) -> dict[str, str]:
     return out
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def proxy_info(node: Node) -> ProxyInfo:
     """Who the proxy is, read as istiod's ParseServiceNodeWithMetadata reads it.
 
@@ -121,8 +112,8 @@ def proxy_info(node: Node) -> ProxyInfo:
         )
     meta = _metadata_strings(node)
     ips = tuple(ip.strip() for ip in meta.get("INSTANCE_IPS", "").split(",") if ip.strip())
-    if not ips or not all(_is_ip(ip) for ip in ips):
-        ips = (parts[1],) if _is_ip(parts[1]) else ()
+    if not ips or not all(is_ip(ip) for ip in ips):
+        ips = (parts[1],) if is_ip(parts[1]) else ()
     if not ips:
         raise StreamError("no valid IP address in the service node id or metadata")
     return ProxyInfo(

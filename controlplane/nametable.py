@@ -133,7 +133,7 @@ def build_name_table(
             if address == UNSPECIFIED_IP:
                 headless = True
                 break
-            if _is_ip(address):  # CIDRs are valid ServiceEntry addresses but no DNS answer
+            if is_ip(address):  # CIDRs are valid ServiceEntry addresses but no DNS answer
                 ips.append(address)
         if headless and svc.resolution is Resolution.PASSTHROUGH and svc.ports:
             ips += _headless_ips(svc, endpoints_by_hostname.get(svc.hostname, ()), proxy, entries)
@@ -196,7 +196,7 @@ def _headless_ips(svc: Service, endpoints: Sequence[Endpoint], proxy: ProxyInfo,
         for ep in endpoints:
             if ep.ports and port not in ep.ports:
                 continue
-            if not ep.addresses or not all(_is_ip(a) for a in ep.addresses):
+            if not ep.addresses or not all(is_ip(a) for a in ep.addresses):
                 continue
             if ep.health is not Health.HEALTHY and not svc.publish_not_ready_addresses:
                 continue
@@ -261,7 +261,8 @@ def _family(address: str) -> int | None:
         return None
 
 
-def _is_ip(address: str) -> bool:
+def is_ip(address: str) -> bool:
+    """An IP literal (not a CIDR, not a name)."""
     try:
         ipaddress.ip_address(address)
     except ValueError:
