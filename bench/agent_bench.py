@@ -21,7 +21,6 @@ printed for orientation (not the same run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -31,9 +30,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
-from benchlib import git_commit, med, pilotfish_exe
+from benchlib import git_commit, med, pilotfish_exe, write_report
 from dnslib import DNSRecord
 
 from pilotfish.controlplane.ads import AdsServicer, MeshHub, Snapshot, start_server
@@ -92,7 +92,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(n: int, pushes: int, credentials: grpc.ServerCredentials, root_pem: bytes) -> dict[str, object]:
+class Result(TypedDict):
+    """One table size's figures (also the JSON report's rows)."""
+
+    services: int
+    first_table_s: float
+    push_s: list[float]
+    push_median_s: float
+    rss_mib: float
+    hwm_mib: float
+    table_bytes: int
+
+
+def measure(n: int, pushes: int, credentials: grpc.ServerCredentials, root_pem: bytes) -> Result:
     tables = [table(n, k) for k in range(pushes + 1)]
     hub = MeshHub(Snapshot("v0", lambda proxy: tables[0], n))
     server, port = start_server(AdsServicer(hub), "127.0.0.1:0", credentials)
@@ -150,20 +162,19 @@ def main() -> int:
         results.append(r)
         push = r["push_s"]
         istio = ISTIO_BUILD.get(n)
-        print(f"{n:>9} {r['table_bytes'] / 1e6:>7.2f}MB {r['first_table_s'] * 1e3:>10.0f}ms "  # type: ignore[operator]
-              f"{r['push_median_s'] * 1e3:>11.0f}ms {min(push) * 1e3:>7.0f}-{max(push) * 1e3:<6.0f}ms "  # type: ignore[operator, type-var]
+        print(f"{n:>9} {r['table_bytes'] / 1e6:>7.2f}MB {r['first_table_s'] * 1e3:>10.0f}ms "
+              f"{r['push_median_s'] * 1e3:>11.0f}ms {min(push) * 1e3:>7.0f}-{max(push) * 1e3:<6.0f}ms "
               f"{r['rss_mib']:>6.1f}MB {r['hwm_mib']:>6.1f}MB   | "
               + (f"{istio[0] * 1e3:.0f} ms / {istio[1]:.0f} MiB" if istio else "-"))
     print("  * Istio's agent measured earlier on this machine (its lookup-table build, not a push): not this run.")
     ten = next((r for r in results if r["services"] == 10000), None)
     if ten:
-        ok_time = ten["push_median_s"] <= TARGET_10K_S  # type: ignore[operator]
-        ok_rss = ten["rss_mib"] <= TARGET_RSS_MIB  # type: ignore[operator]
+        ok_time = ten["push_median_s"] <= TARGET_10K_S
+        ok_rss = ten["rss_mib"] <= TARGET_RSS_MIB
         print(f"targets: 10,000 services push->answer <= {TARGET_10K_S * 1e3:.0f} ms: "
-              f"{'MET' if ok_time else 'MISSED'} ({ten['push_median_s'] * 1e3:.0f} ms); "  # type: ignore[operator]
+              f"{'MET' if ok_time else 'MISSED'} ({ten['push_median_s'] * 1e3:.0f} ms); "
               f"agent RSS <= {TARGET_RSS_MIB} MB at 10,000: {'MET' if ok_rss else 'MISSED'} ({ten['rss_mib']:.1f} MB)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "median_push_s": med(r["push_median_s"] for r in results)}, indent=1))  # type: ignore[misc]
+    write_report(args.json, {"results": results, "median_push_s": med(r["push_median_s"] for r in results)})
     return 0
 
 

@@ -1,8 +1,9 @@
 """Helpers every benchmark uses: where pilotfish is, which commit and tool versions were measured,
-medians that skip missing samples."""
+medians that skip missing samples, the raw figures written out."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import statistics
@@ -51,3 +52,10 @@ def med(xs: Iterable[float | None]) -> float | None:
     """Median of the samples that exist."""
     present = [x for x in xs if x is not None]
     return statistics.median(present) if present else None
+
+
+def write_report(path: str | None, report: object) -> None:
+    """The raw figures as JSON at `--json PATH` (nothing without it)."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1))
+        print(f"raw figures written to {path}")

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import git_commit, med, pilotfish_exe, tool_version
+from benchlib import git_commit, med, pilotfish_exe, tool_version, write_report
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -604,9 +604,7 @@ def main() -> int:
 
     report["elapsed_s"] = time.perf_counter() - t_start
     print(f"\nelapsed {report['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"raw figures written to {args.json}")
+    write_report(args.json, report)
     return 0 if ok else 1
 
 

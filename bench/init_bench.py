@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import REPO, git_commit, med, pilotfish_exe, tool_version
+from benchlib import REPO, git_commit, med, pilotfish_exe, tool_version, write_report
 
 PY = sys.executable
 
@@ -765,9 +765,7 @@ def main() -> int:
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["elapsed_s"] = time.perf_counter() - t_start
     print(f"\nelapsed {report['elapsed_s']:.0f} s  load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"raw figures written to {args.json}")
+    write_report(args.json, report)
     return 0 if ok else 1
 
 
