@@ -148,7 +148,7 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None) -> None:
                     log.info("agent: %s, shutting down", reason)
                 nursery.cancel_scope.cancel()
 
-            sources = StatusSources(readiness, registry, ndsz, lambda: stop("quitquitquit"))
+            sources = StatusSources(readiness, registry, ndsz, lambda: trio.from_thread.run_sync(stop, "quitquitquit"))
             if config.status_port:
                 await nursery.start(StatusServer(config.status_port, sources).serve)
             if proxy is not None:

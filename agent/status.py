@@ -34,7 +34,11 @@ class Response:
 
 @dataclass
 class StatusSources:
-    """What the server reports, as callables so the server needs no knowledge of the agent."""
+    """What the server reports, as callables so the server needs no knowledge of the agent.
+
+    They are called from a worker thread, not the trio loop: the /debug/ndsz view of a large
+    table takes seconds to build (100,000 services: ~4 s), and the loop also serves DNS over TCP.
+    """
 
     readiness: Callable[[], str | None]  # None when ready, else why not
     registry: CollectorRegistry
@@ -105,6 +109,7 @@ class StatusServer:
                     return
                 peer = stream.socket.getpeername()[0]
                 local = ipaddress.ip_address(peer.split("%")[0]).is_loopback
-                await stream.send_all(_encode(handle(line[0], line[1], local, self.sources)))
+                response = await trio.to_thread.run_sync(handle, line[0], line[1], local, self.sources)
+                await stream.send_all(_encode(response))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass

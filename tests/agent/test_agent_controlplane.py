@@ -304,6 +304,20 @@ def test_sigterm_drops_readiness_and_exits_zero(world: World) -> None:
     agent.wait_for(r"received signal: SIGTERM, shutting down")
 
 
+def test_quitquitquit_stops_the_agent(world: World) -> None:
+    """POST /quitquitquit (status requests are handled off the trio loop) stops the agent, exit 0."""
+    world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    request = urllib.request.Request(f"http://127.0.0.1:{world.status_port}/quitquitquit", method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=5).close()
+    except (urllib.error.URLError, ConnectionError):
+        pass  # the connection may close as the agent stops; the exit below is what counts
+    assert agent.proc.wait(timeout=5) == 0
+    agent.wait_for(r"agent: quitquitquit, shutting down")
+
+
 def test_json_logs(world: World, tmp_path: Path) -> None:
     world.start_cp()
     env = {**os.environ, "POD_NAMESPACE": "ns1", "ISTIO_META_DNS_CAPTURE": "true",
