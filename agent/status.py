@@ -110,6 +110,8 @@ class StatusServer:
                 peer = stream.socket.getpeername()[0]
                 local = ipaddress.ip_address(peer.split("%")[0]).is_loopback
                 response = await trio.to_thread.run_sync(handle, line[0], line[1], local, self.sources)
-                await stream.send_all(_encode(response))
+                # Shielded: /quitquitquit cancels this task with the rest, and its OK must still go out.
+                with trio.CancelScope(shield=True), trio.move_on_after(READ_TIMEOUT):
+                    await stream.send_all(_encode(response))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
