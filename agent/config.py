@@ -22,6 +22,7 @@ LEGACY_ROOT_CERT = "./etc/certs/root-cert.pem"
 TOKEN_FILE = "./var/run/secrets/tokens/istio-token"
 DEFAULT_NAMETABLE_CACHE = "./var/lib/pilotfish/nametable.pb"
 PROXY_TYPES = ("sidecar", "router", "waypoint")
+TOO_DEEP = "PROXY_CONFIG: nested too deeply to parse (a ProxyConfig is a few levels deep)"
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,16 @@ def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
     """PROXY_CONFIG (YAML or JSON ProxyConfig), as a dict; {} when unset.
 
     JSON is tried first: it is what Istio's injection template writes, and PyYAML (1.3 MB of the
-    agent's memory once imported) is then never loaded."""
+    agent's memory once imported) is then never loaded. Both parsers recurse per level of
+    nesting, so a value nested deeper than Python's recursion limit (about 1,000 levels; a
+    ProxyConfig has fewer than ten) raises RecursionError: that is bad input like any other."""
     text = env.get("PROXY_CONFIG", "")
     if not text.strip():
         return {}
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ConfigError(TOO_DEEP) from None
     except ValueError:
         import yaml
 
@@ -69,6 +74,8 @@ def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {err}") from None
+        except RecursionError:
+            raise ConfigError(TOO_DEEP) from None
     if not isinstance(value, dict):
         raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
     return value

@@ -94,6 +94,9 @@ def test_xds_headers() -> None:
     ({"PILOT_DISCOVERY_ADDRESS": "istiod"}, {}, "PILOT_DISCOVERY_ADDRESS: invalid address 'istiod'"),
     ({"PROXY_CONFIG": "[1, 2"}, {}, "PROXY_CONFIG: not YAML or JSON"),
     ({"PROXY_CONFIG": "- a\n- b"}, {}, "PROXY_CONFIG: want a ProxyConfig object"),
+    ({"PROXY_CONFIG": "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
+    ({"PROXY_CONFIG": "a: " + "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
+    ({"PROXY_CONFIG": "a:\n  " + "- " * 5000 + "x\n"}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got 70000"),
     ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
 ])
