@@ -34,6 +34,7 @@ from pilotfish.xds_client.nds import NameTableHolder
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config
+from .files import token_problem
 from .status import DNS_NOT_READY, StatusServer, StatusSources
 
 log = logging.getLogger("pilotfish.agent")
@@ -90,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in warnings:
         log.warning("agent: %s", warning)
+    token = token_problem(config.token_file)
+    if token is not None:  # Istio goes on without the header too; said once here, not per retry
+        log.warning("agent: the token file %s %s: connecting without a bearer token", config.token_file, token)
     log.info("agent: node %s, control plane %s (TLS name %s, root %s), DNS proxy %s",
              config.node_id, config.discovery_address, config.server_name,
              config.root_cert or "none: plaintext", "on" if config.dns_enabled else "off")

@@ -1,5 +1,5 @@
 """The agent's configuration from pilot-agent's environment, PROXY_CONFIG and flags. Pure: the
-environment and a file-existence test are passed in.
+environment and the check of the root certificate file are passed in.
 
 Names and defaults are pilot-agent's (reference/istio-agent.md §1.2, §1.4, §2.1, §10). Unlike
 pilot-agent, a value that does not parse is an error naming the variable (Istio falls back to
@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pilotfish.dns.config import ConfigError, parse_bool, split_host_port
+
+from .files import MISSING, root_cert_problem
 
 DEFAULT_DISCOVERY = "istiod.istio-system.svc:15012"
 DEFAULT_SERVER_NAME = "istiod.istio-system.svc"
@@ -106,33 +108,41 @@ def server_name(address: str, env: Mapping[str, str]) -> str:
     return DEFAULT_SERVER_NAME if "localhost" in host or not host else host
 
 
-def xds_root(env: Mapping[str, str], pc: Mapping[str, object], exists: Callable[[str], bool]) -> str | None:
-    """The root certificate for the control-plane connection, in Istio's order (§2.1)."""
+def xds_root(env: Mapping[str, str], pc: Mapping[str, object],
+             problem: Callable[[str], str | None] = root_cert_problem) -> str | None:
+    """The root certificate for the control-plane connection, in Istio's order (§2.1).
+
+    Where Istio requires the file to exist, it must also be usable (`problem` says why not):
+    a directory, an empty file or one without a PEM certificate would otherwise fail every TLS
+    handshake, retried forever. `<PROV_CERT>/root-cert.pem` may be missing, as in Istio."""
     if str(pc.get("controlPlaneAuthPolicy", "MUTUAL_TLS")).upper() == "NONE":
         return None
     root = env.get("XDS_ROOT_CA", "")
     if root == "SYSTEM":
         return "SYSTEM"
     if root:
-        return _must_exist(root, "XDS_ROOT_CA", exists)
-    if exists(LEGACY_ROOT_CERT):
-        return LEGACY_ROOT_CERT
+        return _usable(root, "XDS_ROOT_CA", problem(root))
+    legacy = problem(LEGACY_ROOT_CERT)
+    if legacy != MISSING:
+        return _usable(LEGACY_ROOT_CERT, "legacy mounted root", legacy)
     if env.get("PROV_CERT"):
-        return os.path.join(env["PROV_CERT"], "root-cert.pem")
+        prov = os.path.join(env["PROV_CERT"], "root-cert.pem")
+        why = problem(prov)
+        return prov if why == MISSING else _usable(prov, "PROV_CERT", why)
     if _bool_env(env, "FILE_MOUNTED_CERTS"):
         metadata = pc.get("proxyMetadata") or {}
         path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or (metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") if isinstance(metadata, dict) else None)
         if not path:
             raise ConfigError("FILE_MOUNTED_CERTS: ISTIO_META_TLS_CLIENT_ROOT_CERT is not set")
-        return _must_exist(str(path), "ISTIO_META_TLS_CLIENT_ROOT_CERT", exists)
+        return _usable(str(path), "ISTIO_META_TLS_CLIENT_ROOT_CERT", problem(str(path)))
     if env.get("PILOT_CERT_PROVIDER") == "none":
         raise ConfigError("PILOT_CERT_PROVIDER=none: no root certificate for the control plane (set XDS_ROOT_CA)")
-    return _must_exist(DEFAULT_ROOT_CERT, "root CA file for XDS", exists)
+    return _usable(DEFAULT_ROOT_CERT, "XDS_ROOT_CA (unset: the default)", problem(DEFAULT_ROOT_CERT))
 
 
-def _must_exist(path: str, setting: str, exists: Callable[[str], bool]) -> str:
-    if not exists(path):
-        raise ConfigError(f"{setting}: root CA file for XDS does not exist: {path}")
+def _usable(path: str, setting: str, problem: str | None) -> str:
+    if problem is not None:
+        raise ConfigError(f"{setting}: root CA file for XDS {problem}: {path}")
     return path
 
 
@@ -159,7 +169,7 @@ def agent_config(
     status_port: int | None = None,
     nametable_cache: str | None = None,
     interface_ips: tuple[str, ...] = (),
-    exists: Callable[[str], bool] = os.path.exists,
+    root_problem: Callable[[str], str | None] = root_cert_problem,
 ) -> AgentConfig:
     """Validate everything; ConfigError names the variable or flag and the bad value."""
     if proxy_type not in PROXY_TYPES:
@@ -210,7 +220,7 @@ def agent_config(
         domain=domain,
         discovery_address=address,
         server_name=server_name(address, env),
-        root_cert=xds_root(env, pc, exists),
+        root_cert=xds_root(env, pc, root_problem),
         token_file=TOKEN_FILE,
         cluster_id=cluster_id,
         xds_headers=headers,

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from procs import PILOTFISH
+from procs import PILOTFISH, Process
 
 DEEP_JSON = "[" * 5000 + "]" * 5000
 DEEP_YAML = "a:\n  " + "- " * 5000 + "x\n"  # block sequences, one level per "- "
@@ -18,7 +18,7 @@ def run_agent(cwd: Path, env: dict[str, str], *args: str) -> subprocess.Complete
     """The agent with `env` over a clean environment (no DNS proxy, no status port), which must
     exit by itself: every case here is refused before anything starts."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PILOT", "PROXY_CONFIG", "XDS_"))}
-    return subprocess.run([PILOTFISH, "agent", "--status-port", "0", *args], cwd=cwd, env={**base, **env},
+    return subprocess.run([PILOTFISH, "agent", "--status-port", "0", *args], check=False, cwd=cwd, env={**base, **env},
                           capture_output=True, text=True, timeout=30)
 
 
@@ -36,3 +36,44 @@ def assert_refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
 @pytest.mark.parametrize("text", [DEEP_JSON, "a: " + DEEP_JSON, DEEP_YAML], ids=["json", "yaml-flow", "yaml-block"])
 def test_deeply_nested_proxy_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text}), "PROXY_CONFIG", "nested too deeply")
+
+
+PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("directory", "is a directory"),
+    ("empty", "is empty"),
+    ("text", "holds no PEM certificate"),
+    ("junk-pem", "holds no PEM certificate"),
+])
+def test_unusable_root_ca_is_refused_at_start(tmp_path: Path, kind: str, why: str) -> None:
+    """docs/agent.md: a missing root is a start-up error; so is one that cannot be used, rather
+    than a control plane retried forever with a TLS error."""
+    root = tmp_path / "root-cert.pem"
+    if kind == "directory":
+        root.mkdir()
+    else:
+        root.write_text({"empty": "", "text": "not a certificate\n", "junk-pem": PEM_JUNK}[kind])
+    line = assert_refused(run_agent(tmp_path, {"XDS_ROOT_CA": str(root)}), "XDS_ROOT_CA", str(root), why)
+    assert "agent: node" not in line
+
+
+def test_unusable_default_root_is_refused_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "var/run/secrets/istio/root-cert.pem").mkdir(parents=True)
+    assert_refused(run_agent(tmp_path, {}), "XDS_ROOT_CA", "./var/run/secrets/istio/root-cert.pem", "is a directory")
+
+
+def test_unusable_token_is_a_warning_and_the_agent_starts(tmp_path: Path) -> None:
+    """Istio leaves the bearer header out when the token file cannot be read (mTLS alone may
+    authenticate, and kubelet writes the token after start), so this is no start-up error; but a
+    directory there will never become a token, and that is said once, at start."""
+    (tmp_path / "var/run/secrets/tokens/istio-token").mkdir(parents=True)
+    env = {**os.environ, "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'}
+    agent = Process([PILOTFISH, "agent", "--status-port", "0"], tmp_path / "agent.log", env=env, cwd=tmp_path)
+    try:
+        agent.wait_for(r"WARNING\s+agent: the token file \./var/run/secrets/tokens/istio-token is a directory: "
+                       r"connecting without a bearer token")
+        agent.wait_for(r"agent: no DNS proxy")
+    finally:
+        assert agent.stop() == 0

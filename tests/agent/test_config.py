@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pilotfish.agent.config import agent_config, server_name, xds_root
+from pilotfish.agent.files import MISSING
 from pilotfish.agent.status import DNS_NOT_READY, StatusSources, handle
 from pilotfish.dns.config import ConfigError
 
@@ -19,7 +21,12 @@ BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE
 
 
 def _config(env: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
-    return agent_config({**BASE, **env}, exists=lambda p: p == ROOT, **kw)  # type: ignore[arg-type]
+    return agent_config({**BASE, **env}, root_problem=present({ROOT}), **kw)  # type: ignore[arg-type]
+
+
+def present(paths: set[str]) -> Callable[[str], str | None]:
+    """A root-certificate check for which `paths` are usable files and nothing else exists."""
+    return lambda path: None if path in paths else MISSING
 
 
 def test_defaults_are_istios() -> None:
@@ -54,7 +61,7 @@ def test_server_name() -> None:
     assert server_name("10.0.0.1:15012", {"ISTIOD_SAN": "istiod.istio-system.svc"}) == "istiod.istio-system.svc"
 
 
-@pytest.mark.parametrize("env,pc,present,expect", [
+@pytest.mark.parametrize("env,pc,usable,expect", [
     ({"XDS_ROOT_CA": "SYSTEM"}, {}, set(), "SYSTEM"),
     ({"XDS_ROOT_CA": "/x/root.pem"}, {}, {"/x/root.pem"}, "/x/root.pem"),
     ({}, {}, {"./etc/certs/root-cert.pem", ROOT}, "./etc/certs/root-cert.pem"),
@@ -62,15 +69,33 @@ def test_server_name() -> None:
     ({}, {}, {ROOT}, ROOT),
     ({}, {"controlPlaneAuthPolicy": "NONE"}, set(), None),
 ])
-def test_xds_root_in_istios_order(env: dict[str, str], pc: dict[str, object], present: set[str], expect: str | None) -> None:
-    assert xds_root(env, pc, present.__contains__) == expect
+def test_xds_root_in_istios_order(env: dict[str, str], pc: dict[str, object], usable: set[str], expect: str | None) -> None:
+    assert xds_root(env, pc, present(usable)) == expect
 
 
 def test_missing_root_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="root CA file for XDS does not exist: ./var/run/secrets/istio/root-cert.pem"):
-        xds_root({}, {}, lambda p: False)
+        xds_root({}, {}, present(set()))
     with pytest.raises(ConfigError, match="XDS_ROOT_CA: root CA file for XDS does not exist: /nope"):
-        xds_root({"XDS_ROOT_CA": "/nope"}, {}, lambda p: False)
+        xds_root({"XDS_ROOT_CA": "/nope"}, {}, present(set()))
+
+
+@pytest.mark.parametrize("env,path,setting", [
+    ({"XDS_ROOT_CA": "/x/root.pem"}, "/x/root.pem", "XDS_ROOT_CA"),
+    ({}, "./etc/certs/root-cert.pem", "legacy mounted root"),
+    ({"PROV_CERT": "/prov"}, "/prov/root-cert.pem", "PROV_CERT"),
+    ({"FILE_MOUNTED_CERTS": "true", "ISTIO_META_TLS_CLIENT_ROOT_CERT": "/f/root.pem"}, "/f/root.pem",
+     "ISTIO_META_TLS_CLIENT_ROOT_CERT"),
+    ({}, ROOT, "XDS_ROOT_CA (unset: the default)"),
+])
+def test_unusable_root_is_an_error_naming_the_setting_and_the_path(env: dict[str, str], path: str, setting: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        xds_root(env, {}, lambda p: "is a directory" if p == path else MISSING)
+    assert str(err.value) == f"{setting}: root CA file for XDS is a directory: {path}"
+
+
+def test_missing_prov_cert_root_is_accepted_as_in_istio() -> None:
+    assert xds_root({"PROV_CERT": "/prov"}, {}, present(set())) == "/prov/root-cert.pem"
 
 
 def test_dns_switch_and_metadata() -> None:

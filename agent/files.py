@@ -1,0 +1,66 @@
+"""The files the agent is told to read, checked once at start so that an unusable one is a
+start-up error naming it (or a warning, where Istio tolerates it), not a failure much later.
+
+A root certificate that is a directory, empty or not PEM is otherwise only found at the first
+TLS handshake with the control plane, which then fails and is retried forever: the pod never
+becomes ready and the log says `certificate verify failed` instead of naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import stat
+
+MISSING = "does not exist"
+
+
+def _read(path: str) -> tuple[bytes | None, str | None]:
+    """(contents, None), or (None, why the file cannot be read). stat before open: opening a
+    FIFO would block until something writes to it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None, MISSING
+    except OSError as err:
+        return None, f"cannot be read: {err.strerror or err}"
+    if stat.S_ISDIR(mode):
+        return None, "is a directory"
+    if not stat.S_ISREG(mode):
+        return None, "is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as err:
+        return None, f"cannot be read: {err.strerror or err}"
+
+
+def root_cert_problem(path: str) -> str | None:
+    """Why `path` cannot be the root certificate of the control-plane connection (MISSING when
+    it does not exist), or None when it holds at least one PEM certificate."""
+    data, problem = _read(path)
+    if data is None:
+        return problem
+    if not data.strip():
+        return "is empty"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, ssl.SSLError):
+        return "holds no PEM certificate"
+    return None
+
+
+def token_problem(path: str) -> str | None:
+    """Why the bearer-token file cannot be used, or None when it can, is absent or is empty:
+    Istio treats those two as "no token" (the header is left out, mTLS alone may authenticate),
+    and kubelet writes a projected token after the containers started."""
+    data, problem = _read(path)
+    if problem == MISSING:
+        return None
+    if data is None:
+        return problem
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    return None
