@@ -20,7 +20,7 @@ class XdsMetrics:
         yield GaugeMetricFamily("pilotfish_xds_connected", "1 while the ADS stream to the control plane is up.",
                                 value=1 if state.connected else 0)
         yield CounterMetricFamily("istio_agent_istiod_connection_failures",
-                                  "Connections to the control plane that failed or ended.", value=state.failures)
+                                  "Streams to the control plane that failed or ended without delivering a resource.", value=state.failures)
         yield GaugeMetricFamily("pilotfish_xds_last_update_timestamp_seconds",
                                 "When the last resource was accepted (Unix time; 0 before the first).",
                                 value=state.last_update)

@@ -9,8 +9,9 @@ As istiod expects (reference/istio-agent.md §2.1): TLS to the discovery address
 name `istiod.istio-system.svc` unless the address names another host (or ISTIOD_SAN says so), a
 `ClusterID` header, `XDS_HEADER_*` headers, and `authorization: Bearer <token>` read from the token
 file on every (re)connection so a rotated projected token is picked up. Unlike Istio's agent (which
-leaves retrying to Envoy), this client retries by itself: exponential backoff from 0.5 s, doubled
-per failure up to 30 s, with full jitter, reset after a stream that delivered a response.
+leaves retrying to Envoy), this client retries by itself (backoff.py): exponential backoff from
+0.5 s, doubled per failure up to 30 s, with full jitter, reset after a stream that delivered a
+resource however it ended.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
+from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
 from .stream import AdsStream, Handler, TypeState
 
 log = logging.getLogger("pilotfish.xds")
 
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 SYSTEM_ROOTS = "SYSTEM"
 
 
@@ -62,11 +62,6 @@ class ConnectionState:
     last_error: str = ""
     last_update: float = 0.0  # time.time() of the last accepted resource
     types: dict[str, TypeState] = field(default_factory=dict)
-
-
-def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**(failures-1))]."""
-    return rand * min(cap, base * (2 ** max(0, failures - 1)))
 
 
 def read_token(path: str) -> str:
@@ -120,8 +115,8 @@ class XdsClient:
         options.append(("grpc.ssl_target_name_override", self.settings.server_name))
         return grpc.secure_channel(self.settings.address, credentials, options=options)
 
-    def _serve_stream(self) -> bool:
-        """One stream, start to end (runs in a worker thread). True if a response was accepted."""
+    def _serve_stream(self) -> None:
+        """One stream, start to end (runs in a worker thread)."""
         channel = self._channel()
         outbox: queue.Queue[DiscoveryRequest | None] = queue.Queue()
         stream = AdsStream(self.node, self.handlers, self.state.types)
@@ -133,7 +128,6 @@ class XdsClient:
             while (item := outbox.get()) is not None:
                 yield item
 
-        accepted_before = sum(t.accepted for t in stream.types.values())
         try:
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
                 requests(), metadata=self._metadata()
@@ -156,7 +150,6 @@ class XdsClient:
                         log.info("xds: accepted %s version %r", response.type_url, response.version_info)
                     outbox.put(reply)
                 del response  # not held while idle: a NameTable response is its wire size and more
-            return sum(t.accepted for t in stream.types.values()) > accepted_before
         finally:
             outbox.put(None)
             self.state.connected = False
@@ -169,25 +162,30 @@ class XdsClient:
             if self._call is not None:
                 self._call.cancel()
 
+    def _accepted(self) -> int:
+        """Resources accepted so far, over all streams (the counts carry over a reconnect)."""
+        return sum(t.accepted for t in self.state.types.values())
+
     async def run(self) -> None:
-        """Stream forever; on any failure wait (backoff with jitter) and reconnect."""
-        failures = 0
+        """Stream forever; when a stream ends, wait (backoff with jitter) and reconnect."""
+        backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
         while True:
+            accepted_before = self._accepted()
             try:
-                got_data = await trio.to_thread.run_sync(self._serve_stream, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(self._serve_stream, abandon_on_cancel=True)
                 error = "stream closed by the server"
             except grpc.RpcError as err:
-                got_data = False
                 error = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
             except OSError as err:  # e.g. the root certificate file is missing
-                got_data = False
                 error = f"{err.strerror or err}: {getattr(err, 'filename', '')}"
             finally:
                 self._cancel()
-            failures = 0 if got_data else failures + 1
-            self.state.failures += 0 if got_data else 1
+            # However the stream ended: one that delivered proved the connection healthy.
+            delivered = self._accepted() > accepted_before
+            self.state.failures += 0 if delivered else 1
             self.state.last_error = error
-            delay = backoff_delay(max(failures, 1), self.settings.backoff_base, self.settings.backoff_cap,
-                                  random.random())
-            log.warning("xds: connection to %s ended (%s); retrying in %.1fs", self.settings.address, error, delay)
+            ceiling = backoff.after_stream(delivered)
+            delay = random.random() * ceiling
+            log.warning("xds: connection to %s ended (%s); retrying in %.1fs (at most %.1fs)",
+                        self.settings.address, error, delay, ceiling)
             await trio.sleep(delay)

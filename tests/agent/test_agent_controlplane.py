@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -330,3 +331,30 @@ def test_json_logs(world: World, tmp_path: Path) -> None:
     lines = [json.loads(line) for line in proc.text().splitlines() if line.strip()]
     assert all({"time", "level", "scope", "msg"} <= set(line) for line in lines)
     assert any(line["scope"] == "xds" and line["level"] == "info" for line in lines)
+
+
+def test_backoff_resets_after_every_stream_that_delivered(world: World) -> None:
+    """The control plane is killed and restarted several times; every stream delivers a table and
+    then ends with an error (UNAVAILABLE). The wait after each such stream is at most the base
+    (0.5 s); it used to grow as if the healthy streams had failed (15.7 s, 20.9 s, ... seen)."""
+    world.start_cp()
+    agent = world.start_agent()
+    for delivered in range(1, 5):
+        deadline = time.monotonic() + 40
+        while agent.text().count("xds: accepted") < delivered:
+            assert time.monotonic() < deadline, agent.text()
+            time.sleep(0.05)
+        assert world.cp is not None
+        world.cp.stop(signal_kill())
+        world.start_cp()
+    agent.wait_for(r"(?s)(xds: accepted.*){5}", timeout=40)
+    ceilings_after_delivery = []
+    delivered_since_last_end = False
+    for line in agent.text().splitlines():
+        if "xds: accepted" in line:
+            delivered_since_last_end = True
+        elif m := re.search(r"xds: connection to .* ended .*\(at most ([\d.]+)s\)", line):
+            if delivered_since_last_end:
+                ceilings_after_delivery.append(float(m.group(1)))
+            delivered_since_last_end = False
+    assert len(ceilings_after_delivery) >= 4 and all(c <= 0.5 for c in ceilings_after_delivery), ceilings_after_delivery

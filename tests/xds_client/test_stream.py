@@ -8,7 +8,6 @@ from google.protobuf.any_pb2 import Any
 
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from pilotfish.xds_client.stream import AdsStream, ResourceError, TypeState, unpack_first
-from pilotfish.xds_client.transport import backoff_delay
 
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
@@ -95,9 +94,3 @@ def test_handler_errors_become_nacks() -> None:
     nack = stream.on_response(DiscoveryResponse(type_url=NDS, version_info="v1", nonce="n1", resources=[_table()]))
     assert nack is not None and nack.error_detail.message == "table has no entries for my namespace"
 
-
-def test_backoff_grows_to_the_cap_with_jitter() -> None:
-    assert backoff_delay(1, 0.5, 30, 1.0) == 0.5
-    assert backoff_delay(4, 0.5, 30, 1.0) == 4.0
-    assert backoff_delay(20, 0.5, 30, 1.0) == 30.0
-    assert backoff_delay(20, 0.5, 30, 0.25) == 7.5
