@@ -1,18 +1,21 @@
 """The NameTable type (Istio's NDS): decoding, the last good table, and its copy on disk.
 
-The agent consumes NDS itself (it is never passed to Envoy). A table that does not decode is
-NACKed and the one in use stays; a good one is installed through `apply` (the DNS proxy swaps its
-lookup table) and saved, so a restart without a control plane serves it at once.
+The agent consumes NDS itself (it is never passed to Envoy). A pushed table goes: decode, build
+and swap in through `apply` (the DNS proxy builds its lookup table, which validates every entry,
+and swaps it in only when that worked), save, ACK. Anything that fails on the way raises, which
+the stream turns into a NACK: the table in use keeps serving and nothing is saved, so a table
+that cannot be served can never reach the disk and crash every later start. The saved table
+lets a restart without a control plane serve at once; one that does not load is moved aside.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Callable
 
 from google.protobuf.any_pb2 import Any
-from google.protobuf.message import DecodeError
 
 from . import persist
 from .proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -59,35 +62,55 @@ class NameTableHolder:
         return NameTable.FromString(self._serialized)
 
     def load_cached(self) -> bool:
-        """Install the table saved by an earlier run, if there is one that decodes."""
+        """At start: remove the temp files of interrupted saves, then install the table saved by
+        an earlier run, if there is one that loads.
+
+        One that does not (bytes that do not decode, an entry the lookup table refuses) would
+        fail the same way at every start: it is renamed to `<path>.bad` (kept for a look, one
+        at most) with one warning, and the agent starts without it.
+        """
         if not self.cache_path:
             return False
+        removed = persist.remove_stale_temps(self.cache_path)
+        if removed:
+            log.info("xds: removed %d temp file(s) of interrupted saves next to %s", removed, self.cache_path)
         data = persist.read(self.cache_path)
         if data is None:
             return False
-        table = NameTable()
         try:
-            table.ParseFromString(data)
-        except DecodeError as err:
-            log.warning("xds: ignoring the saved name table %s: %s", self.cache_path, err)
+            table = NameTable.FromString(data)
+            self._install(table, "saved", data)
+        except Exception as err:  # whatever is wrong with the file, it must not stop the start
+            self._move_aside(err)
             return False
-        self._install(table, "saved", data)
         log.info("xds: serving the saved name table from %s (%d hosts) until the control plane answers",
                  self.cache_path, len(table.table))
         return True
 
+    def _move_aside(self, err: Exception) -> None:
+        bad = self.cache_path + ".bad"
+        try:
+            os.replace(self.cache_path, bad)
+            where = f"moved to {bad}"
+        except OSError as move_err:
+            where = f"cannot move it to {bad} ({move_err.strerror or move_err})"
+        log.warning("xds: the saved name table %s does not load (%s: %s): %s; starting without it",
+                    self.cache_path, type(err).__name__, err, where)
+
     def on_response(self, version: str, resources: list[Any]) -> None:
-        """The NDS handler of the ADS stream: ResourceError (a NACK) if it does not decode."""
+        """The NDS handler of the ADS stream; whatever it raises becomes the NACK's message.
+
+        Installed (built and swapped in) before it is saved: a table that does not build raises
+        here with the old table still serving and the saved file untouched. A table that serves
+        but cannot be saved is still ACKed (the disk copy is a convenience for restarts)."""
         table = unpack_first(resources, NameTable, TYPE_URL)
         assert isinstance(table, NameTable)
-        # Saved before it serves: once an answer from this table has been seen, a restart (even
-        # one that follows at once, before grpc's thread would have got round to it) serves it too.
+        self._install(table, version, resources[0].value)
         if self.cache_path:
             try:
                 persist.write_atomic(self.cache_path, resources[0].value)
             except OSError as err:
                 log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
-        self._install(table, version, resources[0].value)
         del table
         _release_freed_memory()
 

@@ -3,7 +3,9 @@
 Per subscribed type it keeps the last version accepted and the last nonce seen, and it turns
 each response into an ACK or a NACK (the xDS protocol: a NACK echoes the nonce, carries
 `error_detail` and keeps the previously accepted version). Handlers decide what a resource
-means; one that raises `ResourceError` makes a NACK and leaves the old state in place.
+means; one that raises makes a NACK and leaves the old state in place. `ResourceError` is the
+handlers' own word for "cannot use this"; any other exception is a NACK too (with its type in
+the message), since a resource the server sent must never end the stream or the agent.
 
 Istio's rules for the agent-owned types (reference/istio-dns-proxy.md §4.2): a response with no
 resources is ignored entirely (no ACK), otherwise `resources[0]` is the resource; the NACK's
@@ -28,7 +30,7 @@ class ResourceError(ValueError):
     """A resource that cannot be used; its message goes back to the server in the NACK."""
 
 
-Handler = Callable[[str, list[Any]], None]  # (version, resources) -> None, or raise ResourceError
+Handler = Callable[[str, list[Any]], None]  # (version, resources) -> None, or raise to NACK
 
 
 @dataclass
@@ -76,10 +78,11 @@ class AdsStream:
             return None  # Istio: an empty response is ignored, not even ACKed
         try:
             self.handlers[response.type_url](response.version_info, list(response.resources))
-        except ResourceError as err:
+        except Exception as err:  # whatever the resource did to the handler: a NACK, never a crash
+            message = str(err) if isinstance(err, ResourceError) else f"{type(err).__name__}: {err}"
             state.rejected += 1
-            state.last_error = str(err)
-            return self._request(response.type_url, response.nonce, str(err))
+            state.last_error = message
+            return self._request(response.type_url, response.nonce, message)
         state.version = response.version_info
         state.accepted += 1
         state.last_error = ""

@@ -11,11 +11,12 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,10 +198,25 @@ def signal_kill() -> int:
     return signal.SIGKILL
 
 
-class _GarbageAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """A misbehaving control plane: a good table (v1), then bytes that are no NameTable (v2)."""
+GARBAGE = Any(type_url=NDS, value=b"\x0a\x05\x0a\x03\xff\xfe")  # no NameTable
 
-    def __init__(self) -> None:
+
+def _poisoned() -> Any:
+    """A NameTable that decodes but does not build: an IP with a NUL byte (inet_pton's
+    ValueError), next to a changed address that must not be served either."""
+    table = NameTable()
+    table.table["productpage.ns1.svc.cluster.local"].ips.append("10.96.0.9")
+    table.table["reviews.ns1.svc.cluster.local"].ips.append("10.96.0.8\x00")
+    packed = Any()
+    packed.Pack(table)
+    return packed
+
+
+class _ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """A misbehaving control plane: a good table (v1), then `second` (v2) once v1 is ACKed."""
+
+    def __init__(self, second: Any) -> None:
+        self.second = second
         self.nacks: list[discovery_pb2.DiscoveryRequest] = []
         self.acks: list[str] = []
 
@@ -219,19 +235,18 @@ class _GarbageAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                                                       resources=[packed])
             else:
                 self.acks.append(request.version_info)
-                garbage = Any(type_url=NDS, value=b"\x0a\x05\x0a\x03\xff\xfe")
                 yield discovery_pb2.DiscoveryResponse(type_url=NDS, version_info="v2", nonce=uuid.uuid4().hex,
-                                                      resources=[garbage])
+                                                      resources=[self.second])
 
 
-def _serve_garbage(world: World) -> tuple[grpc.Server, _GarbageAds]:
+def _serve_scripted(world: World, second: Any) -> tuple[grpc.Server, _ScriptedAds]:
     now = datetime.now(timezone.utc)
     ca = new_root(new_key(), now)
     key = new_key()
     credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, serving_names(), now)))])
     world.root.parent.mkdir(parents=True, exist_ok=True)
     world.root.write_bytes(cert_pem(ca.cert))
-    servicer = _GarbageAds()
+    servicer = _ScriptedAds(second)
     server = grpc.server(futures.ThreadPoolExecutor(4))
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     server.add_secure_port(f"127.0.0.1:{world.cp_port}", credentials)
@@ -240,7 +255,7 @@ def _serve_garbage(world: World) -> tuple[grpc.Server, _GarbageAds]:
 
 
 def test_undecodable_table_is_nacked_and_the_old_one_stays(world: World) -> None:
-    server, servicer = _serve_garbage(world)
+    server, servicer = _serve_scripted(world, GARBAGE)
     try:
         agent = world.start_agent()
         wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
@@ -255,6 +270,73 @@ def test_undecodable_table_is_nacked_and_the_old_one_stays(world: World) -> None
         assert readiness(world.status_port)[0] == 200
     finally:
         server.stop(0)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+
+
+def test_table_that_does_not_build_is_nacked_the_old_one_serves_and_stays_saved(world: World) -> None:
+    """A pushed table whose entry inet_pton refuses used to be saved first and then crash the
+    agent, so every restart crashed on the saved copy. Now: NACK with the error, the old table
+    keeps answering, the saved file is untouched, the agent runs on."""
+    server, servicer = _serve_scripted(world, _poisoned())
+    try:
+        agent = world.start_agent()
+        wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+        saved = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+        wait_until(saved.exists, 10, "the v1 table saved")
+        saved_v1 = saved.read_bytes()
+        wait_until(lambda: servicer.nacks, 10, "a NACK of v2")
+        nack = servicer.nacks[0]
+        assert nack.error_detail.code == 13 and nack.error_detail.message
+        assert nack.version_info == "v1" and servicer.acks == ["v1"]
+        agent.wait_for(r"WARNING\s+xds: rejected .*NameTable version 'v2': ")
+        assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
+        assert query(world.dns_port, "reviews.ns1.svc.cluster.local")[1] == []  # not from v2
+        assert readiness(world.status_port)[0] == 200
+        assert saved.read_bytes() == saved_v1
+        with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/stats/prometheus", timeout=2) as r:
+            assert f'pilotfish_xds_rejected_total{{type_url="{NDS}"}} 1.0' in r.read().decode()
+        assert world.agent is not None and world.agent.proc.poll() is None
+        assert "Traceback" not in agent.text()
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("saved", [GARBAGE.value, _poisoned().value], ids=["undecodable", "poisoned"])
+def test_saved_table_that_does_not_load_is_moved_aside_at_start(world: World, saved: bytes) -> None:
+    path = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(saved)
+    world.start_cp()
+    agent = world.start_agent()
+    agent.wait_for(r"WARNING\s+xds: the saved name table .*nametable\.pb does not load .*moved to .*nametable\.pb\.bad")
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)  # from the control plane
+    assert path.with_name("nametable.pb.bad").read_bytes() == saved
+    wait_until(lambda: path.exists() and path.read_bytes() != saved, 10, "the control plane's table saved")
+    assert "Traceback" not in agent.text()
+
+
+def test_temp_file_of_an_interrupted_save_is_removed_at_start(world: World) -> None:
+    """A save killed between writing its temp file and the rename (SIGKILL, OOM) leaves the temp
+    file behind; the next start removes it, and the saved table still serves."""
+    cp = world.start_cp()
+    agent = world.start_agent()
+    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    assert agent.stop() == 0
+    cp.stop()
+    directory = world.agent_dir / "var/lib/pilotfish"
+    fd, left = tempfile.mkstemp(prefix=".nametable.pb.", dir=directory)  # what the save makes first
+    os.write(fd, (directory / "nametable.pb").read_bytes()[:10])
+    os.close(fd)
+    world.start_agent()
+    assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
+    assert not os.path.exists(left)
+    assert sorted(p.name for p in directory.iterdir()) == ["nametable.pb"]
 
 
 def test_restart_without_control_plane_serves_the_saved_table(world: World) -> None:
