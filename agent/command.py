@@ -24,6 +24,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.struct_pb2 import Struct
 from prometheus_client import CollectorRegistry
 
+from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.command import add_dns_arguments, dns_config
 from pilotfish.dns.config import ConfigError
 from pilotfish.dns.server import DnsProxy
@@ -78,6 +79,9 @@ def proxy_type(words: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from pilotfish.init.detect import local_addresses
 
+    # First: the status port, the DNS proxy and the xDS stream all draw from this table, and a
+    # container's soft limit (often 1024) is far below its hard one (as Go's runtime does).
+    log.info("agent: open files limit %d", raise_open_files_limit())
     env = os.environ
     try:
         config = agent_config(

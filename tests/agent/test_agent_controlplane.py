@@ -131,6 +131,16 @@ class World:
         self.status_port = int(self.agent.wait_for(r"status: listening on port (\d+)", after=offset).group(1))
         return self.agent
 
+    def run_then_stop(self) -> Path:
+        """Control plane and agent until the table answers, then both stopped (the agent with
+        exit 0); the path of the table the agent saved."""
+        cp = self.start_cp()
+        agent = self.start_agent()
+        wait_answer(self.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+        assert agent.stop() == 0
+        cp.stop()
+        return self.agent_dir / "var/lib/pilotfish/nametable.pb"
+
     def stop(self) -> None:
         for proc in (self.agent, self.cp):
             if proc is not None:
@@ -324,12 +334,7 @@ def test_saved_table_that_does_not_load_is_moved_aside_at_start(world: World, sa
 def test_temp_file_of_an_interrupted_save_is_removed_at_start(world: World) -> None:
     """A save killed between writing its temp file and the rename (SIGKILL, OOM) leaves the temp
     file behind; the next start removes it, and the saved table still serves."""
-    cp = world.start_cp()
-    agent = world.start_agent()
-    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
-    assert agent.stop() == 0
-    cp.stop()
-    directory = world.agent_dir / "var/lib/pilotfish"
+    directory = world.run_then_stop().parent
     fd, left = tempfile.mkstemp(prefix=".nametable.pb.", dir=directory)  # what the save makes first
     os.write(fd, (directory / "nametable.pb").read_bytes()[:10])
     os.close(fd)
@@ -340,12 +345,7 @@ def test_temp_file_of_an_interrupted_save_is_removed_at_start(world: World) -> N
 
 
 def test_restart_without_control_plane_serves_the_saved_table(world: World) -> None:
-    cp = world.start_cp()
-    agent = world.start_agent()
-    wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
-    assert agent.stop() == 0
-    cp.stop()
-    saved = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+    saved = world.run_then_stop()
     assert saved.exists() and (saved.stat().st_mode & 0o777) == 0o600
     agent = world.start_agent()
     assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])  # at once, no control plane

@@ -143,6 +143,8 @@ def test_status_routes() -> None:
     assert handle("GET", "/healthz/ready", False, _sources(None)[0]).status == 200
     assert handle("GET", "/stats/prometheus", False, sources).status == 200
     assert handle("GET", "/debug/ndsz", False, sources).status == 403
+    assert handle("GET", "/debug/pprof/", False, sources).status == 403  # every /debug/ path
+    assert handle("POST", "/quitquitquit", False, sources).status == 403 and not quits
     assert handle("GET", "/debug/ndsz", True, sources).status == 404
     assert handle("GET", "/debug/ndsz", True, _sources(None, {"a.": {}})[0]).body == b'{\n  "a.": {}\n}'
     assert handle("GET", "/quitquitquit", True, sources).status == 405 and not quits

@@ -1,0 +1,115 @@
+"""Which connections the status server keeps. Pure: peers in, decisions out; the server
+(status.py) accepts, refuses and closes accordingly.
+
+The status port listens on every interface (kubelet probes it from the node), so any peer on the
+pod network can open connections to it. Each one costs the agent a file descriptor, and the DNS
+proxy and the control-plane connection draw from the same table. So:
+
+- one remote (non-loopback) address holds at most `per_peer` connections;
+- remote peers together hold at most `remote`;
+- `local_reserve` more are kept for loopback peers alone (Envoy's 15021 health listener, hooks
+  such as `pilot-agent request`), so a remote flood never locks local probes out;
+- when a slot is needed and none is free, the oldest remote connection that has not yet sent its
+  request head is closed for the newcomer (a hostile client costs itself); if every remote
+  connection is busy with a request, the newcomer is refused.
+
+The figures and their reasons are in docs/agent.md ("Status server bounds").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+MAX_PER_PEER = 8
+MAX_REMOTE = 64
+LOCAL_RESERVE = 16
+
+PEER_LIMIT = "peer_limit"
+TOTAL_LIMIT = "total_limit"
+EVICTED = "evicted"
+HEADER_TIMEOUT = "header_timeout"
+
+
+@dataclass(frozen=True)
+class Limits:
+    per_peer: int = MAX_PER_PEER
+    remote: int = MAX_REMOTE
+    local_reserve: int = LOCAL_RESERVE
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Keep the connection; first close `evict` (a connection id) if it is not None."""
+
+    evict: int | None = None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Close the connection at once; `reason` is the metric label."""
+
+    reason: str
+
+
+@dataclass
+class _Connection:
+    peer: str
+    local: bool
+    idle: bool = True  # no request head yet: may be evicted
+
+
+class Admission:
+    """The open connections of one status server, in arrival order, and what was dropped."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self._open: dict[int, _Connection] = {}
+        self._per_peer: Counter[str] = Counter()
+        self._remote = 0
+        self.dropped: Counter[str] = Counter()  # reason -> connections refused or closed early
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def admit(self, conn: int, peer: str, local: bool) -> Admit | Refuse:
+        """Decide about a new connection `conn` (an id unique among the open ones) from `peer`."""
+        limits = self.limits
+        if not local and self._per_peer[peer] >= limits.per_peer:
+            return self._refuse(PEER_LIMIT)
+        full = self.open >= limits.remote + limits.local_reserve or (not local and self._remote >= limits.remote)
+        evict = None
+        if full:
+            evict = next((c for c, info in self._open.items() if info.idle and not info.local), None)
+            if evict is None:
+                return self._refuse(TOTAL_LIMIT)
+            self.closed(evict, EVICTED)
+        self._open[conn] = _Connection(peer, local)
+        if not local:
+            self._remote += 1
+            self._per_peer[peer] += 1
+        return Admit(evict)
+
+    def started(self, conn: int) -> None:
+        """`conn` sent its request head: it is being served and is no longer evicted."""
+        info = self._open.get(conn)
+        if info is not None:
+            info.idle = False
+
+    def closed(self, conn: int, reason: str | None = None) -> None:
+        """`conn` is gone (a second call for it is ignored); `reason` counts an early close."""
+        info = self._open.pop(conn, None)
+        if info is None:
+            return
+        if reason is not None:
+            self.dropped[reason] += 1
+        if not info.local:
+            self._remote -= 1
+            self._per_peer[info.peer] -= 1
+            if not self._per_peer[info.peer]:
+                del self._per_peer[info.peer]
+
+    def _refuse(self, reason: str) -> Refuse:
+        self.dropped[reason] += 1
+        return Refuse(reason)
