@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pilotfish.dns.config import ConfigError, parse_bool, split_host_port
 
-from .files import MISSING, root_cert_problem
+from .files import MISSING, root_cert_problem, saved_table_problem
 
 DEFAULT_DISCOVERY = "istiod.istio-system.svc:15012"
 DEFAULT_SERVER_NAME = "istiod.istio-system.svc"
@@ -146,6 +146,21 @@ def _usable(path: str, setting: str, problem: str | None) -> str:
     return path
 
 
+def saved_table(flag: str | None, env: Mapping[str, str], problem: Callable[[str], str | None]) -> str:
+    """Where the name table is saved ('' for nowhere): the flag, PILOTFISH_NAMETABLE_CACHE, or
+    the default; a path no save can ever use is an error now rather than a warning per table."""
+    if flag is not None:
+        path, setting = flag, "--nametable-cache"
+    elif "PILOTFISH_NAMETABLE_CACHE" in env:
+        path, setting = env["PILOTFISH_NAMETABLE_CACHE"], "PILOTFISH_NAMETABLE_CACHE"
+    else:
+        path, setting = DEFAULT_NAMETABLE_CACHE, "PILOTFISH_NAMETABLE_CACHE (unset: the default)"
+    why = problem(path) if path else None
+    if why is not None:
+        raise ConfigError(f"{setting}: the saved name table's path {why}: {path}")
+    return path
+
+
 def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
     """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
     proxyMetadata) as <K>, plus the identity fields istiod reads."""
@@ -170,6 +185,7 @@ def agent_config(
     nametable_cache: str | None = None,
     interface_ips: tuple[str, ...] = (),
     root_problem: Callable[[str], str | None] = root_cert_problem,
+    cache_problem: Callable[[str], str | None] = saved_table_problem,
 ) -> AgentConfig:
     """Validate everything; ConfigError names the variable or flag and the bad value."""
     if proxy_type not in PROXY_TYPES:
@@ -201,7 +217,7 @@ def agent_config(
     dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
     cluster_id = env.get("ISTIO_META_CLUSTER_ID", "")
     headers = tuple(sorted((k[len("XDS_HEADER_"):], v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
-    cache = nametable_cache if nametable_cache is not None else env.get("PILOTFISH_NAMETABLE_CACHE", DEFAULT_NAMETABLE_CACHE)
+    cache = saved_table(nametable_cache, env, cache_problem)
     domain = domain or f"{namespace}.svc.cluster.local"
     identity = {
         "NAMESPACE": namespace,

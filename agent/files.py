@@ -8,6 +8,7 @@ becomes ready and the log says `certificate verify failed` instead of naming the
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 import stat
@@ -64,3 +65,17 @@ def token_problem(path: str) -> str | None:
     except UnicodeDecodeError:
         return "is not UTF-8 text"
     return None
+
+
+def saved_table_problem(path: str) -> str | None:
+    """Why `path` can never hold the saved name table, or None. Only what no save can get past
+    counts: a directory or another non-file there, or a parent that is a file. A missing file is
+    the first start; one that does not load is moved aside at start (xds_client/nds.py); an
+    unwritable directory is warned about at each save, as it may be mounted writable later."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return "has a parent that is not a directory" if err.errno == errno.ENOTDIR else None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    return None if stat.S_ISREG(mode) else "is not a regular file"

@@ -77,3 +77,11 @@ def test_unusable_token_is_a_warning_and_the_agent_starts(tmp_path: Path) -> Non
         agent.wait_for(r"agent: no DNS proxy")
     finally:
         assert agent.stop() == 0
+
+
+def test_saved_table_path_that_is_a_directory_is_refused_at_start(tmp_path: Path) -> None:
+    """Otherwise every save fails (a warning per table) and no restart ever has a table."""
+    (tmp_path / "cache").mkdir()
+    proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'},
+                     "--nametable-cache", str(tmp_path / "cache"))
+    assert_refused(proc, "--nametable-cache", "is a directory", str(tmp_path / "cache"))

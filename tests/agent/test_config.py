@@ -21,7 +21,7 @@ BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE
 
 
 def _config(env: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
-    return agent_config({**BASE, **env}, root_problem=present({ROOT}), **kw)  # type: ignore[arg-type]
+    return agent_config({**BASE, **env}, root_problem=present({ROOT}), cache_problem=lambda p: None, **kw)  # type: ignore[arg-type]
 
 
 def present(paths: set[str]) -> Callable[[str], str | None]:
@@ -150,3 +150,18 @@ def test_status_routes() -> None:
     assert handle("GET", "/quitquitquit", True, sources).status == 405 and not quits
     assert handle("POST", "/quitquitquit", True, sources).status == 200 and quits == ["q"]
     assert handle("GET", "/nope", True, sources).status == 404
+
+
+@pytest.mark.parametrize("env,flag,setting,path", [
+    ({}, None, "PILOTFISH_NAMETABLE_CACHE (unset: the default)", "./var/lib/pilotfish/nametable.pb"),
+    ({"PILOTFISH_NAMETABLE_CACHE": "/data/t.pb"}, None, "PILOTFISH_NAMETABLE_CACHE", "/data/t.pb"),
+    ({"PILOTFISH_NAMETABLE_CACHE": "/data/t.pb"}, "/flag/t.pb", "--nametable-cache", "/flag/t.pb"),
+])
+def test_saved_table_path_no_save_can_use_is_an_error(env: dict[str, str], flag: str | None, setting: str, path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        agent_config({**BASE, **env}, nametable_cache=flag, root_problem=present({ROOT}),
+                     cache_problem=lambda p: "is a directory" if p == path else None)
+    assert str(err.value) == f"{setting}: the saved name table's path is a directory: {path}"
+    config = agent_config({**BASE, **env, "PILOTFISH_NAMETABLE_CACHE": ""}, root_problem=present({ROOT}),
+                          cache_problem=lambda p: "is a directory")
+    assert config.nametable_cache == ""  # off: nothing to check

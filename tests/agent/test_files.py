@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pilotfish.agent.files import MISSING, root_cert_problem, token_problem
+from pilotfish.agent.files import MISSING, root_cert_problem, saved_table_problem, token_problem
 from pilotfish.controlplane.ca import cert_pem, new_key, new_root
 
 
@@ -49,3 +49,13 @@ def test_token_checks(tmp_path: Path) -> None:
     token.unlink()
     token.mkdir()
     assert token_problem(str(token)) == "is a directory"
+
+
+def test_saved_table_path_checks(tmp_path: Path) -> None:
+    assert saved_table_problem(str(tmp_path / "var/lib/pilotfish/nametable.pb")) is None  # first start
+    (tmp_path / "t.pb").write_bytes(b"\xff")  # does not load: moved aside at start, not refused
+    assert saved_table_problem(str(tmp_path / "t.pb")) is None
+    assert saved_table_problem(str(tmp_path)) == "is a directory"
+    assert saved_table_problem(str(tmp_path / "t.pb" / "x.pb")) == "has a parent that is not a directory"
+    os.mkfifo(tmp_path / "fifo")
+    assert saved_table_problem(str(tmp_path / "fifo")) == "is not a regular file"
