@@ -22,11 +22,19 @@ def test_root_certificate_checks(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert root_cert_problem(str(fifo)) == "is not a regular file"  # and did not block
+    pem = good.read_bytes()
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"# comment\n" + pem.replace(b"CERTIFICATE", b"X509 CRL") + pem)
+    assert root_cert_problem(str(bundle)) is None
+    body = pem.split(b"\n")
     for name, data in (("empty", b" \n"), ("text", b"hello\n"), ("binary", b"\xff\xfe"),
-                       ("key", b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")):
+                       ("key", b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"),
+                       ("junk", b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"),
+                       ("truncated", b"\n".join(body[:3] + body[-2:])),
+                       ("bad-base64", b"-----BEGIN CERTIFICATE-----\nMIIB!\n-----END CERTIFICATE-----\n")):
         path = tmp_path / name
         path.write_bytes(data)
-        assert root_cert_problem(str(path)) == ("is empty" if name == "empty" else "holds no PEM certificate")
+        assert root_cert_problem(str(path)) == ("is empty" if name == "empty" else "holds no PEM certificate"), name
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
