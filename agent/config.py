@@ -1,5 +1,5 @@
 """The agent's configuration from pilot-agent's environment, PROXY_CONFIG and flags. Pure: the
-environment and the check of the root certificate file are passed in.
+environment and the checks of the files it names (root certificate, saved-table path) are passed in.
 
 Names and defaults are pilot-agent's (reference/istio-agent.md §1.2, §1.4, §2.1, §10). Unlike
 pilot-agent, a value that does not parse is an error naming the variable (Istio falls back to
