@@ -248,7 +248,7 @@ def interface_problem(name: str) -> str | None:
     iptables-restore's parser. Only printable ASCII is accepted: the kernel takes any other byte,
     but python-iptables sizes a name in characters, so `ethé` (5 characters, 6 bytes) would be
     installed as the wildcard `ethé+`."""
-    base = name[:-1] if name.endswith("+") else name
+    base = name.removesuffix("+")
     size = len(name.encode())
     if not base:
         return "no name before the '+' wildcard"
