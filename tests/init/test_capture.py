@@ -585,6 +585,24 @@ def test_bad_input_rejected_without_touching_tables(backend: str, topo: Topology
         assert_tables(topo.snapshot(b), snap, f"a rejected run changed the {b} tables", proc)
 
 
+def test_edge_interface_names_install_rerun_and_clean(backend: str, topo: Topology) -> None:
+    """Names at the edge of what is valid (15 bytes, the '+' wildcard) are installed as given, a
+    rerun finds them in place and cleanup removes them: with '!eth0' or 'a"b' the backend wrote
+    something else, so the rerun was refused and cleanup left the rules."""
+    N.seed_foreign_rules(topo, backend)
+    before = topo.snapshot(backend)
+    args = sidecar_args(backend, None, overrides={"-c": "abcdefghijklmno,veth+", "-k": "kv0+"})
+    init_ok(topo, args)
+    installed = topo.snapshot(backend)
+    for rule in ("-A PREROUTING -i abcdefghijklmno -j RETURN", "-A OUTPUT -o veth+ -j RETURN",
+                 "-A PREROUTING -i kv0+ -j RETURN", "-A PREROUTING -i kv0+ -j ISTIO_REDIRECT"):
+        assert installed.has(rule), f"{rule!r} missing:\n{installed}"
+    proc = init_ok(topo, args)
+    assert "nothing to do" in proc.stderr, describe(proc)
+    proc = init_ok(topo, args, subcommand=("init", "clean"))
+    assert_tables(topo.snapshot(backend), before, "cleanup left rules of the edge names", proc)
+
+
 @pytest.mark.parametrize(("extra", "name"), [
     pytest.param(("--no-such-flag",), "--no-such-flag", id="unknown-flag"),
     pytest.param(("--iptables-backend", "bogus"), "bogus", id="unknown-backend"),
