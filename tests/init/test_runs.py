@@ -128,7 +128,7 @@ def test_two_runs_at_once_leave_capture_installed(backend: str, topo: Topology, 
 
 
 LOCK_HOLDER = """
-import sys, time
+import sys
 from pilotfish.init.nslock import namespace_lock, LockError
 directory, wait = sys.argv[1], float(sys.argv[2])
 try:
@@ -153,7 +153,7 @@ def test_the_lock_is_keyed_to_the_network_namespace(tmp_path: Path, lock_dir: st
     directory = str(tmp_path / "locks") if lock_dir == "run" else str(tmp_path / "file" / "locks")
     if lock_dir == "unusable":
         (tmp_path / "file").write_text("not a directory")
-    names = [f"{N.NS_PREFIX}{os.getpid()}x{n}lk{lock_dir[0]}pod" for n in (1, 2)]
+    names = [f"{N.NS_PREFIX}{os.getpid()}x{90000 + n + 10 * (lock_dir == 'run')}pod" for n in (1, 2)]
     for name in names:
         N.run(["ip", "netns", "add", name])
     try:
@@ -164,7 +164,8 @@ def test_the_lock_is_keyed_to_the_network_namespace(tmp_path: Path, lock_dir: st
         same = _take_lock(names[0], directory)
         other = _take_lock(names[1], directory)
         same_out, other_out = same.communicate("", timeout=30)[0], other.communicate("", timeout=30)[0]
-        assert same_out.startswith("busy") and "by pid" in same_out, f"same namespace did not contend: {same_out}"
+        assert same_out.startswith("busy"), f"same namespace did not contend: {same_out}"
+        assert f"by pid {holder.pid} " in same_out, f"the holder is not named: {same_out}"
         assert other_out.startswith("held"), f"another namespace contended: {other_out}"
         if lock_dir == "run":
             assert os.listdir(directory), "the held lock's file should exist"
