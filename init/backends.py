@@ -5,7 +5,10 @@
   iptables binaries take (`/run/xtables.lock`).
 
 Both read the live state with their `-save` binary, and both roll back by restoring the saved
-tables whole (`-restore` without `--noflush` replaces each table it is given in one commit).
+tables whole (`-restore` without `--noflush` replaces each table it is given in one commit). A
+table the snapshot did not have is deleted again with nft; legacy cannot delete a table (the
+kernel creates one on first use), so there it is emptied, and the legacy apply builds and checks
+every rule before it opens (and so creates) any table.
 
 The choice (reference §12.1, done once for both families so they never mix): the backend that
 already holds rules in this namespace; if both do, the one holding the sidecar's chains (else
@@ -18,16 +21,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .nslock import LOCK_WAIT, LockError, flock_wait
 from .planner import V4, Rule
 from .restore import BUILTIN_TARGETS, parse_save
 from .ruleargs import parse_rule_args
@@ -36,7 +38,13 @@ from .state import OUR_CHAINS, Op
 log = logging.getLogger("pilotfish.init")
 
 XTABLES_LOCK = "/run/xtables.lock"
-LOCK_WAIT = 30.0  # seconds, as istio-iptables' --wait=30
+# The built-in chains of each legacy table, for emptying a table the snapshot did not have.
+BUILTIN_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+}
 # Option abbreviations the iptables command accepts (getopt prefixes) and Istio uses, which
 # python-iptables' exact lookup does not: Istio writes the UDP DNS redirect with --to-port.
 ABBREVIATIONS = {"to-port": "to-ports"}
@@ -79,6 +87,12 @@ class Backend(abc.ABC):
     def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
         """Apply the ops of one family; raise BackendError if the kernel refuses them."""
 
+    removes_tables = True  # whether restoring absent_table() takes the table away
+
+    @abc.abstractmethod
+    def absent_table(self, table: str) -> str:
+        """Restore input for a table the snapshot did not have: as near to none as can be."""
+
     def restore_tables(self, family: int, text: str) -> None:
         """Replace the tables in `text` (iptables-save output) whole, each in one commit."""
         tool = _tool(family, self.name, "-restore")
@@ -89,6 +103,9 @@ class Backend(abc.ABC):
 
 class NftBackend(Backend):
     name = "nft"
+
+    def absent_table(self, table: str) -> str:
+        return f"*{table}\nCOMMIT\n"  # without --noflush, iptables-nft-restore deletes the table
 
     def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
         text = "".join(
@@ -105,6 +122,13 @@ class NftBackend(Backend):
 
 class LegacyBackend(Backend):
     name = "legacy"
+    # The kernel creates a legacy table the first time it is used in a namespace and has no call
+    # to remove it: the best a rollback can do is leave it empty.
+    removes_tables = False
+
+    def absent_table(self, table: str) -> str:
+        chains = "".join(f":{c} ACCEPT [0:0]\n" for c in BUILTIN_CHAINS[table])
+        return f"*{table}\n{chains}COMMIT\n"
 
     def apply(self, family: int, ops: dict[str, list[Op]]) -> None:
         # Each family in its own child process: libxtables registers an extension such as TPROXY
@@ -119,6 +143,19 @@ def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
     import iptc  # loads libiptc and libxtables
 
     rule_class = _scoped_rule_class(iptc.Rule if family == V4 else iptc.Rule6)
+    errors = (iptc.IPTCError, iptc.xtables.XTablesError, ValueError)
+    # Every rule is built and checked by its extensions before any table is opened: opening a
+    # legacy table creates it in the namespace for good, so whatever iptables refuses in a rule
+    # must show before that.
+    built: dict[int, Any] = {}
+    for table_name, table_ops in ops.items():
+        try:
+            for op in table_ops:
+                if op.rule is not None:
+                    built[id(op)] = iptc_rule(rule_class, _OurChains(), op.rule)
+                    built[id(op)].final_check()
+        except errors as err:
+            raise BackendError(f"{table_name} table: {err}") from None
     for table_name, table_ops in ops.items():
         if not table_ops:
             continue
@@ -126,10 +163,19 @@ def _apply_legacy(family: int, ops: dict[str, list[Op]]) -> None:
         table.autocommit = False
         try:
             for op in table_ops:
-                _apply_iptc(iptc, rule_class, table, op)
+                _apply_iptc(iptc, table, op, built.get(id(op)))
             table.commit()
-        except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as err:
+        except errors as err:
             raise BackendError(f"{table_name} table: {err}") from None
+
+
+class _OurChains:
+    """What python-iptables asks a rule's table while the rule is built: whether a jump target is
+    a chain (ours are the only chains our rules jump to). Stands in for a table not opened yet."""
+
+    @staticmethod
+    def is_chain(name: str) -> bool:
+        return name in OUR_CHAINS
 
 
 def _scoped_rule_class(base: type) -> type:
@@ -198,10 +244,13 @@ def in_child(action: Callable[[], None]) -> None:
         raise BackendError(f"python-iptables exited the process with status {os.waitstatus_to_exitcode(status)}")
 
 
-def _apply_iptc(iptc: Any, rule_class: type, table: Any, op: Op) -> None:
+def _apply_iptc(iptc: Any, table: Any, op: Op, rule: Any) -> None:
     if op.kind == "delete":
-        chain = iptc.Chain(table, op.chain)
-        chain.delete_rule(chain.rules[op.index - 1])
+        # By number, as `iptables -D CHAIN N` does: reading the rule back first (Chain.rules) makes
+        # python-iptables open every table of the family to classify its target, which creates
+        # the ones missing (a legacy `security` table appeared after a reconcile).
+        if not table._iptc.iptc_delete_num_entry(op.chain.encode(), op.index - 1, table._handle):
+            raise iptc.IPTCError(f"can't delete rule {op.index} of {op.chain}: {table.strerror()}")
     elif op.kind == "flush":
         iptc.Chain(table, op.chain).flush()
     elif op.kind == "delete-chain":
@@ -210,7 +259,6 @@ def _apply_iptc(iptc: Any, rule_class: type, table: Any, op: Op) -> None:
         table.create_chain(op.chain)
     else:
         assert op.rule is not None
-        rule = iptc_rule(rule_class, table, op.rule)
         chain = iptc.Chain(table, op.chain)
         if op.rule.insert is None:
             chain.append_rule(rule)
@@ -246,21 +294,16 @@ def iptc_rule(rule_class: type, table: Any, rule: Rule) -> Any:
 def xtables_lock(path: str = XTABLES_LOCK, wait: float = LOCK_WAIT) -> Iterator[None]:
     """The lock the legacy iptables tools take, so their writes never interleave with ours."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as err:
         log.warning("init: cannot open %s (%s); applying without the xtables lock", path, err.strerror)
         yield
         return
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise BackendError(f"another process holds {path} for more than {wait:.0f}s") from None
-                time.sleep(0.05)
+        try:
+            flock_wait(fd, path, wait)
+        except LockError as err:
+            raise BackendError(str(err)) from None
         yield
     finally:
         os.close(fd)

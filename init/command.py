@@ -13,17 +13,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from .apply import ApplyError, Refused, run_tables
-from .backends import BackendError, choose
+from .apply import ApplyError, Result, run_tables
+from .backends import Backend, BackendError, choose
 from .canonical import canonical
 from .config import CaptureConfig, ConfigError, effective_backend, parse_args, validate
 from .detect import check_names, detect, group_id, host_is_ipv6, user_id
-from .planner import Plan, Rule, plan
+from .nslock import LockError, namespace_lock
+from .planner import Detected, Plan, Rule, plan
 from .restore import dry_run_text
-from .routespec import RouteSpec, add_passthrough_address, remove_passthrough_address
+from .routespec import (
+    PASSTHROUGH_V6,
+    RouteSpec,
+    add_passthrough_address,
+    remove_passthrough_address,
+)
 from .validation import EXIT_VALIDATION_FAILED, FAILURE_MESSAGE, validate_capture
 
 log = logging.getLogger("pilotfish.init")
@@ -82,14 +88,7 @@ def _canon(rule: Rule, family: int) -> str:
     return canonical(rule, family, user_id, group_id)
 
 
-def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
-    try:
-        check_names(config, detected)  # type: ignore[arg-type]
-        backend, reason = choose(effective_backend(config), the_plan.families)
-    except (ConfigError, BackendError) as err:
-        log.error("init: %s", err)
-        return 1
-    log.info("init: iptables backend %s: %s", backend.name, reason)
+def _apply(config: CaptureConfig, the_plan: Plan, detected: Detected) -> int:
     spec = RouteSpec(
         mark=int(config.inbound_tproxy_mark),
         table=int(config.inbound_tproxy_route_table),
@@ -98,23 +97,15 @@ def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
         passthrough_v6=6 in the_plan.families,
     )
     try:
-        if config.cleanup_only:
-            result = run_tables(backend, the_plan, _canon, cleanup=True)
-            if spec.tproxy:
-                from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
-
-                routes.remove(spec)
-            if spec.passthrough_v6:
-                remove_passthrough_address()
-        else:
-            result = run_tables(
-                backend, the_plan, _canon, replace=config.reconcile or config.force_apply,
-                after=None if spec.satisfied() else lambda: _install_routes(spec),
-            )
-    except Refused as err:
-        log.error("init: %s", err)
-        return 1
-    except (ApplyError, BackendError, OSError) as err:
+        check_names(config, detected)
+        # From the first read of the tables to the last write: another run deciding from the same
+        # tables meanwhile would undo this one (nslock.py).
+        with namespace_lock() as lock:
+            log.debug("init: holding %s", lock)
+            backend, reason = choose(effective_backend(config), the_plan.families)
+            log.info("init: iptables backend %s: %s", backend.name, reason)
+            result = _change(config, the_plan, spec, backend)
+    except (ConfigError, LockError, ApplyError, BackendError, OSError) as err:
         log.error("init: %s", err)
         return 1
     what = "removed" if config.cleanup_only else "installed"
@@ -127,19 +118,50 @@ def _apply(config: CaptureConfig, the_plan: Plan, detected: object) -> int:
     return 0
 
 
-def _install_routes(spec: RouteSpec) -> None:
-    """After the tables: ::6 on lo for IPv6, the policy routing for TPROXY. If the routing
-    fails, an address added here is taken away again (the tables are rolled back by the caller)."""
+def _change(config: CaptureConfig, the_plan: Plan, spec: RouteSpec, backend: Backend) -> Result:
+    if not config.cleanup_only:
+        return run_tables(
+            backend, the_plan, _canon, replace=config.reconcile or config.force_apply,
+            before=None if spec.satisfied() else lambda: _install_routes(spec),
+        )
+    result = run_tables(backend, the_plan, _canon, cleanup=True)
+    if spec.tproxy:
+        from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
+
+        routes.remove(spec)
+    if spec.passthrough_v6:
+        remove_passthrough_address()
+    return result
+
+
+def _install_routes(spec: RouteSpec) -> Callable[[], None]:
+    """Before the tables: ::6 on lo for IPv6, the policy routing for TPROXY, each only where
+    missing. Neither does anything without the rules, and both can be taken back exactly (a legacy
+    table, once created, cannot), so a failure here leaves the namespace as it was. Returns how
+    to remove what it added, for when a table fails after it."""
     added = spec.passthrough_v6 and add_passthrough_address()
+    if added:
+        log.info("init: added %s/128 to lo", PASSTHROUGH_V6)
+    added_routes: list[tuple[str, int]] = []
     if spec.tproxy:
         from . import routes  # pyroute2 costs ~0.1 s to import: only when needed
 
         try:
-            routes.install(spec)
+            added_routes = routes.install(spec)
         except OSError:
             if added:
                 remove_passthrough_address()
             raise
+
+    def undo() -> None:
+        if added_routes:
+            from . import routes
+
+            routes.undo(spec, added_routes)
+        if added:
+            remove_passthrough_address()
+
+    return undo
 
 
 def _write_atomically(path: str, text: str) -> None:

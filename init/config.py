@@ -72,6 +72,9 @@ class CaptureConfig:
     resolv_conf: str = "/etc/resolv.conf"
     ipv6: str = "auto"
     log_level: str = "info"
+    # (field, environment variable) for each value an environment variable set, so that an error
+    # names the variable the user wrote rather than a flag they never passed.
+    from_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def tproxy(self) -> bool:
@@ -143,9 +146,14 @@ ENV_ONLY = {
     "envoy_user": "ENVOY_USER",
     "dry_run_file_path": "DRY_RUN_FILE_PATH",
 }
+# The settings that name interfaces (-i is a CIDR list; the planner's own "lo" is fixed).
+INTERFACE_FIELDS = ("exclude_interfaces", "kube_virt_interfaces")
 _BY_LONG = {f.long: f for f in FLAGS}
 _BY_SHORT = {f.short: f for f in FLAGS if f.short}
-_INTERFACE = re.compile(r"[^\s/:]{1,15}")
+IFNAMSIZ = 16  # the kernel's buffer for an interface name, NUL included: at most 15 bytes
+# Characters the kernel refuses in a name ('/', ':', whitespace) or a backend reinterprets:
+# iptables-restore strips quotes and takes backslash escapes, so `a"b` would become `ab`.
+_NOT_IN_INTERFACE = frozenset("/:\"'`\\")
 
 
 def split_list(value: str) -> list[str]:
@@ -169,10 +177,12 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConf
     Raises ConfigError naming the flag or variable and the value.
     """
     values: dict[str, object] = {}
+    from_env: dict[str, str] = {}
     for known in FLAGS:
         for name in (known.env_name, known.extra_env):
             if name and name in env:
                 values[known.field] = _convert(known, name, env[name])
+                from_env[known.field] = name
     for field_name, name in ENV_ONLY.items():
         if name in env:
             values[field_name] = env[name]
@@ -216,6 +226,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConf
             else:
                 raise ConfigError(f"flag {shown} needs a value")
         values[flag.field] = _convert(flag, shown, value)
+        from_env.pop(flag.field, None)
+    values["from_env"] = tuple(from_env.items())
     return replace(CaptureConfig(), **values), positional  # type: ignore[arg-type]
 
 
@@ -224,6 +236,34 @@ def _check_port(port: str, setting: str, allow_range: bool = False) -> None:
     if len(parts) > 2 or not all(p.isdigit() and 0 < int(p) <= 65535 for p in parts):
         kind = "port or range (1-65535)" if allow_range else "port (1-65535)"
         raise ConfigError(f"{setting}: invalid {kind}: {port!r}")
+    if len(parts) == 2 and int(parts[0]) > int(parts[1]):
+        raise ConfigError(f"{setting}: reversed port range {port!r} (want first:last, first <= last)")
+
+
+def interface_problem(name: str) -> str | None:
+    """What makes `name` unusable as an interface name in a rule, or None. The kernel's rules
+    (dev_valid_name: 1-15 bytes, not '.' or '..', no '/', ':' or whitespace), plus what iptables
+    reads as syntax: a leading '!' negates the match, a trailing '+' is a wildcard (so '+' is
+    allowed only there, after at least one character), quotes and backslashes are consumed by
+    iptables-restore's parser. Only printable ASCII is accepted: the kernel takes any other byte,
+    but python-iptables sizes a name in characters, so `ethé` (5 characters, 6 bytes) would be
+    installed as the wildcard `ethé+`."""
+    base = name.removesuffix("+")
+    size = len(name.encode())
+    if not base:
+        return "no name before the '+' wildcard"
+    if size >= IFNAMSIZ:
+        return f"{size} bytes long, the kernel allows at most {IFNAMSIZ - 1}"
+    if base in (".", ".."):
+        return "'.' and '..' are not interface names"
+    if name.startswith("!"):
+        return "a leading '!' would negate the match instead of naming an interface"
+    if "+" in base:
+        return "'+' is only allowed at the end, as the iptables wildcard"
+    for char in base:
+        if char in _NOT_IN_INTERFACE or char.isspace() or not (char.isascii() and char.isprintable()):
+            return f"the character {char!r} is not allowed"
+    return None
 
 
 Cidr = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -256,36 +296,37 @@ def cidr_text(cidr: Cidr) -> str:
 def validate(config: CaptureConfig) -> None:
     """Every check that can be made without touching the system; ConfigError on the first fault."""
     for name in ("envoy_port", "inbound_capture_port", "inbound_tunnel_port", "iptables_probe_port"):
-        _check_port(getattr(config, name), _setting(name))
+        _check_port(getattr(config, name), setting(config, name))
     if config.inbound_ports != "*":
         for port in split_list(config.inbound_ports):
-            _check_port(port, _setting("inbound_ports"), allow_range=True)
+            _check_port(port, setting(config, "inbound_ports"), allow_range=True)
     for name in ("local_exclude_ports", "outbound_ports", "local_outbound_ports_exclude"):
         for port in split_list(getattr(config, name)):
-            _check_port(port, _setting(name), allow_range=True)
+            _check_port(port, setting(config, name), allow_range=True)
     if config.inbound_interception_mode not in ("", "REDIRECT", "TPROXY"):
         hint = " (TPROXY is case-sensitive; istio-iptables would silently use REDIRECT)" if (
             config.inbound_interception_mode.upper() == "TPROXY") else ""
         raise ConfigError(
-            f"{_setting('inbound_interception_mode')}: unknown mode "
+            f"{setting(config, 'inbound_interception_mode')}: unknown mode "
             f"{config.inbound_interception_mode!r}, want REDIRECT or TPROXY{hint}"
         )
     for name in ("inbound_tproxy_mark", "inbound_tproxy_route_table"):
         value = getattr(config, name)
         if not value.isdigit() or not 0 < int(value) < 2**32:
-            raise ConfigError(f"{_setting(name)}: want a decimal number, got {value!r}")
+            raise ConfigError(f"{setting(config, name)}: want a decimal number, got {value!r}")
     if config.service_exclude_cidr == "*":
-        raise ConfigError(f"{_setting('service_exclude_cidr')}: '*' is not allowed")
-    parse_cidrs(config.service_cidr, _setting("service_cidr"))
-    parse_cidrs(config.service_exclude_cidr, _setting("service_exclude_cidr"))
-    for name in ("exclude_interfaces", "kube_virt_interfaces"):
+        raise ConfigError(f"{setting(config, 'service_exclude_cidr')}: '*' is not allowed")
+    parse_cidrs(config.service_cidr, setting(config, "service_cidr"))
+    parse_cidrs(config.service_exclude_cidr, setting(config, "service_exclude_cidr"))
+    for name in INTERFACE_FIELDS:
         for iface in split_list(getattr(config, name)):
-            if not _INTERFACE.fullmatch(iface):
-                raise ConfigError(f"{_setting(name)}: invalid interface name {iface!r}")
+            problem = interface_problem(iface)
+            if problem:
+                raise ConfigError(f"{setting(config, name)}: invalid interface name {iface!r}: {problem}")
     for name in ("proxy_uid", "proxy_gid"):
         for item in split_list(getattr(config, name)):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", item):
-                raise ConfigError(f"{_setting(name)}: invalid user or group {item!r}")
+                raise ConfigError(f"{setting(config, name)}: invalid user or group {item!r}")
     groups = config.owner_groups_include
     if groups != "*" and len(split_list(groups)) > 64:
         raise ConfigError(f"ISTIO_OUTBOUND_OWNER_GROUPS: at most 64 groups, got {len(split_list(groups))}")
@@ -324,8 +365,12 @@ def _check_loopback_cidr(value: str) -> None:
         )
 
 
-def _setting(field_name: str) -> str:
-    """How to name a setting in a message: its short and long flag."""
+def setting(config: CaptureConfig, field_name: str) -> str:
+    """How to name a setting in a message: the environment variable that set it, else its short
+    and long flag."""
+    env = dict(config.from_env).get(field_name)
+    if env:
+        return env
     flag = next(f for f in FLAGS if f.field == field_name)
     return f"-{flag.short}/--{flag.long}" if flag.short else f"--{flag.long}"
 

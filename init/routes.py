@@ -36,9 +36,9 @@ def everything(spec: RouteSpec) -> list[Item]:
     return items
 
 
-def install(spec: RouteSpec) -> None:
-    """Install what is missing. If netlink refuses something, what this call added is removed
-    again and OSError is raised."""
+def install(spec: RouteSpec) -> list[Item]:
+    """Install what is missing and return what was added. If netlink refuses something, what
+    this call added is removed again and OSError is raised."""
     added: list[Item] = []
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
@@ -47,9 +47,17 @@ def install(spec: RouteSpec) -> None:
                 if not _present(ipr, lo, spec, item):
                     _add(ipr, lo, spec, item)
                     added.append(item)
+                    log.info("init: added the TPROXY %s (ipv%d, mark %d, table %d)", *item, spec.mark, spec.table)
         except NetlinkError as err:
             _remove(ipr, lo, spec, added)
             raise OSError(err.code, f"setting up TPROXY routing: {err}") from None
+    return added
+
+
+def undo(spec: RouteSpec, added: list[Item]) -> None:
+    """Remove what install() returned it had added (the rest was there before)."""
+    with IPRoute() as ipr:
+        _remove(ipr, ipr.link_lookup(ifname="lo")[0], spec, added)
 
 
 def remove(spec: RouteSpec) -> None:

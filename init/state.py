@@ -52,11 +52,18 @@ class Op:
 
 @dataclass
 class Transition:
-    """What a run does to one family: ops per table, and the tables as they will be."""
+    """What a run does to one family: ops per table, the tables as they will be, and the tables
+    where rules of ours that differ from the plan are there already (`conflicts`).
+
+    A table that holds exactly the plan's rules, or none of ours, is no conflict: that is what an
+    install of this configuration killed half way leaves (each table is one commit, so a table is
+    all or nothing), and a rerun completes it. A table holding ours but not the plan's is another
+    configuration (or a stray rule of ours): replacing it takes --reconcile.
+    """
 
     ops: dict[str, list[Op]] = field(default_factory=dict)
     after: dict[str, TableState] = field(default_factory=dict)
-    residue: bool = False  # some of ours was there before
+    conflicts: list[str] = field(default_factory=list)
 
     @property
     def changes(self) -> bool:
@@ -90,7 +97,7 @@ def transition(current: dict[str, TableState], planned: Iterable[Rule], canon: C
             for index in range(len(lines), 0, -1):
                 if _is_ours(chain, lines[index - 1], builtin):
                     ops.append(Op("delete", chain, index))
-        result.residue |= bool(ours_present) or bool(ops)
+        had_ours = bool(ours_present) or bool(ops)
         ops += [Op("flush", c) for c in ours_present]
         planned_chains: list[str] = []
         for rule in [] if cleanup else mine:
@@ -102,8 +109,10 @@ def transition(current: dict[str, TableState], planned: Iterable[Rule], canon: C
         if not cleanup:
             ops += [Op("rule", r.chain, rule=r) for r in mine]
         after = _simulate(state, ops, canon)
-        if _view(after) == _view(state):
+        if view(after) == view(state):
             ops = []
+        if had_ours and ops:
+            result.conflicts.append(table)
         result.ops[table] = ops
         result.after[table] = after
     return result
@@ -131,7 +140,7 @@ def _simulate(state: TableState, ops: list[Op], canon: Canon) -> TableState:
     return TableState(policies, rules)
 
 
-def _view(state: TableState) -> dict[str, list[str]]:
+def view(state: TableState) -> dict[str, list[str]]:
     """What matters for equality: user chains (even empty) and every chain's rules."""
     return {c: r for c, r in state.rules.items() if r or c not in BUILTIN_TARGETS}
 
@@ -140,8 +149,8 @@ def describe(before: dict[str, TableState], after: dict[str, TableState]) -> lis
     """A readable diff (`- table chain rule` / `+ ...`) for logs and error messages."""
     out = []
     for table in TABLES:
-        old = _view(before.get(table, TableState()))
-        new = _view(after.get(table, TableState()))
+        old = view(before.get(table, TableState()))
+        new = view(after.get(table, TableState()))
         for chain in sorted(set(old) | set(new)):
             a, b = old.get(chain, []), new.get(chain, [])
             if chain not in new:

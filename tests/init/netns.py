@@ -472,6 +472,30 @@ def snapshot(ns: str, backend: str) -> Snapshot:
                     normalise_save(run(ns_argv(ns, [v6bin])).stdout))
 
 
+def exact_save(text: str) -> str:
+    """iptables-save output as it is, but for the comment lines (a timestamp) and the counters
+    (traffic): empty tables and chains stay, so a table created by a run shows."""
+    lines = [re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#")]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def exact_snapshot(ns: str, backend: str) -> Snapshot:
+    """Both families' tables of one backend, with nothing dropped but comments and counters."""
+    v4bin, v6bin = save_binaries(backend)
+    return Snapshot(exact_save(run(ns_argv(ns, [v4bin])).stdout), exact_save(run(ns_argv(ns, [v6bin])).stdout))
+
+
+def routing(ns: str) -> dict[str, str]:
+    """What pilotfish init may change outside iptables: policy rules, the TPROXY route table,
+    the addresses on lo."""
+    def ip(*args: str) -> str:
+        return run(ns_argv(ns, ["ip", *args]), check=False).stdout
+
+    return {"rules4": ip("rule", "show"), "rules6": ip("-6", "rule", "show"),
+            "table133v4": ip("route", "show", "table", "133"), "table133v6": ip("-6", "route", "show", "table", "133"),
+            "lo": ip("-o", "addr", "show", "dev", "lo")}
+
+
 def seed_foreign_rules(topo: Topology, backend: str) -> None:
     """Install rules that are not ours, in the backend under test, in both families.
 

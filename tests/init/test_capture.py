@@ -548,6 +548,21 @@ BAD_INPUTS = [
     pytest.param("-i", "10.0.0.0/33", ("-i", "--istio-service-cidr"), id="cidr-prefix-33"),
     pytest.param("-m", "tproxy", ("-m", "--istio-inbound-interception-mode"), id="mode-lowercase"),
     pytest.param("-x", "*", ("-x", "--istio-service-exclude-cidr"), id="exclude-wildcard"),
+    # Reversed ranges: iptables refused them half way through the apply, naming no flag.
+    pytest.param("-b", "80:70", ("-b", "--istio-inbound-ports"), id="inbound-range-reversed"),
+    pytest.param("-d", "80:70", ("-d", "--istio-local-exclude-ports"), id="exclude-range-reversed"),
+    pytest.param("-q", "9090:8080", ("-q", "--istio-outbound-ports"), id="outbound-range-reversed"),
+    pytest.param("-o", "80:70", ("-o", "--istio-local-outbound-ports-exclude"), id="outbound-exclude-reversed"),
+    # Interface names a backend reinterprets: legacy installed `! -i eth0 -j RETURN` for '!eth0'
+    # (everything but eth0 bypassed capture), nft installed `-i ab` for 'a"b'.
+    pytest.param("-c", "!eth0", ("-c", "--istio-exclude-interfaces"), id="interface-negated"),
+    pytest.param("-c", 'a"b', ("-c", "--istio-exclude-interfaces"), id="interface-quote"),
+    pytest.param("-c", "a b", ("-c", "--istio-exclude-interfaces"), id="interface-space"),
+    pytest.param("-c", "abcdefghijklmnop", ("-c", "--istio-exclude-interfaces"), id="interface-16-bytes"),
+    pytest.param("-c", "..", ("-c", "--istio-exclude-interfaces"), id="interface-dotdot"),
+    pytest.param("-c", "a+b", ("-c", "--istio-exclude-interfaces"), id="interface-inner-plus"),
+    pytest.param("-k", "!eth0", ("-k", "--kube-virt-interfaces"), id="virt-interface-negated"),
+    pytest.param("-k", 'a"b', ("-k", "--kube-virt-interfaces"), id="virt-interface-quote"),
 ]
 
 
@@ -563,9 +578,29 @@ def test_bad_input_rejected_without_touching_tables(backend: str, topo: Topology
     assert proc.returncode == 1, f"{flag} {value!r} must exit 1" + describe(proc)
     msg = proc.stderr + proc.stdout
     assert value in msg, f"message does not name the value {value!r}" + describe(proc)
-    assert any(n in msg for n in names), f"message does not name the flag ({' or '.join(names)})" + describe(proc)
+    long_names = [n for n in names if n.startswith("--")]
+    assert any(value in line and any(n in line for n in long_names) for line in msg.splitlines()), \
+        f"no line names both the flag ({' or '.join(names)}) and the value" + describe(proc)
     for b, snap in before.items():
         assert_tables(topo.snapshot(b), snap, f"a rejected run changed the {b} tables", proc)
+
+
+def test_edge_interface_names_install_rerun_and_clean(backend: str, topo: Topology) -> None:
+    """Names at the edge of what is valid (15 bytes, the '+' wildcard) are installed as given, a
+    rerun finds them in place and cleanup removes them: with '!eth0' or 'a"b' the backend wrote
+    something else, so the rerun was refused and cleanup left the rules."""
+    N.seed_foreign_rules(topo, backend)
+    before = topo.snapshot(backend)
+    args = sidecar_args(backend, None, overrides={"-c": "abcdefghijklmno,veth+", "-k": "kv0+"})
+    init_ok(topo, args)
+    installed = topo.snapshot(backend)
+    for rule in ("-A PREROUTING -i abcdefghijklmno -j RETURN", "-A OUTPUT -o veth+ -j RETURN",
+                 "-A PREROUTING -i kv0+ -j RETURN", "-A PREROUTING -i kv0+ -j ISTIO_REDIRECT"):
+        assert installed.has(rule), f"{rule!r} missing:\n{installed}"
+    proc = init_ok(topo, args)
+    assert "nothing to do" in proc.stderr, describe(proc)
+    proc = init_ok(topo, args, subcommand=("init", "clean"))
+    assert_tables(topo.snapshot(backend), before, "cleanup left rules of the edge names", proc)
 
 
 @pytest.mark.parametrize(("extra", "name"), [

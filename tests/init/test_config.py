@@ -87,3 +87,49 @@ def test_cidrs_keep_host_bits_and_print_like_go() -> None:
     assert [cidr_text(c) for c in cidrs] == ["10.1.2.3/8", "2001:db8::5/32", "::ffff:1.2.3.4/128"]
     assert [c.version for c in cidrs] == [4, 6, 6]
     assert parse_cidrs("*", "-i") is None and parse_cidrs("", "-i") == []
+
+
+@pytest.mark.parametrize("flag,env", [("-b", "ISTIO_INBOUND_PORTS"), ("-d", "ISTIO_LOCAL_EXCLUDE_PORTS"),
+                                      ("-q", "ISTIO_OUTBOUND_PORTS"), ("-o", "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE")])
+def test_reversed_port_range_names_the_flag_or_variable(flag: str, env: str) -> None:
+    """iptables refuses `--dport 80:70` only in the middle of the apply, naming no flag."""
+    extra = ["-b", "*"] if flag == "-d" else []
+    for argv, environ, named in ((extra + [flag, "80,80:70"], {}, flag + "/--"), (extra, {env: "80:70"}, env)):
+        with pytest.raises(ConfigError) as err:
+            validate(parse_args(argv, environ)[0])
+        assert named in str(err.value) and "reversed port range '80:70'" in str(err.value)
+    validate(parse_args(extra + [flag, "70:80,80:80"], {})[0])
+
+
+BAD_INTERFACES = {
+    "!eth0": "a leading '!' would negate the match",
+    'a"b': "the character '\"' is not allowed",
+    "a'b": "the character \"'\" is not allowed",
+    "a b": "the character ' ' is not allowed",
+    "a\tb": "the character '\\t' is not allowed",
+    "ab\\c": "the character '\\\\' is not allowed",
+    "eth0/1": "the character '/' is not allowed",
+    "eth0:1": "the character ':' is not allowed",
+    "ethé": "the character 'é' is not allowed",
+    "abcdefghijklmnop": "16 bytes long, the kernel allows at most 15",
+    "abcdefghijklmno+": "16 bytes long",
+    ".": "'.' and '..' are not interface names",
+    "..": "'.' and '..' are not interface names",
+    "+": "no name before the '+' wildcard",
+    "a+b": "'+' is only allowed at the end",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INTERFACES))
+@pytest.mark.parametrize("flag,env", [("-c", "ISTIO_EXCLUDE_INTERFACES"), ("-k", "KUBE_VIRT_INTERFACES")])
+def test_interface_names_checked_as_the_kernel_and_iptables_read_them(name: str, flag: str, env: str) -> None:
+    for argv, environ, named in (([flag, f"eth0,{name}"], {}, flag + "/--"), ([], {env: name}, env + ":")):
+        with pytest.raises(ConfigError) as err:
+            validate(parse_args(argv, environ)[0])
+        assert named in str(err.value) and repr(name) in str(err.value), str(err.value)
+        assert BAD_INTERFACES[name] in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["eth0", "abcdefghijklmno", "abcdefghijklmn+", "veth+", "a.b", "br-1_x", "a!b"])
+def test_good_interface_names(name: str) -> None:
+    validate(parse_args(["-c", name, "-k", name], {})[0])

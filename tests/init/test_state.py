@@ -61,14 +61,14 @@ def _installed(extra: str = "") -> str:
 def test_first_run_creates_chains_and_appends() -> None:
     move = transition(parse_save(FOREIGN), DEFAULT.rules[4], canon)
     kinds = [op.kind for op in move.ops["nat"]]
-    assert not move.residue and move.changes
+    assert not move.conflicts and move.changes
     assert kinds[:4] == ["new-chain"] * 4 and set(kinds[4:]) == {"rule"}
     assert move.after["nat"].rules["OUTPUT"][0] == "-d 192.0.2.1/32 -j RETURN"  # foreign rule kept, first
 
 
 def test_rerun_with_the_same_plan_changes_nothing() -> None:
     move = transition(parse_save(_installed()), DEFAULT.rules[4], canon)
-    assert move.residue and not move.changes
+    assert not move.conflicts and not move.changes
 
 
 def test_cleanup_removes_ours_and_keeps_foreign() -> None:
@@ -91,7 +91,7 @@ def test_changed_plan_flushes_chains_instead_of_recreating_them() -> None:
     other = plan(CaptureConfig(service_cidr="*", inbound_ports="8080"), Detected())
     move = transition(parse_save(_installed()), other.rules[4], canon)
     kinds = [op.kind for op in move.ops["nat"]]
-    assert move.residue and move.changes and "delete-chain" not in kinds and "new-chain" not in kinds
+    assert move.conflicts == ["nat"] and move.changes and "delete-chain" not in kinds and "new-chain" not in kinds
     assert "-p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT" in move.after["nat"].rules["ISTIO_INBOUND"]
 
 
