@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("controlplane: %s", err)
         return 2
     signature = file_signature(args.mesh)  # before loading: a change while loading is seen
+    log.info("controlplane: loading mesh file %s", args.mesh)
     try:
         snapshot = load_snapshot(args.mesh, args.dual_stack)
     except MeshError as err:
@@ -262,6 +263,7 @@ def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, sign
 
 
 def _reload(path: str, hub: MeshHub, why: str, dual_stack: bool) -> None:
+    log.info("controlplane: loading mesh file %s (%s)", path, why)
     try:
         snapshot = load_snapshot(path, dual_stack)
     except MeshError as err:
