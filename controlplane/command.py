@@ -30,6 +30,7 @@ from types import FrameType
 
 import grpc
 from cryptography import x509
+from pilotfish.common.dirs import UnsafeDirectoryError, check_private_path, make_dirs
 from pilotfish.dns.tablefile import file_signature
 from pilotfish.xds_client.persist import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -101,6 +102,16 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
         names = serving_names(args.san)
     except ValueError as err:
         raise ValueError(f"--san: {err}") from None
+    # Whoever can write to a directory on the way can swap what is below it: the root CA's key,
+    # or the root certificate agents are told to trust.
+    private = [("--state-dir", args.state_dir, args.state_dir)]
+    if args.root_cert_out:
+        private.append(("--root-cert-out", args.root_cert_out, os.path.dirname(os.path.abspath(args.root_cert_out))))
+    for flag, value, directory in private:
+        try:
+            check_private_path(directory)
+        except UnsafeDirectoryError as err:
+            raise ValueError(f"{flag} {value}: {err}") from None
     if args.token_file is not None:
         try:
             with open(args.token_file, encoding="utf-8"):
@@ -153,9 +164,7 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
         missing = ({key_path, cert_path} - set(have)).pop()
         raise CAError(f"{state_dir}: {os.path.basename(have[0])} without {os.path.basename(missing)}; "
                       "restore it, or remove the directory to make a new root")
-    if not os.path.isdir(state_dir):
-        os.makedirs(state_dir, mode=0o700)
-        os.chmod(state_dir, 0o700)  # makedirs' mode is subject to the umask
+    make_dirs(state_dir, 0o700)  # parents too, whatever the umask
     ca = new_root(new_key(), now)
     write_atomic(key_path, key_pem(ca.key), 0o600)
     write_atomic(cert_path, cert_pem(ca.cert), 0o644)
@@ -272,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.root_cert_out:
         try:
+            make_dirs(os.path.dirname(os.path.abspath(args.root_cert_out)), 0o755)
             write_atomic(args.root_cert_out, cert_pem(ca.cert), 0o644)
         except OSError as err:
             log.error("controlplane: --root-cert-out %s: %s", err.filename or args.root_cert_out,

@@ -12,19 +12,17 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from procs import PILOTFISH, Process
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.protobuf.struct_pb2 import Struct
-
 from pilotfish.controlplane.ca import (
     CAError,
     cert_pem,
@@ -45,6 +43,7 @@ from pilotfish.controlplane.command import (
     write_atomic,
 )
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from procs import PILOTFISH, Process
 
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 SERVER_NAME = "istiod.istio-system.svc"
@@ -267,7 +266,7 @@ def test_bad_flags_exit_2(tmp_path: Path, flags: tuple[str, ...], message: str) 
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(MESH)
     done = subprocess.run([PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"), *flags],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20, check=False)
     assert done.returncode == 2
     assert message in done.stderr
 
@@ -282,7 +281,7 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
         done = subprocess.run(
             [PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"),
              "--listen", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True, text=True, timeout=20, check=False,
         )
     assert done.returncode == 1
     assert f"controlplane: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
@@ -291,7 +290,7 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
 
 # --- the CA -----------------------------------------------------------------------------------
 
-NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def test_root_is_a_p256_ca_for_ten_years() -> None:
@@ -351,6 +350,51 @@ def test_load_root_checks_what_it_loads() -> None:
 
 
 # --- the state directory and the flags --------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_directories_it_creates_are_not_writable_by_others_under_umask_000(
+    tmp_path: Path, controlplanes: list[ControlPlane]
+) -> None:
+    """os.makedirs gives the parents 0777 & ~umask: under umask 000 another local user could
+    rename the private state directory away and plant a root CA used at the next start."""
+    state, cert = tmp_path / "a" / "b" / "state", tmp_path / "c" / "d" / "root-cert.pem"
+    old = os.umask(0)
+    try:
+        cp = ControlPlane(tmp_path, "--state-dir", str(state), "--root-cert-out", str(cert))
+    finally:
+        os.umask(old)
+    controlplanes.append(cp)
+    cp.address()
+    assert {str(p.relative_to(tmp_path)): mode(p) for p in (
+        state.parent.parent, state.parent, state, cert.parent.parent, cert.parent)} == {
+        "a": 0o700, "a/b": 0o700, "a/b/state": 0o700, "c": 0o755, "c/d": 0o755}
+    assert (mode(state / ROOT_KEY_FILE), mode(state / ROOT_CERT_FILE), mode(cert)) == (0o600, 0o644, 0o644)
+
+
+@pytest.mark.parametrize("flag", ["--state-dir", "--root-cert-out"])
+def test_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, controlplanes: list[ControlPlane], flag: str
+) -> None:
+    """Whoever can write to a parent can swap what is below it: the root CA's key, or the root
+    certificate agents are told to trust. A sticky directory (/tmp) is safe to sit under."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    target = shared / "x" / "out"
+    cp = ControlPlane(tmp_path, flag, str(target))
+    controlplanes.append(cp)
+    assert cp.proc.wait(timeout=20) == 2
+    assert f"controlplane: {flag} {target}: {shared} is writable by others (mode 0777)" in cp.text()
+    assert not (shared / "x").exists() and not cp.state.exists()  # nothing written
+
+    shared.chmod(0o1777)  # sticky, like /tmp
+    cp = ControlPlane(tmp_path, flag, str(target))
+    controlplanes.append(cp)
+    cp.address()
 
 
 def test_state_dir_keeps_the_root_across_restarts(tmp_path: Path) -> None:
