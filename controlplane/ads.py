@@ -38,7 +38,6 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryResponse,
 )
 from google.protobuf import any_pb2
-
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .nametable import ProxyInfo, is_ip

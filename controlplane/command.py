@@ -30,7 +30,7 @@ from types import FrameType
 
 import grpc
 from cryptography import x509
-from pilotfish.common.dirs import UnsafeDirectoryError, check_private_path, make_dirs
+from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.dns.tablefile import file_signature
 from pilotfish.xds_client.persist import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -47,6 +47,7 @@ from .ca import (
     new_root,
     serving_names,
 )
+from .files import check_output_path, read_regular_file
 from .mesh import MeshError, load_mesh, mesh_version
 from .nametable import ProxyInfo
 
@@ -102,23 +103,39 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
         names = serving_names(args.san)
     except ValueError as err:
         raise ValueError(f"--san: {err}") from None
-    # Whoever can write to a directory on the way can swap what is below it: the root CA's key,
-    # or the root certificate agents are told to trust.
-    private = [("--state-dir", args.state_dir, args.state_dir)]
+    outputs = [("--state-dir", args.state_dir, True)]
     if args.root_cert_out:
-        private.append(("--root-cert-out", args.root_cert_out, os.path.dirname(os.path.abspath(args.root_cert_out))))
-    for flag, value, directory in private:
-        try:
-            check_private_path(directory)
-        except UnsafeDirectoryError as err:
-            raise ValueError(f"{flag} {value}: {err}") from None
+        outputs.append(("--root-cert-out", args.root_cert_out, False))
+    for flag, value, directory in outputs:
+        problem = check_output_path(value, directory)
+        if problem is None:
+            # Whoever can write to a directory on the way can swap what is below it: the root
+            # CA's key, or the root certificate agents are told to trust.
+            try:
+                check_private_path(value if directory else os.path.dirname(os.path.abspath(value)))
+            except OSError as err:  # UnsafeDirectoryError, or a directory we may not look into
+                problem = err.strerror or str(err)
+        if problem:
+            raise ValueError(f"{flag} {value}: {problem}")
     if args.token_file is not None:
-        try:
-            with open(args.token_file, encoding="utf-8"):
-                pass
-        except OSError as err:
-            raise ValueError(f"--token-file: cannot read {args.token_file}: {err.strerror or err}") from None
+        problem = _token_file_problem(args.token_file)
+        if problem:
+            raise ValueError(f"--token-file {args.token_file}: {problem}")
     return host, port, names
+
+
+def _token_file_problem(path: str) -> str | None:
+    """Why the token file cannot give a token now (it is read again for every stream; an empty
+    one there refuses them all, which at start can only be a mistake)."""
+    try:
+        data = read_regular_file(path)
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    return None if token else "empty"
 
 
 def probe_listen(host: str, port: int) -> None:
@@ -149,20 +166,13 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
     cert_path = os.path.join(state_dir, ROOT_CERT_FILE)
     have = [p for p in (key_path, cert_path) if os.path.exists(p)]
     if len(have) == 2:
-        with open(key_path, "rb") as f:
-            key_data = f.read()
-        with open(cert_path, "rb") as f:
-            cert_data = f.read()
-        try:
-            ca = load_root(key_data, cert_data, now)
-        except CAError as err:
-            raise CAError(f"{state_dir}: {err}") from None
+        ca = load_root(_root_file(key_path), _root_file(cert_path), now)
         log.info("controlplane: root CA from %s (valid until %s)", state_dir,
                  f"{ca.cert.not_valid_after_utc:%Y-%m-%d}")
         return ca
     if have:
         missing = ({key_path, cert_path} - set(have)).pop()
-        raise CAError(f"{state_dir}: {os.path.basename(have[0])} without {os.path.basename(missing)}; "
+        raise CAError(f"{os.path.basename(have[0])} without {os.path.basename(missing)}; "
                       "restore it, or remove the directory to make a new root")
     make_dirs(state_dir, 0o700)  # parents too, whatever the umask
     ca = new_root(new_key(), now)
@@ -170,6 +180,18 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
     write_atomic(cert_path, cert_pem(ca.cert), 0o644)
     log.info("controlplane: created a new root CA in %s", state_dir)
     return ca
+
+
+def _root_file(path: str) -> bytes:
+    """A stored root file's content; CAError naming the file when it cannot be one."""
+    name = os.path.basename(path)
+    try:
+        data = read_regular_file(path)
+    except OSError as err:
+        raise CAError(f"{name}: {err.strerror or err}") from None
+    if not data.strip():
+        raise CAError(f"{name} is empty")
+    return data
 
 
 def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
@@ -263,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("controlplane: %s while loading the mesh, stopped", signals.stop)
         return 0
     if isinstance(snapshot, MeshError):
-        log.error("controlplane: %s", snapshot)
+        log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
         return 2
     try:
         probe_listen(host, port)
@@ -274,18 +296,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         ca = root_ca(args.state_dir, now)
     except CAError as err:
-        log.error("controlplane: %s", err)
+        log.error("controlplane: --state-dir %s: %s", args.state_dir, err)
         return 2
-    except OSError as err:
-        log.error("controlplane: --state-dir %s: %s", err.filename or args.state_dir, err.strerror or err)
+    except OSError as err:  # named by what failed, never a temp file's name
+        log.error("controlplane: --state-dir %s: cannot write the root CA: %s", args.state_dir, err.strerror or err)
         return 1
     if args.root_cert_out:
         try:
             make_dirs(os.path.dirname(os.path.abspath(args.root_cert_out)), 0o755)
             write_atomic(args.root_cert_out, cert_pem(ca.cert), 0o644)
         except OSError as err:
-            log.error("controlplane: --root-cert-out %s: %s", err.filename or args.root_cert_out,
-                      err.strerror or err)
+            log.error("controlplane: --root-cert-out %s: cannot write: %s", args.root_cert_out, err.strerror or err)
             return 1
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 from pilotfish.controlplane.document import load_document
+from pilotfish.controlplane.files import read_regular_file
 from pilotfish.controlplane.nametable import (
     UNSPECIFIED_IP,
     Endpoint,
@@ -106,7 +107,7 @@ class Mesh:
 def load_mesh(path: str | Path) -> Mesh:
     """Read and parse a mesh file; MeshError (naming the file) if it cannot be read or used."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MeshError(f"{path}: cannot read: {reason}") from None

@@ -11,7 +11,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -260,7 +260,7 @@ def test_a_bad_mesh_file_at_start_exits_2(tmp_path: Path, controlplanes: list[Co
 @pytest.mark.parametrize(("flags", "message"), [
     (("--listen", "15012"), "--listen: want HOST:PORT, got '15012'"),
     (("--san", "not a name"), "--san: not a DNS name or IP address: 'not a name'"),
-    (("--token-file", "/nonexistent/token"), "--token-file: cannot read /nonexistent/token"),
+    (("--token-file", "/nonexistent/token"), "--token-file /nonexistent/token: cannot read: No such file or directory"),
 ])
 def test_bad_flags_exit_2(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
     mesh = tmp_path / "mesh.yaml"
@@ -269,6 +269,73 @@ def test_bad_flags_exit_2(tmp_path: Path, flags: tuple[str, ...], message: str) 
                           capture_output=True, text=True, timeout=20, check=False)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def _state(tmp: Path, key: bytes | None, cert: bytes | None) -> Path:
+    """A state directory whose root files hold `key` and `cert` (None: made a directory)."""
+    state = tmp / "state"
+    for name, content in ((ROOT_KEY_FILE, key), (ROOT_CERT_FILE, cert)):
+        if content is None:
+            (state / name).mkdir(parents=True)
+        else:
+            state.mkdir(exist_ok=True)
+            (state / name).write_bytes(content)
+    return state
+
+
+def _made(path: Path, content: bytes | None = None) -> Path:
+    """A directory (content None) or a file with `content` at `path`."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+FILE_FLAGS = [
+    pytest.param("--root-cert-out", lambda t: _made(t / "certs"), "is a directory, not a file", id="cert-out-dir"),
+    pytest.param("--root-cert-out", lambda t: _made(t / "plain", b"x") / "root.pem", "{tmp}/plain is not a directory",
+                 id="cert-out-under-file"),
+    pytest.param("--state-dir", lambda t: _made(t / "plain", b"x"), "not a directory", id="state-file"),
+    pytest.param("--state-dir", lambda t: _made(t / "plain", b"x") / "state", "{tmp}/plain is not a directory",
+                 id="state-under-file"),
+    pytest.param("--state-dir", lambda t: _state(t, None, None), "root-key.pem: Is a directory", id="state-key-dir"),
+    pytest.param("--state-dir", lambda t: _state(t, b"", b""), "root-key.pem is empty", id="state-key-empty"),
+    pytest.param("--state-dir", lambda t: _state(t, b"junk\n", b"junk\n"),
+                 "root key: not an unencrypted PEM private key", id="state-key-not-pem"),
+    pytest.param("--token-file", lambda t: _made(t / "tokens"), "cannot read: Is a directory", id="token-dir"),
+    pytest.param("--token-file", lambda t: _made(t / "token", b" \n"), "empty", id="token-empty"),
+    pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "not UTF-8 text", id="token-binary"),
+    pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: not a regular file", id="token-fifo"),
+    pytest.param("--mesh", lambda t: _made(t / "meshes"), "cannot read: Is a directory", id="mesh-dir"),
+    pytest.param("--mesh", lambda t: _fifo(t / "mesh.fifo"), "cannot read: not a regular file", id="mesh-fifo"),
+]
+
+
+@pytest.mark.parametrize(("flag", "make", "reason"), FILE_FLAGS)
+def test_files_named_by_flags_are_checked_at_start(
+    tmp_path: Path, flag: str, make: Callable[[Path], Path], reason: str
+) -> None:
+    """A file flag whose path cannot serve (a directory, a FIFO, empty, not PEM, not text) exits
+    2 with `FLAG PATH: reason`, not a later failure naming a temp file, nor a hang, nor a control
+    plane that refuses every stream."""
+    bad = make(tmp_path)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    flags = {"--mesh": str(mesh), "--state-dir": str(tmp_path / "s"), "--root-cert-out": str(tmp_path / "r.pem"),
+             flag: str(bad)}
+    done = subprocess.run([PILOTFISH, "controlplane", "--listen", "127.0.0.1:0",
+                           *(item for pair in flags.items() for item in pair)],
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"controlplane: {flag} {bad}: {reason.format(tmp=tmp_path)}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r.pem").exists()  # refused before anything was written
 
 
 def test_port_in_use_exits_1(tmp_path: Path) -> None:
