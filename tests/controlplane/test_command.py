@@ -257,6 +257,30 @@ def test_a_bad_mesh_file_at_start_exits_2(tmp_path: Path, controlplanes: list[Co
     assert not cp.state.exists()  # nothing was changed
 
 
+@pytest.mark.parametrize("text", [
+    "services: " + "[" * 1000 + "]" * 1000 + "\n",
+    '{"services": ' + "[" * 1000 + "]" * 1000 + "}\n",
+], ids=["yaml", "json"])
+def test_a_mesh_file_nested_1000_deep_is_one_error_line(
+    tmp_path: Path, controlplanes: list[ControlPlane], text: str
+) -> None:
+    """At start (exit 2) and on reload (the previous mesh kept): one line naming the file."""
+    cp = ControlPlane(tmp_path, mesh=text)
+    controlplanes.append(cp)
+    assert cp.proc.wait(timeout=20) == 2
+    errors = [line for line in cp.text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"controlplane: --mesh {cp.mesh}: " in errors[0]
+    assert "Traceback" not in cp.text()
+
+    write(cp.mesh, MESH)
+    cp = ControlPlane(tmp_path)
+    controlplanes.append(cp)
+    version = cp.wait_for(r"serving mesh version (\w+)").group(1)
+    write(cp.mesh, text)
+    cp.wait_for(rf"rejected mesh file \(file change\): {cp.mesh}: .*; still serving version {version}")
+    assert cp.proc.poll() is None and "Traceback" not in cp.text()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--listen", "15012"), "--listen: want HOST:PORT, got '15012'"),
     (("--san", "not a name"), "--san: not a DNS name or IP address: 'not a name'"),
