@@ -50,6 +50,11 @@ _STR, _MAP, _SEQ, _MERGE = _TAG + "str", _TAG + "map", _TAG + "seq", _TAG + "mer
 _SCALARS = {tag: SafeConstructor.yaml_constructors[tag]
             for tag in (_TAG + t for t in ("null", "bool", "int", "float", "binary", "timestamp"))}
 _RESOLVER = Resolver()
+# The first characters a plain scalar that is not a string can start with (digits, signs, `.`,
+# `~`, `<`, `=`, y/n/t/f/o): any other plain scalar, and every quoted one, is a string without
+# asking the resolver (most of a mesh file: names and keys).
+_TYPED_FIRST = frozenset(_RESOLVER.yaml_implicit_resolvers)
+assert None not in _TYPED_FIRST  # no resolver for every first character (PyYAML's safe set has none)
 _CONSTRUCTOR = SafeConstructor()
 _LEADING_SPACE = re.compile(r"\s*")
 
@@ -134,7 +139,10 @@ def _build(next_event: Callable[[], Event]) -> Any:
 def _scalar(event: ScalarEvent, key_position: bool) -> Any:
     tag = event.tag
     if tag is None or tag == "!":
-        tag = _RESOLVER.resolve(ScalarNode, event.value, event.implicit)
+        value = event.value
+        if not event.implicit[0] or value[:1] not in _TYPED_FIRST:
+            return value
+        tag = _RESOLVER.resolve(ScalarNode, value, event.implicit)
     if tag == _STR:
         return event.value
     if tag == _MERGE and key_position:

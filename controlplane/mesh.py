@@ -471,7 +471,11 @@ def _string_value(value: Any, path: str) -> str:
 
 def _string(item: dict[str, Any], key: str, path: str, default: str = "") -> str:
     value = item.get(key)
-    return default if value is None else _string_value(value, _at(path, key))
+    if value is None:
+        return default
+    if isinstance(value, str):  # the path is only worked out for an error: 1M strings at 100k services
+        return value
+    return _string_value(value, _at(path, key))
 
 
 def _bool(item: dict[str, Any], key: str, path: str, default: bool = False) -> bool:
