@@ -29,6 +29,7 @@ bench: system-deps venv
 	$(PY) bench/dns_bench.py
 	$(SUDO) $(PY) bench/init_bench.py
 	$(PY) bench/agent_bench.py
+	$(PY) bench/controlplane_bench.py
 
 demo: system-deps venv
 	demo/mesh.sh

@@ -38,7 +38,6 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryResponse,
 )
 from google.protobuf import any_pb2
-
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .nametable import ProxyInfo, is_ip
@@ -54,16 +53,42 @@ TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
 # RESOURCE_EXHAUSTED instead of queueing silently.
 MAX_STREAMS = 1000
 
-SERVER_OPTIONS = [
-    # Two control planes on one port would each get half of the connections.
-    ("grpc.so_reuseport", 0),
-    # istiod's keepalive: ping idle clients every 30 s, and allow clients to ping every 15 s
-    # (Istio's agent pings every 30 s; grpc's default enforcement would answer GOAWAY).
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 15_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+
+@dataclass(frozen=True)
+class Keepalive:
+    """The server's keepalive and its policy for the clients' pings: istiod's.
+
+    istiod (pkg/keepalive/options.go, pilot/pkg/grpc/grpc.go ServerOptions) pings a connection
+    idle for 30 s (GRPC_KEEPALIVE_INTERVAL) and closes it when the ping is not answered within
+    10 s (GRPC_KEEPALIVE_TIMEOUT); it lets clients ping every 15 s (EnforcementPolicy.MinTime =
+    Time / 2) while they have a stream, and no more than once in 2 hours without one
+    (PermitWithoutStream false). A third ping too early (grpc-go's maxPingStrikes, 2) gets GOAWAY
+    ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed. pilot-agent, and this
+    project's agent, ping every 30 s. Tests shorten the periods; the defaults are istiod's.
+    """
+
+    time_ms: int = 30_000
+    timeout_ms: int = 10_000
+    min_ping_interval_ms: int = 15_000
+    max_ping_strikes: int = 2
+
+    def options(self) -> list[tuple[str, int]]:
+        """As grpcio's channel arguments. Before, this server set the client ping interval under
+        a name grpc does not know (`min_recv_ping_interval_...`), so grpc's default of 5 minutes
+        applied and idle agents were sent too_many_pings every 3-3.5 minutes."""
+        return [
+            ("grpc.keepalive_time_ms", self.time_ms),
+            ("grpc.keepalive_timeout_ms", self.timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            ("grpc.keepalive_permit_without_calls", 0),  # without a stream: one ping in 2 hours
+            # grpc core stops its own keepalive pings after two without data in between (its
+            # default); grpc-go's server, istiod's, keeps pinging an idle connection.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+ISTIOD_KEEPALIVE = Keepalive()
 
 
 class StreamError(ValueError):
@@ -421,14 +446,16 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                           node, type_url or "an empty type")
 
 
-def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials) -> tuple[grpc.Server, int]:
+def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials,
+                 keepalive: Keepalive = ISTIOD_KEEPALIVE) -> tuple[grpc.Server, int]:
     """Bind `listen` (host:port, port 0 for any) with TLS and start; returns the server and port.
 
     OSError if the address cannot be bound (in use, not local, no permission).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="ads"),
-        options=SERVER_OPTIONS,
+        # Without SO_REUSEPORT: two control planes on one port would each get half the connections.
+        options=[("grpc.so_reuseport", 0), *keepalive.options()],
         maximum_concurrent_rpcs=MAX_STREAMS,
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)

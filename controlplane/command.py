@@ -8,26 +8,32 @@ optionally with a bearer token. It serves each proxy its NameTable from a mesh f
 The root CA lives in --state-dir so that restarts keep the root agents already trust; the serving
 certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled)
 and on SIGHUP; a bad file is rejected with a log line and the previous mesh keeps being served.
-gRPC runs on grpcio's threads; the main thread only polls the file and waits for a signal.
+gRPC runs on grpcio's threads; the main thread polls the file and waits for a signal, and a mesh
+loads on a worker thread so that a stop signal is acted on while a large mesh is still loading.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import FrameType
 
 import grpc
 from cryptography import x509
-
+from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.dns.tablefile import file_signature
 from pilotfish.xds_client.persist import write_atomic
+from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, Snapshot, start_server
 from .ca import (
@@ -41,8 +47,7 @@ from .ca import (
     new_root,
     serving_names,
 )
-from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
-
+from .files import check_output_path, read_regular_file
 from .mesh import MeshError, load_mesh, mesh_version
 from .nametable import ProxyInfo
 
@@ -53,6 +58,7 @@ DEFAULT_STATE_DIR = "./var/lib/pilotfish/controlplane"
 ROOT_KEY_FILE = "root-key.pem"
 ROOT_CERT_FILE = "root-cert.pem"
 MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed well within 1 s
+STOP_CHECK = 0.05  # seconds between looks at the stop signal while a mesh loads
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -97,13 +103,39 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
         names = serving_names(args.san)
     except ValueError as err:
         raise ValueError(f"--san: {err}") from None
+    outputs = [("--state-dir", args.state_dir, True)]
+    if args.root_cert_out:
+        outputs.append(("--root-cert-out", args.root_cert_out, False))
+    for flag, value, directory in outputs:
+        problem = check_output_path(value, directory)
+        if problem is None:
+            # Whoever can write to a directory on the way can swap what is below it: the root
+            # CA's key, or the root certificate agents are told to trust.
+            try:
+                check_private_path(value if directory else os.path.dirname(os.path.abspath(value)))
+            except OSError as err:  # UnsafeDirectoryError, or a directory we may not look into
+                problem = err.strerror or str(err)
+        if problem:
+            raise ValueError(f"{flag} {value}: {problem}")
     if args.token_file is not None:
-        try:
-            with open(args.token_file, encoding="utf-8"):
-                pass
-        except OSError as err:
-            raise ValueError(f"--token-file: cannot read {args.token_file}: {err.strerror or err}") from None
+        problem = _token_file_problem(args.token_file)
+        if problem:
+            raise ValueError(f"--token-file {args.token_file}: {problem}")
     return host, port, names
+
+
+def _token_file_problem(path: str) -> str | None:
+    """Why the token file cannot give a token now (it is read again for every stream; an empty
+    one there refuses them all, which at start can only be a mistake)."""
+    try:
+        data = read_regular_file(path)
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    return None if token else "empty"
 
 
 def probe_listen(host: str, port: int) -> None:
@@ -134,24 +166,15 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
     cert_path = os.path.join(state_dir, ROOT_CERT_FILE)
     have = [p for p in (key_path, cert_path) if os.path.exists(p)]
     if len(have) == 2:
-        with open(key_path, "rb") as f:
-            key_data = f.read()
-        with open(cert_path, "rb") as f:
-            cert_data = f.read()
-        try:
-            ca = load_root(key_data, cert_data, now)
-        except CAError as err:
-            raise CAError(f"{state_dir}: {err}") from None
+        ca = load_root(_root_file(key_path), _root_file(cert_path), now)
         log.info("controlplane: root CA from %s (valid until %s)", state_dir,
                  f"{ca.cert.not_valid_after_utc:%Y-%m-%d}")
         return ca
     if have:
         missing = ({key_path, cert_path} - set(have)).pop()
-        raise CAError(f"{state_dir}: {os.path.basename(have[0])} without {os.path.basename(missing)}; "
+        raise CAError(f"{os.path.basename(have[0])} without {os.path.basename(missing)}; "
                       "restore it, or remove the directory to make a new root")
-    if not os.path.isdir(state_dir):
-        os.makedirs(state_dir, mode=0o700)
-        os.chmod(state_dir, 0o700)  # makedirs' mode is subject to the umask
+    make_dirs(state_dir, 0o700)  # parents too, whatever the umask
     ca = new_root(new_key(), now)
     write_atomic(key_path, key_pem(ca.key), 0o600)
     write_atomic(cert_path, cert_pem(ca.cert), 0o644)
@@ -159,17 +182,45 @@ def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
     return ca
 
 
+def _root_file(path: str) -> bytes:
+    """A stored root file's content; CAError naming the file when it cannot be one."""
+    name = os.path.basename(path)
+    try:
+        data = read_regular_file(path)
+    except OSError as err:
+        raise CAError(f"{name}: {err.strerror or err}") from None
+    if not data.strip():
+        raise CAError(f"{name} is empty")
+    return data
+
+
 def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
     """The mesh file as what the ADS server serves. MeshError if the file is bad.
 
     `dual_stack` is istiod's ISTIO_DUAL_STACK: without it a dual-stack proxy gets one address
     family of a dual-stack Service (istiod's default, and the vectors'; istio#51608)."""
-    mesh = load_mesh(path)
+    with _gc_paused():
+        mesh = load_mesh(path)
+        version = mesh_version(mesh)
 
     def table_for(proxy: ProxyInfo) -> NameTable:
         return mesh.name_table(replace(proxy, dual_stack_enabled=True) if dual_stack else proxy)
 
-    return Snapshot(mesh_version(mesh), table_for, len({s.hostname for s in mesh.services}))
+    return Snapshot(version, table_for, len({s.hostname for s in mesh.services}))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a mesh is built. A load makes millions of objects
+    and no cycles, and every full collection on the way walks all of them again: 1.2 s of a
+    4 s load of 100,000 services. Cycles made meanwhile by other threads wait until after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Signals:
@@ -190,6 +241,35 @@ class _Signals:
         self.hup = True
 
 
+def _load_unless_stopped(path: str, dual_stack: bool, signals: _Signals) -> Snapshot | MeshError | None:
+    """The mesh loaded on a worker thread while this thread, the one Python runs signal handlers
+    on, watches for a stop signal; None if one came first.
+
+    A load cannot be interrupted (most of it is in libyaml or the json module), but waiting for
+    it can: the worker is a daemon thread, left to finish or to end with the process, so a
+    SIGTERM during a load of 100,000 services (seconds) still exits at once. Errors other than
+    MeshError are raised here, as if the load had run on this thread.
+    """
+    outcome: list[Snapshot | Exception] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_snapshot(path, dual_stack))
+        except Exception as err:  # noqa: BLE001  # handed to the waiting thread, which raises it
+            outcome.append(err)
+
+    worker = threading.Thread(target=load, name="mesh-load", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if signals.stop is not None:
+            return None
+        worker.join(STOP_CHECK)
+    result = outcome[0]
+    if isinstance(result, Exception) and not isinstance(result, MeshError):
+        raise result
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point: validate, load the mesh, get the root, bind, serve until SIGTERM/SIGINT."""
     try:
@@ -197,38 +277,41 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         log.error("controlplane: %s", err)
         return 2
+    signals = _Signals()  # before the load: a stop signal during a long load is honoured
     signature = file_signature(args.mesh)  # before loading: a change while loading is seen
-    try:
-        snapshot = load_snapshot(args.mesh, args.dual_stack)
-    except MeshError as err:
-        log.error("controlplane: %s", err)
+    log.info("controlplane: loading mesh file %s", args.mesh)
+    snapshot = _load_unless_stopped(args.mesh, args.dual_stack, signals)
+    if snapshot is None:
+        log.info("controlplane: %s while loading the mesh, stopped", signals.stop)
+        return 0
+    if isinstance(snapshot, MeshError):
+        log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
         return 2
     try:
         probe_listen(host, port)
     except OSError as err:
         log.error("controlplane: %s", err)
         return 1
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         ca = root_ca(args.state_dir, now)
     except CAError as err:
-        log.error("controlplane: %s", err)
+        log.error("controlplane: --state-dir %s: %s", args.state_dir, err)
         return 2
-    except OSError as err:
-        log.error("controlplane: --state-dir %s: %s", err.filename or args.state_dir, err.strerror or err)
+    except OSError as err:  # named by what failed, never a temp file's name
+        log.error("controlplane: --state-dir %s: cannot write the root CA: %s", args.state_dir, err.strerror or err)
         return 1
     if args.root_cert_out:
         try:
+            make_dirs(os.path.dirname(os.path.abspath(args.root_cert_out)), 0o755)
             write_atomic(args.root_cert_out, cert_pem(ca.cert), 0o644)
         except OSError as err:
-            log.error("controlplane: --root-cert-out %s: %s", err.filename or args.root_cert_out,
-                      err.strerror or err)
+            log.error("controlplane: --root-cert-out %s: cannot write: %s", args.root_cert_out, err.strerror or err)
             return 1
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()
     credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, names, now)))])
     hub = MeshHub(snapshot)
-    signals = _Signals()
     try:
         server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials)
     except OSError as err:  # the port was taken since the probe
@@ -249,6 +332,8 @@ def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, sign
     """Until a stop signal: reload on SIGHUP and when the file's signature changes."""
     while signals.stop is None:
         time.sleep(MESH_POLL)
+        if signals.stop is not None:
+            return
         current = file_signature(path)
         if signals.hup:
             signals.hup = False
@@ -258,15 +343,17 @@ def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, sign
         else:
             continue
         seen = current
-        _reload(path, hub, why, dual_stack)
+        _reload(path, hub, why, dual_stack, signals)
 
 
-def _reload(path: str, hub: MeshHub, why: str, dual_stack: bool) -> None:
-    try:
-        snapshot = load_snapshot(path, dual_stack)
-    except MeshError as err:
+def _reload(path: str, hub: MeshHub, why: str, dual_stack: bool, signals: _Signals) -> None:
+    log.info("controlplane: loading mesh file %s (%s)", path, why)
+    snapshot = _load_unless_stopped(path, dual_stack, signals)
+    if snapshot is None:
+        return  # stopping; the caller's loop ends
+    if isinstance(snapshot, MeshError):
         log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
-                  why, err, hub.current.version)
+                  why, snapshot, hub.current.version)
         return
     if snapshot.version == hub.current.version:
         log.info("controlplane: mesh file reloaded (%s), version %s unchanged", why, snapshot.version)

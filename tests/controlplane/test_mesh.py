@@ -9,9 +9,20 @@ from typing import Any
 
 import pytest
 from google.protobuf.json_format import MessageToDict
-
-from pilotfish.controlplane.mesh import Mesh, MeshError, load_mesh, mesh_version, parse_mesh
-from pilotfish.controlplane.nametable import Endpoint, Health, ProxyInfo, Registry, Resolution
+from pilotfish.controlplane.mesh import (
+    Mesh,
+    MeshError,
+    load_mesh,
+    mesh_version,
+    parse_mesh,
+)
+from pilotfish.controlplane.nametable import (
+    Endpoint,
+    Health,
+    ProxyInfo,
+    Registry,
+    Resolution,
+)
 
 EXAMPLE = """\
 clusterDomain: cluster.local          # optional, default cluster.local
@@ -369,3 +380,22 @@ def test_ten_thousand_services() -> None:
         f"({len(table.table)} entries), serialize {done - built:.3f}s ({len(wire)} bytes), "
         f"version {versioned - done:.3f}s"
     )
+
+
+DEEP = 1000  # a hostile or broken file: far deeper than the mesh format (7 levels) ever goes
+
+
+@pytest.mark.parametrize("text", [
+    "services: " + "[" * DEEP + "]" * DEEP + "\n",
+    '{"services": ' + "[" * DEEP + "]" * DEEP + "}\n",
+    "services: [" + "{a: " * DEEP + "1" + "}" * DEEP + "]\n",
+], ids=["yaml-flow", "json", "yaml-mappings"])
+@pytest.mark.parametrize("libyaml", [True, False], ids=["libyaml", "pure-python"])
+def test_a_file_nested_1000_deep_is_one_error(text: str, libyaml: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With or without libyaml (PyYAML built without it falls back to its Python parser, whose
+    composer recursed), nesting gives MeshError, never RecursionError."""
+    if not libyaml:
+        monkeypatch.delattr("yaml.CSafeLoader")
+    message = _error(text)
+    assert message.startswith("mesh.yaml: ")
+    assert "\n" not in message
