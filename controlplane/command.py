@@ -31,6 +31,7 @@ from types import FrameType
 import grpc
 from cryptography import x509
 from pilotfish.common.dirs import check_private_path, make_dirs
+from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.tablefile import file_signature
 from pilotfish.xds_client.persist import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -278,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("controlplane: %s", err)
         return 2
     signals = _Signals()  # before the load: a stop signal during a long load is honoured
+    # one thread and one connection per agent stream (up to 1000): far past a soft limit of 1024
+    log.info("controlplane: open files limit %d", raise_open_files_limit())
     signature = file_signature(args.mesh)  # before loading: a change while loading is seen
     log.info("controlplane: loading mesh file %s", args.mesh)
     snapshot = _load_unless_stopped(args.mesh, args.dual_stack, signals)

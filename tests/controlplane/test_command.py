@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import stat
@@ -541,3 +542,21 @@ def test_probe_listen_names_the_reason() -> None:
     probe_listen("[::1]", 0)
     with pytest.raises(OSError, match="cannot listen on 192.0.2.1:15012"):
         probe_listen("192.0.2.1", 15012)  # TEST-NET: not an address of this host
+
+
+def test_open_files_soft_limit_raised_at_start(tmp_path: Path) -> None:
+    """Every agent stream costs the control plane a connection and a thread (up to 1000): under
+    the common soft limit of 1024 files it raises the soft limit to the hard one at start."""
+    write(tmp_path / "mesh.yaml", MESH)
+    cp = Process(
+        ["prlimit", "--nofile=1024:4096", PILOTFISH, "controlplane", "--mesh", str(tmp_path / "mesh.yaml"),
+         "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")],
+        tmp_path / "controlplane.log",
+    )
+    try:
+        cp.wait_for(r"listening on", timeout=30)
+        assert "controlplane: open files limit 4096" in cp.text()
+        limits = Path(f"/proc/{cp.proc.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    finally:
+        assert cp.stop() == 0
