@@ -56,12 +56,14 @@ class AgentConfig:
 
 
 def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
-    """PROXY_CONFIG (YAML or JSON ProxyConfig), as a dict; {} when unset.
+    """PROXY_CONFIG (YAML or JSON ProxyConfig): the fields the agent reads, checked; {} when unset.
 
     JSON is tried first: it is what Istio's injection template writes, and PyYAML (1.3 MB of the
-    agent's memory once imported) is then never loaded. Both parsers recurse per level of
+    agent's memory once imported) is then never loaded. Whatever either parser raises is bad
+    input, not only its own error class: PyYAML's constructors raise ValueError, IndexError and
+    the like for values such as `2001-13-45` or `!!int ""`, and both parsers recurse per level of
     nesting, so a value nested deeper than Python's recursion limit (about 1,000 levels; a
-    ProxyConfig has fewer than ten) raises RecursionError: that is bad input like any other."""
+    ProxyConfig has fewer than ten) raises RecursionError. See `_fields` for what is kept."""
     text = env.get("PROXY_CONFIG", "")
     if not text.strip():
         return {}
@@ -74,13 +76,47 @@ def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
 
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {err}") from None
         except RecursionError:
             raise ConfigError(TOO_DEEP) from None
+        except Exception as err:  # any failure to parse untrusted text is the same bad input
+            raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {type(err).__name__}: {_one_line(err)}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
-    return value
+    return _fields(value)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _text(value: object, what: str) -> str:
+    """A scalar (string, number, boolean) as text; anything else is an error naming `what`.
+
+    Checked before anything turns a value into text: YAML aliases let a short PROXY_CONFIG hold
+    a list of lists shared a billion times over (`a1: &a1 [*a0, *a0, ...]`), which parses at once
+    but whose str() never ends; and str() of an int over 4,300 digits (`0xfff...` in YAML) raises
+    ValueError."""
+    if isinstance(value, (str, int, float)):  # bool is an int
+        try:
+            return str(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"PROXY_CONFIG: {what}: want a string or a number, got {type(value).__name__}")
+
+
+def _fields(pc: Mapping[object, object]) -> dict[str, object]:
+    """The ProxyConfig fields the agent reads, as text (proxyMetadata: a map of text); the rest
+    is not looked at. A ProxyConfig holds strings and numbers in these places."""
+    out: dict[str, object] = {}
+    for name in ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy"):
+        if pc.get(name) is not None:
+            out[name] = _text(pc[name], name)
+    metadata = pc.get("proxyMetadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ConfigError(f"PROXY_CONFIG: proxyMetadata: want a map of strings, got {type(metadata).__name__}")
+        out["proxyMetadata"] = {_text(k, "proxyMetadata"): _text(v, "proxyMetadata") for k, v in metadata.items()}
+    return out
 
 
 def _bool_env(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -130,8 +166,8 @@ def xds_root(env: Mapping[str, str], pc: Mapping[str, object],
         why = problem(prov)
         return prov if why == MISSING else _usable(prov, "PROV_CERT", why)
     if _bool_env(env, "FILE_MOUNTED_CERTS"):
-        metadata = pc.get("proxyMetadata") or {}
-        path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or (metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") if isinstance(metadata, dict) else None)
+        metadata = _metadata_of(pc)
+        path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT")
         if not path:
             raise ConfigError("FILE_MOUNTED_CERTS: ISTIO_META_TLS_CLIENT_ROOT_CERT is not set")
         return _usable(str(path), "ISTIO_META_TLS_CLIENT_ROOT_CERT", problem(str(path)))
@@ -161,13 +197,16 @@ def saved_table(flag: str | None, env: Mapping[str, str], problem: Callable[[str
     return path
 
 
+def _metadata_of(pc: Mapping[str, object]) -> Mapping[str, str]:
+    metadata = pc.get("proxyMetadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
     """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
     proxyMetadata) as <K>, plus the identity fields istiod reads."""
     out: dict[str, str] = {}
-    proxy_metadata = pc.get("proxyMetadata") or {}
-    sources = [env] + ([{str(k): str(v) for k, v in proxy_metadata.items()}] if isinstance(proxy_metadata, dict) else [])
-    for source in reversed(sources):  # the environment wins over proxyMetadata
+    for source in (_metadata_of(pc), env):  # the environment wins over proxyMetadata
         for name, value in source.items():
             if name.startswith("ISTIO_META_"):
                 out[name[len("ISTIO_META_"):]] = value

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hostile import billion_laughs
 from procs import PILOTFISH, Process
 
 DEEP_JSON = "[" * 5000 + "]" * 5000
@@ -36,6 +37,20 @@ def assert_refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
 @pytest.mark.parametrize("text", [DEEP_JSON, "a: " + DEEP_JSON, DEEP_YAML], ids=["json", "yaml-flow", "yaml-block"])
 def test_deeply_nested_proxy_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text}), "PROXY_CONFIG", "nested too deeply")
+
+
+@pytest.mark.parametrize("text,words", [
+    ("a: 2001-13-45", ("not YAML or JSON", "month must be in 1..12")),
+    ('x: !!int ""', ("not YAML or JSON", "IndexError")),
+    ("x: !!float abc", ("not YAML or JSON", "ValueError")),
+    ("statusPort: 0x" + "f" * 5000, ("statusPort: want a string or a number",)),
+    (billion_laughs(), ("proxyMetadata: want a string or a number, got list",)),  # str() of it never ends
+], ids=["date", "empty-int", "float", "huge-int", "billion-laughs"])
+def test_proxy_config_that_does_not_parse_is_a_clear_error(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
+    """Any failure to parse PROXY_CONFIG, not only PyYAML's own error class, is the one-line
+    error naming it and exit 2 (the root is SYSTEM so that the check of PROXY_CONFIG is what
+    decides)."""
+    assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text, "XDS_ROOT_CA": "SYSTEM"}), "PROXY_CONFIG", *words)
 
 
 PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"

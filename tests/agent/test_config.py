@@ -14,10 +14,14 @@ from pilotfish.agent.config import agent_config, server_name, xds_root
 from pilotfish.agent.files import MISSING
 from pilotfish.agent.status import DNS_NOT_READY, StatusSources, handle
 from pilotfish.dns.config import ConfigError
+from hostile import billion_laughs
 
 ROOT = "./var/run/secrets/istio/root-cert.pem"
 BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE_IP": "10.244.1.5",
         "SERVICE_ACCOUNT": "bookinfo-productpage", "ISTIO_META_CLUSTER_ID": "Kubernetes"}
+
+
+LAUGHS = billion_laughs()
 
 
 def _config(env: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
@@ -122,7 +126,16 @@ def test_xds_headers() -> None:
     ({"PROXY_CONFIG": "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a: " + "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a:\n  " + "- " * 5000 + "x\n"}, {}, "PROXY_CONFIG: nested too deeply"),
-    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got 70000"),
+    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got '70000'"),
+    # PyYAML's constructors raise plain ValueError / IndexError for these, not YAMLError
+    ({"PROXY_CONFIG": "a: 2001-13-45"}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: month must be in 1..12"),
+    ({"PROXY_CONFIG": 'x: !!int ""'}, {}, "PROXY_CONFIG: not YAML or JSON: IndexError"),
+    ({"PROXY_CONFIG": "x: !!float abc"}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError"),
+    ({"PROXY_CONFIG": "x: " + "9" * 5000}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: Exceeds the limit"),
+    ({"PROXY_CONFIG": "statusPort: 0x" + "f" * 5000}, {}, "PROXY_CONFIG: statusPort: want a string or a number, got int"),
+    ({"PROXY_CONFIG": "discoveryAddress: [a, b]"}, {}, "PROXY_CONFIG: discoveryAddress: want a string or a number, got list"),
+    ({"PROXY_CONFIG": "proxyMetadata: [a]"}, {}, "PROXY_CONFIG: proxyMetadata: want a map of strings, got list"),
+    ({"PROXY_CONFIG": LAUGHS}, {}, "PROXY_CONFIG: proxyMetadata: want a string or a number, got list"),
     ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], kw: dict[str, object], message: str) -> None:
