@@ -61,6 +61,7 @@ PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERT
     ("empty", "is empty"),
     ("text", "holds no PEM certificate"),
     ("junk-pem", "holds no PEM certificate"),
+    ("empty-sequence", "holds no PEM certificate"),
 ])
 def test_unusable_root_ca_is_refused_at_start(tmp_path: Path, kind: str, why: str) -> None:
     """docs/agent.md: a missing root is a start-up error; so is one that cannot be used, rather
@@ -69,7 +70,8 @@ def test_unusable_root_ca_is_refused_at_start(tmp_path: Path, kind: str, why: st
     if kind == "directory":
         root.mkdir()
     else:
-        root.write_text({"empty": "", "text": "not a certificate\n", "junk-pem": PEM_JUNK}[kind])
+        root.write_text({"empty": "", "text": "not a certificate\n", "junk-pem": PEM_JUNK,
+                         "empty-sequence": PEM_JUNK.replace("bm90IGEgY2VydGlmaWNhdGU=", "MAA=")}[kind])
     line = assert_refused(run_agent(tmp_path, {"XDS_ROOT_CA": str(root)}), "XDS_ROOT_CA", str(root), why)
     assert "agent: node" not in line
 
