@@ -44,7 +44,7 @@ class AgentConfig:
     cluster_id: str
     xds_headers: tuple[tuple[str, str], ...]
     dns_enabled: bool
-    status_port: int
+    status: tuple[str, int] | None  # (host, port) the status server listens on, "" every interface; None: off
     nametable_cache: str  # "" turns persistence off
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -78,7 +78,7 @@ def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
             value = yaml.safe_load(text)
         except RecursionError:
             raise ConfigError(TOO_DEEP) from None
-        except Exception as err:  # any failure to parse untrusted text is the same bad input
+        except Exception as err:  # noqa: BLE001  any failure to parse untrusted text is the same bad input
             raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {type(err).__name__}: {_one_line(err)}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
@@ -202,6 +202,31 @@ def _metadata_of(pc: Mapping[str, object]) -> Mapping[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
+def status_address(listen: str | None, port: int | None, pc: Mapping[str, object]) -> tuple[str, int] | None:
+    """Where the status server listens, as (host, port) with "" for every interface; None when
+    it is off. `--status-listen [HOST]:PORT` first (port 0: one the kernel picks, which the log
+    gives: for tests), else `--status-port` or PROXY_CONFIG's statusPort, 0 meaning off as in
+    pilot-agent, default 15020 on every interface."""
+    if listen is not None:
+        host, number = split_host_port(listen, "--status-listen")
+        if host:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"--status-listen: want an IP address or none, got {host!r}") from None
+        return host, number
+    value = port if port is not None else pc.get("statusPort", 15020)
+    try:
+        number = int(str(value))
+        if not 0 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"status port: want 0-65535, got {value!r}") from None
+    return ("", number) if number else None
+
+
 def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
     """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
     proxyMetadata) as <K>, plus the identity fields istiod reads."""
@@ -221,6 +246,7 @@ def agent_config(
     domain: str | None = None,
     discovery: str | None = None,
     status_port: int | None = None,
+    status_listen: str | None = None,
     nametable_cache: str | None = None,
     interface_ips: tuple[str, ...] = (),
     root_problem: Callable[[str], str | None] = root_cert_problem,
@@ -245,13 +271,6 @@ def agent_config(
     if not ips:
         ips = ["127.0.0.1", "::1"]
     address, _ = discovery_address(discovery, env, pc)
-    port_value = status_port if status_port is not None else pc.get("statusPort", 15020)
-    try:
-        port = int(str(port_value))
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"status port: want 0-65535, got {port_value!r}") from None
     dns_capture = _bool_env(env, "ISTIO_META_DNS_CAPTURE")
     dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
     cluster_id = env.get("ISTIO_META_CLUSTER_ID", "")
@@ -280,7 +299,7 @@ def agent_config(
         cluster_id=cluster_id,
         xds_headers=headers,
         dns_enabled=dns_enabled,
-        status_port=port,
+        status=status_address(status_listen, status_port, pc),
         nametable_cache=cache,
         metadata=metadata(env, pc, {k: v for k, v in identity.items() if v}),
     )

@@ -102,3 +102,18 @@ def test_saved_table_path_that_is_a_directory_is_refused_at_start(tmp_path: Path
     proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'},
                      "--nametable-cache", str(tmp_path / "cache"))
     assert_refused(proc, "--nametable-cache", "is a directory", str(tmp_path / "cache"))
+
+
+def test_status_port_in_use_is_one_error_line(tmp_path: Path) -> None:
+    """Bound before anything runs, as the DNS proxy's ports: exit 1 with the port and the reason,
+    not a traceback out of the trio nursery."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}', "PILOT_DISCOVERY_ADDRESS": "127.0.0.1:1",
+                                    "PILOTFISH_NAMETABLE_CACHE": ""}, "--status-listen", f"127.0.0.1:{port}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"agent: status server cannot listen on port {port}: Address already in use" in proc.stderr

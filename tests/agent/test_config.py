@@ -8,13 +8,13 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from hostile import billion_laughs
 from prometheus_client import CollectorRegistry
 
 from pilotfish.agent.config import agent_config, server_name, xds_root
 from pilotfish.agent.files import MISSING
 from pilotfish.agent.status import DNS_NOT_READY, StatusSources, handle
 from pilotfish.dns.config import ConfigError
-from hostile import billion_laughs
 
 ROOT = "./var/run/secrets/istio/root-cert.pem"
 BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE_IP": "10.244.1.5",
@@ -37,7 +37,7 @@ def test_defaults_are_istios() -> None:
     config = _config({})
     assert config.discovery_address == "istiod.istio-system.svc:15012"
     assert config.server_name == "istiod.istio-system.svc"
-    assert config.root_cert == ROOT and config.status_port == 15020
+    assert config.root_cert == ROOT and config.status == ("", 15020)
     assert config.node_id == "sidecar~10.244.1.5~productpage-v1-abc.bookinfo~bookinfo.svc.cluster.local"
     assert config.token_file == "./var/run/secrets/tokens/istio-token" and config.cluster_id == "Kubernetes"
     assert not config.dns_enabled

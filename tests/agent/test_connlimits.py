@@ -8,7 +8,16 @@ import logging
 
 import pytest
 
-from pilotfish.agent.connlimits import EVICTED, PEER_LIMIT, TOTAL_LIMIT, Admission, Admit, Limits, Refuse, peer_key
+from pilotfish.agent.connlimits import (
+    EVICTED,
+    PEER_LIMIT,
+    TOTAL_LIMIT,
+    Admission,
+    Admit,
+    Limits,
+    Refuse,
+    peer_key,
+)
 from pilotfish.common.ratelog import RateLimitedLog
 
 ids = itertools.count
@@ -31,7 +40,7 @@ def test_a_busy_remote_crowd_cannot_take_the_local_reserve() -> None:
     for peer in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"):
         conn = next(n)
         assert admission.admit(conn, peer, local=False) == Admit()
-        admission.started(conn)  # all busy: none can be evicted
+        admission.started(conn)  # all being served: none can be evicted
     assert admission.admit(next(n), "10.0.0.3", local=False) == Refuse(TOTAL_LIMIT)
     assert admission.admit(next(n), "127.0.0.1", local=True) == Admit()
     assert admission.admit(next(n), "::1", local=True) == Admit()
