@@ -8,16 +8,7 @@ import logging
 
 import pytest
 
-from pilotfish.agent.connlimits import (
-    EVICTED,
-    PEER_LIMIT,
-    TOTAL_LIMIT,
-    Admission,
-    Admit,
-    Limits,
-    Refuse,
-    peer_key,
-)
+from pilotfish.agent.connlimits import EVICTED, PEER_LIMIT, TOTAL_LIMIT, Admission, Admit, Limits, Refuse, peer_key
 from pilotfish.common.ratelog import RateLimitedLog
 
 ids = itertools.count

@@ -14,20 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from pilotfish.agent.files import (
-    MISSING,
-    is_certificate,
-    root_cert_problem,
-    saved_table_problem,
-    token_problem,
-)
-from pilotfish.controlplane.ca import (
-    cert_pem,
-    issue_serving,
-    new_key,
-    new_root,
-    serving_names,
-)
+from pilotfish.agent.files import MISSING, is_certificate, root_cert_problem, saved_table_problem, token_problem
+from pilotfish.controlplane.ca import cert_pem, issue_serving, new_key, new_root, serving_names
 
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
