@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -202,6 +203,30 @@ def _metadata_of(pc: Mapping[str, object]) -> Mapping[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
+_HEADER_NAME = re.compile(r"[0-9a-z_.-]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def grpc_header_value(value: str, setting: str) -> str:
+    """`value` if gRPC can send it as a header value: printable ASCII. gRPC refuses anything
+    else at every stream (`INTERNAL: Invalid metadata`, retried forever), or, for bytes the
+    environment could not decode, raises in the stream's thread and the agent dies."""
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ConfigError(f"{setting}: not a valid gRPC header value (printable ASCII): {value!r}")
+    return value
+
+
+def xds_header(variable: str, value: str) -> tuple[str, str]:
+    """XDS_HEADER_<NAME>=value as (NAME, value), checked as gRPC checks it: the name lower-cased
+    is digits, letters, `-`, `_` and `.`; the value printable ASCII, but for a binary header
+    (a name ending in `-bin`), whose bytes go as they are (transport.py), as Go's gRPC sends
+    them for Istio's agent."""
+    name = variable[len("XDS_HEADER_"):]
+    if not _HEADER_NAME.fullmatch(name.lower()):
+        raise ConfigError(f"{variable}: not a valid gRPC header name: {name!r}")
+    return name, value if name.lower().endswith("-bin") else grpc_header_value(value, variable)
+
+
 def status_address(listen: str | None, port: int | None, pc: Mapping[str, object]) -> tuple[str, int] | None:
     """Where the status server listens, as (host, port) with "" for every interface; None when
     it is off. `--status-listen [HOST]:PORT` first (port 0: one the kernel picks, which the log
@@ -273,8 +298,8 @@ def agent_config(
     address, _ = discovery_address(discovery, env, pc)
     dns_capture = _bool_env(env, "ISTIO_META_DNS_CAPTURE")
     dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
-    cluster_id = env.get("ISTIO_META_CLUSTER_ID", "")
-    headers = tuple(sorted((k[len("XDS_HEADER_"):], v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
+    cluster_id = grpc_header_value(env.get("ISTIO_META_CLUSTER_ID", ""), "ISTIO_META_CLUSTER_ID")
+    headers = tuple(sorted(xds_header(k, v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
     cache = saved_table(nametable_cache, env, cache_problem)
     domain = domain or f"{namespace}.svc.cluster.local"
     identity = {

@@ -132,9 +132,11 @@ def token_problem(path: str) -> str | None:
     if data is None:
         return problem
     try:
-        data.decode("utf-8")
+        token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         return "is not UTF-8 text"
+    if not token.isascii() or not token.isprintable():
+        return "holds characters a header cannot carry (control characters or non-ASCII)"
     return None
 
 

@@ -17,8 +17,10 @@ resource however it ended.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
+import stat
 import threading
 import time
 from collections import Counter
@@ -68,11 +70,12 @@ class ConnectionState:
 
 
 def read_token(path: str) -> str:
-    """The bearer token, trimmed; '' when the file is missing, unreadable or not UTF-8, so a bad
-    token file costs a refused stream (and a retry) instead of the stream thread."""
+    """The bearer token, trimmed; '' when the file is missing, unreadable, not a regular file or
+    not UTF-8, so a bad token file costs a refused stream (and a retry) instead of the stream
+    thread. Opened without blocking: opening a FIFO for reading waits for a writer."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
+            return f.read().strip() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else ""
     except (OSError, UnicodeDecodeError):
         return ""
 
@@ -97,9 +100,13 @@ class XdsClient:
         with open(root, "rb") as f:  # read at every connection: the file may have rotated
             return grpc.ssl_channel_credentials(root_certificates=f.read())
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        metadata = [("clusterid", self.settings.cluster_id)]
-        metadata += [(name.lower(), value) for name, value in self.settings.headers]
+    def _metadata(self) -> list[tuple[str, str | bytes]]:
+        metadata: list[tuple[str, str | bytes]] = [("clusterid", self.settings.cluster_id)]
+        for name, value in self.settings.headers:
+            key = name.lower()
+            # a binary header's value is bytes: the environment's own (os.environ decoded them
+            # with surrogateescape), as Go's os.Getenv hands them to Istio's agent
+            metadata.append((key, value.encode("utf-8", "surrogateescape") if key.endswith("-bin") else value))
         token = read_token(self.settings.token_file)
         if token:
             metadata.append(("authorization", f"Bearer {token}"))

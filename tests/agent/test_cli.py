@@ -53,6 +53,15 @@ def test_proxy_config_that_does_not_parse_is_a_clear_error(tmp_path: Path, text:
     assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text, "XDS_ROOT_CA": "SYSTEM"}), "PROXY_CONFIG", *words)
 
 
+def test_an_undecodable_header_value_is_a_clear_error(tmp_path: Path) -> None:
+    """XDS_HEADER_FOO holding bytes that are not UTF-8 (os.environ keeps them as surrogates): a
+    UnicodeEncodeError in the stream's thread ended the agent with a traceback."""
+    proc = subprocess.run([PILOTFISH, "agent", "--status-port", "0"], check=False, cwd=tmp_path, capture_output=True,
+                          env={"PATH": os.environ["PATH"], "XDS_HEADER_FOO": b"\xff".decode("utf-8", "surrogateescape"),
+                               "XDS_ROOT_CA": "SYSTEM"}, text=True, timeout=30)
+    assert_refused(proc, "XDS_HEADER_FOO: not a valid gRPC header value")
+
+
 PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
 
 

@@ -137,6 +137,11 @@ def test_xds_headers() -> None:
     ({"PROXY_CONFIG": "proxyMetadata: [a]"}, {}, "PROXY_CONFIG: proxyMetadata: want a map of strings, got list"),
     ({"PROXY_CONFIG": LAUGHS}, {}, "PROXY_CONFIG: proxyMetadata: want a string or a number, got list"),
     ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
+    # gRPC refuses these at every stream (or, undecodable bytes, raises and the agent dies)
+    ({"XDS_HEADER_FOO": "a\nb"}, {}, "XDS_HEADER_FOO: not a valid gRPC header value (printable ASCII): 'a\\nb'"),
+    ({"XDS_HEADER_FOO": "\udcff"}, {}, "XDS_HEADER_FOO: not a valid gRPC header value"),
+    ({"XDS_HEADER_BAD NAME": "x"}, {}, "XDS_HEADER_BAD NAME: not a valid gRPC header name: 'BAD NAME'"),
+    ({"ISTIO_META_CLUSTER_ID": "k\x00"}, {}, "ISTIO_META_CLUSTER_ID: not a valid gRPC header value"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], kw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:

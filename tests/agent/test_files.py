@@ -180,6 +180,9 @@ def test_token_checks(tmp_path: Path) -> None:
     assert token_problem(str(token)) is None
     token.write_bytes(b"\xff\xfe")
     assert token_problem(str(token)) == "is not UTF-8 text"
+    for bad in ("eyJ\nx.y", "jeton-\u00e9t\u00e9"):  # gRPC refuses such a header at every stream
+        token.write_text(bad)
+        assert token_problem(str(token)) == "holds characters a header cannot carry (control characters or non-ASCII)"
     token.unlink()
     token.mkdir()
     assert token_problem(str(token)) == "is a directory"
