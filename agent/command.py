@@ -18,6 +18,8 @@ import argparse
 import logging
 import os
 import signal
+import socket
+from collections.abc import Mapping
 
 import trio
 from envoy.config.core.v3.base_pb2 import Node
@@ -32,10 +34,12 @@ from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.metrics import XdsMetrics
 from pilotfish.xds_client.nds import TYPE_URL as NDS_TYPE
 from pilotfish.xds_client.nds import NameTableHolder
+from pilotfish.xds_client.stream import Handler
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config
 from .files import token_problem
+from .listeners import open_listeners
 from .status import DNS_NOT_READY, StatusServer, StatusSources
 
 log = logging.getLogger("pilotfish.agent")
@@ -58,6 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="control plane (default $PILOT_DISCOVERY_ADDRESS, PROXY_CONFIG's discoveryAddress, "
                         "istiod.istio-system.svc:15012)")
     p.add_argument("--status-port", type=int, metavar="N", help="status server port (default 15020; 0 turns it off)")
+    p.add_argument("--status-listen", metavar="[HOST]:PORT",
+                   help="where the status server listens, instead of every interface on --status-port "
+                        "(port 0: a free one, which the log gives)")
     p.add_argument("--nametable-cache", metavar="PATH",
                    help="where the last good name table is saved and served from at start "
                         "(default $PILOTFISH_NAMETABLE_CACHE or ./var/lib/pilotfish/nametable.pb; '' turns it off)")
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = agent_config(
             env, proxy_type=proxy_type(args.words), domain=args.domain, discovery=args.discovery_address,
-            status_port=args.status_port, nametable_cache=args.nametable_cache,
+            status_port=args.status_port, status_listen=args.status_listen, nametable_cache=args.nametable_cache,
             interface_ips=tuple(str(ip) for ip in local_addresses()),
         )
         dns, warnings = dns_config(args, env, os.geteuid() == 0) if config.dns_enabled else (None, [])
@@ -106,11 +113,13 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         log.error("agent: DNS proxy cannot listen: %s", err.strerror or err)
         return 1
-    try:
-        trio.run(_serve, config, proxy)
-    except OSError as err:  # the status port in use
-        log.error("agent: %s", err.strerror or err)
+    try:  # before anything runs, as the DNS proxy's: a port in use is one error line
+        listeners = open_listeners(config.status[1], config.status[0]) if config.status else []
+    except OSError as err:
+        log.error("agent: status server cannot listen on port %d: %s", config.status[1] if config.status else 0,
+                  err.strerror or err)
         return 1
+    trio.run(_serve, config, proxy, listeners)
     log.info("agent: stopped")
     return 0
 
@@ -121,12 +130,12 @@ def node(config: AgentConfig) -> Node:
     return Node(id=config.node_id, cluster="istio-proxy", metadata=metadata)
 
 
-async def _serve(config: AgentConfig, proxy: DnsProxy | None) -> None:
+async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket]) -> None:
     registry = proxy.registry if proxy is not None else CollectorRegistry()
     holder = NameTableHolder(proxy.set_table if proxy is not None else (lambda table: None), config.nametable_cache)
     if proxy is not None:
         holder.load_cached()
-    handlers = {NDS_TYPE: holder.on_response} if proxy is not None else {}
+    handlers: dict[str, Handler] = {NDS_TYPE: holder.on_response} if proxy is not None else {}
     settings = XdsSettings(
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
@@ -142,7 +151,7 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None) -> None:
             return DNS_NOT_READY
         return None
 
-    def ndsz() -> dict[str, object] | None:
+    def ndsz() -> Mapping[str, object] | None:
         table = holder.table
         return None if table is None else debug_view(table.table, config.pod_namespace, config.domain)
 
@@ -157,8 +166,8 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None) -> None:
                 nursery.cancel_scope.cancel()
 
             sources = StatusSources(readiness, registry, ndsz, lambda: trio.from_thread.run_sync(stop, "quitquitquit"))
-            if config.status_port:
-                await nursery.start(StatusServer(config.status_port, sources).serve)
+            if listeners:
+                await nursery.start(StatusServer(listeners, sources).serve)
             if proxy is not None:
                 await nursery.start(proxy.serve)
             if handlers:

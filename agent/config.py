@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ class AgentConfig:
     cluster_id: str
     xds_headers: tuple[tuple[str, str], ...]
     dns_enabled: bool
-    status_port: int
+    status: tuple[str, int] | None  # (host, port) the status server listens on, "" every interface; None: off
     nametable_cache: str  # "" turns persistence off
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -56,12 +57,14 @@ class AgentConfig:
 
 
 def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
-    """PROXY_CONFIG (YAML or JSON ProxyConfig), as a dict; {} when unset.
+    """PROXY_CONFIG (YAML or JSON ProxyConfig): the fields the agent reads, checked; {} when unset.
 
     JSON is tried first: it is what Istio's injection template writes, and PyYAML (1.3 MB of the
-    agent's memory once imported) is then never loaded. Both parsers recurse per level of
+    agent's memory once imported) is then never loaded. Whatever either parser raises is bad
+    input, not only its own error class: PyYAML's constructors raise ValueError, IndexError and
+    the like for values such as `2001-13-45` or `!!int ""`, and both parsers recurse per level of
     nesting, so a value nested deeper than Python's recursion limit (about 1,000 levels; a
-    ProxyConfig has fewer than ten) raises RecursionError: that is bad input like any other."""
+    ProxyConfig has fewer than ten) raises RecursionError. See `_fields` for what is kept."""
     text = env.get("PROXY_CONFIG", "")
     if not text.strip():
         return {}
@@ -74,13 +77,47 @@ def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
 
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {err}") from None
         except RecursionError:
             raise ConfigError(TOO_DEEP) from None
+        except Exception as err:  # noqa: BLE001  any failure to parse untrusted text is the same bad input
+            raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {type(err).__name__}: {_one_line(err)}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
-    return value
+    return _fields(value)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _text(value: object, what: str) -> str:
+    """A scalar (string, number, boolean) as text; anything else is an error naming `what`.
+
+    Checked before anything turns a value into text: YAML aliases let a short PROXY_CONFIG hold
+    a list of lists shared a billion times over (`a1: &a1 [*a0, *a0, ...]`), which parses at once
+    but whose str() never ends; and str() of an int over 4,300 digits (`0xfff...` in YAML) raises
+    ValueError."""
+    if isinstance(value, (str, int, float)):  # bool is an int
+        try:
+            return str(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"PROXY_CONFIG: {what}: want a string or a number, got {type(value).__name__}")
+
+
+def _fields(pc: Mapping[object, object]) -> dict[str, object]:
+    """The ProxyConfig fields the agent reads, as text (proxyMetadata: a map of text); the rest
+    is not looked at. A ProxyConfig holds strings and numbers in these places."""
+    out: dict[str, object] = {}
+    for name in ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy"):
+        if pc.get(name) is not None:
+            out[name] = _text(pc[name], name)
+    metadata = pc.get("proxyMetadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ConfigError(f"PROXY_CONFIG: proxyMetadata: want a map of strings, got {type(metadata).__name__}")
+        out["proxyMetadata"] = {_text(k, "proxyMetadata"): _text(v, "proxyMetadata") for k, v in metadata.items()}
+    return out
 
 
 def _bool_env(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -130,8 +167,8 @@ def xds_root(env: Mapping[str, str], pc: Mapping[str, object],
         why = problem(prov)
         return prov if why == MISSING else _usable(prov, "PROV_CERT", why)
     if _bool_env(env, "FILE_MOUNTED_CERTS"):
-        metadata = pc.get("proxyMetadata") or {}
-        path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or (metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") if isinstance(metadata, dict) else None)
+        metadata = _metadata_of(pc)
+        path = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT") or metadata.get("ISTIO_META_TLS_CLIENT_ROOT_CERT")
         if not path:
             raise ConfigError("FILE_MOUNTED_CERTS: ISTIO_META_TLS_CLIENT_ROOT_CERT is not set")
         return _usable(str(path), "ISTIO_META_TLS_CLIENT_ROOT_CERT", problem(str(path)))
@@ -161,13 +198,65 @@ def saved_table(flag: str | None, env: Mapping[str, str], problem: Callable[[str
     return path
 
 
+def _metadata_of(pc: Mapping[str, object]) -> Mapping[str, str]:
+    metadata = pc.get("proxyMetadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+_HEADER_NAME = re.compile(r"[0-9a-z_.-]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def grpc_header_value(value: str, setting: str) -> str:
+    """`value` if gRPC can send it as a header value: printable ASCII. gRPC refuses anything
+    else at every stream (`INTERNAL: Invalid metadata`, retried forever), or, for bytes the
+    environment could not decode, raises in the stream's thread and the agent dies."""
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ConfigError(f"{setting}: not a valid gRPC header value (printable ASCII): {value!r}")
+    return value
+
+
+def xds_header(variable: str, value: str) -> tuple[str, str]:
+    """XDS_HEADER_<NAME>=value as (NAME, value), checked as gRPC checks it: the name lower-cased
+    is digits, letters, `-`, `_` and `.`; the value printable ASCII, but for a binary header
+    (a name ending in `-bin`), whose bytes go as they are (transport.py), as Go's gRPC sends
+    them for Istio's agent."""
+    name = variable[len("XDS_HEADER_"):]
+    if not _HEADER_NAME.fullmatch(name.lower()):
+        raise ConfigError(f"{variable}: not a valid gRPC header name: {name!r}")
+    return name, value if name.lower().endswith("-bin") else grpc_header_value(value, variable)
+
+
+def status_address(listen: str | None, port: int | None, pc: Mapping[str, object]) -> tuple[str, int] | None:
+    """Where the status server listens, as (host, port) with "" for every interface; None when
+    it is off. `--status-listen [HOST]:PORT` first (port 0: one the kernel picks, which the log
+    gives: for tests), else `--status-port` or PROXY_CONFIG's statusPort, 0 meaning off as in
+    pilot-agent, default 15020 on every interface."""
+    if listen is not None:
+        host, number = split_host_port(listen, "--status-listen")
+        if host:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"--status-listen: want an IP address or none, got {host!r}") from None
+        return host, number
+    value = port if port is not None else pc.get("statusPort", 15020)
+    try:
+        number = int(str(value))
+        if not 0 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"status port: want 0-65535, got {value!r}") from None
+    return ("", number) if number else None
+
+
 def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
     """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
     proxyMetadata) as <K>, plus the identity fields istiod reads."""
     out: dict[str, str] = {}
-    proxy_metadata = pc.get("proxyMetadata") or {}
-    sources = [env] + ([{str(k): str(v) for k, v in proxy_metadata.items()}] if isinstance(proxy_metadata, dict) else [])
-    for source in reversed(sources):  # the environment wins over proxyMetadata
+    for source in (_metadata_of(pc), env):  # the environment wins over proxyMetadata
         for name, value in source.items():
             if name.startswith("ISTIO_META_"):
                 out[name[len("ISTIO_META_"):]] = value
@@ -182,6 +271,7 @@ def agent_config(
     domain: str | None = None,
     discovery: str | None = None,
     status_port: int | None = None,
+    status_listen: str | None = None,
     nametable_cache: str | None = None,
     interface_ips: tuple[str, ...] = (),
     root_problem: Callable[[str], str | None] = root_cert_problem,
@@ -206,17 +296,10 @@ def agent_config(
     if not ips:
         ips = ["127.0.0.1", "::1"]
     address, _ = discovery_address(discovery, env, pc)
-    port_value = status_port if status_port is not None else pc.get("statusPort", 15020)
-    try:
-        port = int(str(port_value))
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"status port: want 0-65535, got {port_value!r}") from None
     dns_capture = _bool_env(env, "ISTIO_META_DNS_CAPTURE")
     dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
-    cluster_id = env.get("ISTIO_META_CLUSTER_ID", "")
-    headers = tuple(sorted((k[len("XDS_HEADER_"):], v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
+    cluster_id = grpc_header_value(env.get("ISTIO_META_CLUSTER_ID", ""), "ISTIO_META_CLUSTER_ID")
+    headers = tuple(sorted(xds_header(k, v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
     cache = saved_table(nametable_cache, env, cache_problem)
     domain = domain or f"{namespace}.svc.cluster.local"
     identity = {
@@ -241,7 +324,7 @@ def agent_config(
         cluster_id=cluster_id,
         xds_headers=headers,
         dns_enabled=dns_enabled,
-        status_port=port,
+        status=status_address(status_listen, status_port, pc),
         nametable_cache=cache,
         metadata=metadata(env, pc, {k: v for k, v in identity.items() if v}),
     )

@@ -38,26 +38,76 @@ def _read(path: str) -> tuple[bytes | None, str | None]:
         return None, f"cannot be read: {err.strerror or err}"
 
 
-def _is_der_sequence(der: bytes) -> bool:
-    """Whether `der` is exactly one DER SEQUENCE, which is what a certificate is on the outside."""
-    if len(der) < 2 or der[0] != 0x30:
+SEQUENCE, INTEGER, BIT_STRING, UTC_TIME, GENERALIZED_TIME = 0x30, 0x02, 0x03, 0x17, 0x18
+VERSION, ISSUER_UID, SUBJECT_UID, EXTENSIONS = 0xA0, 0xA1, 0xA2, 0xA3  # tbsCertificate's [0]..[3]
+
+
+def _elements(der: bytes, start: int, end: int) -> list[tuple[int, int, int]] | None:
+    """The DER elements that exactly fill der[start:end], as (tag, content start, content end);
+    None when they do not (a length past the end, a truncated header, bytes left over)."""
+    out = []
+    while start < end:
+        if end - start < 2:
+            return None
+        tag, length, start = der[start], der[start + 1], start + 2
+        if tag & 0x1F == 0x1F:  # a multi-byte tag: none in a certificate's outline
+            return None
+        if length & 0x80:
+            size = length & 0x7F
+            if not 1 <= size <= 4 or end - start < size:
+                return None
+            length, start = int.from_bytes(der[start:start + size], "big"), start + size
+        if end - start < length:
+            return None
+        out.append((tag, start, start + length))
+        start += length
+    return out
+
+
+def _tags(der: bytes, element: tuple[int, int, int]) -> list[int] | None:
+    """The tags of the elements inside `element`, None when its content is not DER elements."""
+    inner = _elements(der, element[1], element[2])
+    return None if inner is None else [tag for tag, _, _ in inner]
+
+
+def is_certificate(der: bytes) -> bool:
+    """Whether `der` has the outline of an X.509 certificate (RFC 5280 §4.1): a SEQUENCE of
+    tbsCertificate (SEQUENCE), signatureAlgorithm (SEQUENCE) and signatureValue (BIT STRING),
+    the tbsCertificate holding [0] version?, serialNumber (INTEGER), signature, issuer,
+    validity (two times), subject, subjectPublicKeyInfo (SEQUENCEs), then [1] [2] [3] at most.
+
+    Enough to tell a certificate from other PEM payloads, junk or an empty SEQUENCE (`MAA=`);
+    whether it verifies the control plane is grpc's business at the handshake."""
+    outer = _elements(der, 0, len(der))
+    if outer is None or len(outer) != 1 or outer[0][0] != SEQUENCE:
         return False
-    length, rest = der[1], der[2:]
-    if length & 0x80:
-        size = length & 0x7F
-        if not 1 <= size <= 4 or len(rest) < size:
-            return False
-        length, rest = int.from_bytes(rest[:size], "big"), rest[size:]
-    return length == len(rest)
+    parts = _elements(der, outer[0][1], outer[0][2])
+    if parts is None or [tag for tag, _, _ in parts] != [SEQUENCE, SEQUENCE, BIT_STRING]:
+        return False
+    tbs = _elements(der, parts[0][1], parts[0][2])
+    if tbs is None:
+        return False
+    tags = [tag for tag, _, _ in tbs]
+    if tags[:1] == [VERSION]:
+        tbs, tags = tbs[1:], tags[1:]
+    if tags[:6] != [INTEGER] + [SEQUENCE] * 5:
+        return False
+    optional = tags[6:]
+    if optional != sorted(set(optional)) or not set(optional) <= {ISSUER_UID, SUBJECT_UID, EXTENSIONS}:
+        return False
+    validity, key = _tags(der, tbs[3]), _tags(der, tbs[5])
+    return (validity is not None and len(validity) == 2 and set(validity) <= {UTC_TIME, GENERALIZED_TIME}
+            and key == [SEQUENCE, BIT_STRING])
 
 
 def root_cert_problem(path: str) -> str | None:
     """Why `path` cannot be the root certificate of the control-plane connection (MISSING when
     it does not exist), or None when it holds at least one PEM certificate block.
 
-    Checked without OpenSSL (a block whose base64 is one whole DER structure): building an SSL
-    context to parse it would cost the agent ~0.7 MB of RSS for good, OpenSSL's one-time set-up,
-    and grpc verifies the certificate itself at every handshake."""
+    Checked without OpenSSL or `cryptography` (a block whose base64 has a certificate's DER
+    outline, `is_certificate`): an SSL context to parse it would cost the agent ~0.7 MB of RSS
+    for good, OpenSSL's one-time set-up, and importing `cryptography.x509` ~8.5 MB (measured
+    at agent start); grpc verifies the certificate itself at every handshake."""
     data, problem = _read(path)
     if data is None:
         return problem
@@ -65,7 +115,7 @@ def root_cert_problem(path: str) -> str | None:
         return "is empty"
     for block in _PEM_CERTIFICATE.finditer(data):
         try:
-            if _is_der_sequence(binascii.a2b_base64(block.group(1))):
+            if is_certificate(binascii.a2b_base64(block.group(1))):
                 return None
         except binascii.Error:
             continue
@@ -82,9 +132,11 @@ def token_problem(path: str) -> str | None:
     if data is None:
         return problem
     try:
-        data.decode("utf-8")
+        token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         return "is not UTF-8 text"
+    if not token.isascii() or not token.isprintable():
+        return "holds characters a header cannot carry (control characters or non-ASCII)"
     return None
 
 

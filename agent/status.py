@@ -5,19 +5,28 @@ serves it (reference/istio-agent.md §6): `/healthz/ready` 200 or 503, `/stats/p
 `/metrics` in Prometheus text, `/debug/*` and `POST /quitquitquit` from loopback peers only (403
 otherwise, pilot-agent's answer). A 503 carries its reason in the body; pilot-agent only logs it.
 
-It listens on every interface (kubelet probes it), so its connections are bounded (connlimits.py)
-and the request head must arrive within HEADER_TIMEOUT: a remote flood costs the flooder, not the
-agent's file table, the DNS proxy or the local probes. Figures and reasons: docs/agent.md.
+It listens on every interface (kubelet probes it), so its connections are bounded (connlimits.py),
+the request head must arrive within HEADER_TIMEOUT, and each remote peer's requests are
+rate-limited (ratelimit.py): a remote flood costs the flooder, not the agent's file table, the DNS
+proxy or the local probes. Loopback peers connect through listening sockets of their own
+(listeners.py). Readiness and the other cheap answers are given on the event loop, at once in the
+accept loop's turn when the request came with the connection; what renders (the metrics,
+/debug/*) runs in worker threads, few at a time, loopback peers with threads of their own, so a
+readiness probe never queues behind a render and a local scrape never behind a remote one.
+Figures and reasons: docs/agent.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import ipaddress
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -28,18 +37,31 @@ from pilotfish.common.limits import open_files_limit
 from pilotfish.common.ratelog import RateLimitedLog
 
 from .connlimits import HEADER_TIMEOUT as HEADER_TIMEOUT_REASON
-from .connlimits import Admission, Refuse
+from .connlimits import Admission, Refuse, peer_key
+from .ratelimit import PeerRates
 
 log = logging.getLogger("pilotfish.status")
 
 MAX_REQUEST = 16 * 1024  # the request head (h11's default limit is 16 KiB too)
 HEADER_TIMEOUT = 2.0  # seconds from accept to the end of the request head
 SEND_TIMEOUT = 5.0  # seconds to hand the response to the kernel
+ACCEPT_BATCH = 64  # connections accepted before other tasks get a turn
 ACCEPT_RETRY = 0.1  # seconds before accepting again after EMFILE and the like (trio's figure)
+LOCAL_RENDERS = 2  # renders at once for loopback peers (a /debug/ndsz of a large table takes seconds)
+REMOTE_RENDERS = 1  # and for remote peers together: renders hold the GIL, one is a core's worth
+METRICS_ROUTES = ("/stats/prometheus", "/metrics")
 # accept() failures that say "out of a resource, try again later", not "this listener is broken"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() failures that concern one connection, not the listener: accept(2) on Linux passes a
+# pending network error of the new connection (ENETDOWN, EPROTO, ... "treat them like EAGAIN by
+# retrying"), EPERM is a firewall's refusal, ECONNABORTED/ECONNRESET/ETIMEDOUT one gone already
+# (the list trio's SocketListener.accept skips)
+IGNORABLE_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                                     errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                                     errno.ENETUNREACH, errno.ECONNRESET, errno.ETIMEDOUT})
 DNS_NOT_READY = "istio DNS capture is turned ON and DNS lookup table is not ready yet"
-REASONS = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
+           503: "Service Unavailable"}
 
 
 @dataclass
@@ -53,13 +75,15 @@ class Response:
 class StatusSources:
     """What the server reports, as callables so the server needs no knowledge of the agent.
 
-    They are called from a worker thread, not the trio loop: the /debug/ndsz view of a large
-    table takes seconds to build (100,000 services: ~4 s), and the loop also serves DNS over TCP.
+    `readiness` is called on the trio loop and must be cheap (it is what probes ask, and must
+    never wait behind anything); the others are called from a worker thread (`renders`): the
+    /debug/ndsz view of a large table takes seconds to build (100,000 services: ~4 s), and the
+    loop also serves DNS over TCP.
     """
 
-    readiness: Callable[[], str | None]  # None when ready, else why not
+    readiness: Callable[[], str | None]  # None when ready, else why not; cheap
     registry: CollectorRegistry
-    name_table: Callable[[], dict[str, object] | None]  # the /debug/ndsz view, None before a table
+    name_table: Callable[[], Mapping[str, object] | None]  # the /debug/ndsz view, None before a table
     quit: Callable[[], None]
 
 
@@ -86,6 +110,13 @@ def handle(method: str, path: str, local: bool, sources: StatusSources) -> Respo
     return Response(404, b"404 page not found")
 
 
+def renders(route: str, local: bool) -> bool:
+    """Whether answering `route` to this peer runs in a worker thread (it renders, or, for
+    quitquitquit, crosses back into trio from one) rather than on the loop. Remote peers get a
+    403 for /debug/* and /quitquitquit, answered on the loop like readiness and 404s."""
+    return route in METRICS_ROUTES or (local and (route == "/quitquitquit" or route.startswith("/debug/")))
+
+
 def _encode(response: Response) -> bytes:
     head = (
         f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
@@ -104,77 +135,143 @@ def is_local(peer: str) -> bool:
 
 
 class StatusServer:
-    """Serves `sources` on a TCP port (all interfaces, as pilot-agent's 15020)."""
+    """Serves `sources` on `listeners` (listeners.py: every interface, as pilot-agent's 15020,
+    loopback with queues of its own), which it closes when it stops.
 
-    def __init__(self, port: int, sources: StatusSources, host: str = "", admission: Admission | None = None,
-                 header_timeout: float = HEADER_TIMEOUT) -> None:
-        self.port = port
-        self.host = host
+    `local` decides which peers are loopback (a parameter so that tests on loopback can play a
+    remote peer)."""
+
+    def __init__(self, listeners: list[socket.socket], sources: StatusSources, *, admission: Admission | None = None,
+                 header_timeout: float = HEADER_TIMEOUT, rates: PeerRates | None = None,
+                 local: Callable[[str], bool] = is_local) -> None:
+        self.listeners = listeners
         self.sources = sources
-        self.bound_port = 0
-        self.admission = admission or Admission()
+        self.bound_port = listeners[0].getsockname()[1] if listeners else 0
+        self.admission = admission if admission is not None else Admission()
+        self.rates = rates if rates is not None else PeerRates()
         self.header_timeout = header_timeout
         self.accept_errors = 0
+        self.rate_limited = 0  # requests answered 429
+
+        def classify(peer: str) -> tuple[bool, str]:
+            """(loopback?, the key its connections and requests count under)."""
+            loopback = local(peer)
+            return loopback, peer if loopback else peer_key(peer)
+
+        self._classify = functools.lru_cache(maxsize=4096)(classify)  # parsed once per address, not per connection
+        limits, per_peer = self.admission.limits, self.rates.rates
+        self._limits_text = (f"limits: {limits.per_peer} per remote peer, {limits.remote} remote, {limits.local_reserve} "
+                             f"more for loopback; {per_peer.rate:g} connections/s per remote peer, bursts of "
+                             f"{per_peer.burst:g}, a render costs {per_peer.render_cost:g} more")
+        self._renders = {True: trio.CapacityLimiter(LOCAL_RENDERS), False: trio.CapacityLimiter(REMOTE_RENDERS)}
+        self._threads = trio.CapacityLimiter(LOCAL_RENDERS + REMOTE_RENDERS)  # never waited on: a render slot is held
         self._ids = itertools.count()
         self._scopes: dict[int, trio.CancelScope] = {}
-        self._warn_refused = RateLimitedLog(log)
-        self._warn_accept = RateLimitedLog(log)
+        self._warn_refused = RateLimitedLog(log, clock=trio.current_time)
+        self._warn_accept = RateLimitedLog(log, clock=trio.current_time)
+        self._warn_rate = RateLimitedLog(log, clock=trio.current_time)
         sources.registry.register(_StatusMetrics(self))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host or None)
-        self.bound_port = listeners[0].socket.getsockname()[1]
-        log.info("status: listening on port %d", self.bound_port)
+        log.info("status: listening on port %d (%s)", self.bound_port,
+                 ", ".join(str(sock.getsockname()[0]) for sock in self.listeners))
         task_status.started()
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
+            for listener in self.listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        with listener:
             while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as err:
-                    if err.errno not in RESOURCE_ERRNOS:
-                        raise
-                    self.accept_errors += 1
-                    self._warn_accept(logging.WARNING, "status: cannot accept connections: %s (open files limit %d)",
-                                      err.strerror, open_files_limit())
-                    await trio.sleep(ACCEPT_RETRY)
-                    continue
-                self._admit(stream, nursery)
+                await trio.lowlevel.wait_readable(listener)
+                await self._accept_batch(listener, nursery)
 
-    def _admit(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
-        try:
-            peer = stream.socket.getpeername()[0]
-        except OSError:  # reset before we looked
-            stream.socket.close()
-            return
-        local = is_local(peer)
+    async def _accept_batch(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept what is queued, ACCEPT_BATCH at most, then let other tasks run. In a batch, not
+        one connection per trip through trio's scheduler: most of a flood's connections are
+        refused at once, and a trip each cost more than the refusal (a flood of ~7,500
+        connections/s took ~25% more of the agent's CPU that way)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno in IGNORABLE_ACCEPT_ERRNOS:  # that connection is gone; the next may not be
+                    continue
+                if err.errno not in RESOURCE_ERRNOS:
+                    raise
+                self.accept_errors += 1
+                self._warn_accept(logging.WARNING, "status: cannot accept connections: %s (open files limit %d)",
+                                  err.strerror, open_files_limit())
+                await trio.sleep(ACCEPT_RETRY)
+                return
+            self._admit(sock, address[0], nursery)
+        await trio.lowlevel.checkpoint()
+
+    def _admit(self, sock: socket.socket, peer: str, nursery: trio.Nursery) -> None:
+        local, key = self._classify(peer)
         conn = next(self._ids)
-        decision = self.admission.admit(conn, peer, local)
+        over_rate = not local and not self.rates.pay(key, 1, trio.current_time())
+        decision = self.admission.admit(conn, peer, local, over_rate)
         if isinstance(decision, Refuse):
-            stream.socket.close()
-            limits = self.admission.limits
-            self._warn_refused(logging.WARNING, "status: refused a connection from %s (%s; limits: %d per remote peer, "
-                               "%d remote, %d more for loopback)", peer, decision.reason, limits.per_peer,
-                               limits.remote, limits.local_reserve)
+            sock.close()
+            self._warn_refused(logging.WARNING, "status: refused a connection from %s (%s; %s)", peer, decision.reason,
+                               self._limits_text)
             return
         evicted = self._scopes.pop(decision.evict, None) if decision.evict is not None else None
         if evicted is not None:
             evicted.cancel()
+        at_once = self._answer_at_once(sock, conn, peer, key, local)
+        if at_once is None:
+            return
         scope = self._scopes[conn] = trio.CancelScope()
-        nursery.start_soon(self._connection, stream, conn, local, scope)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(self._connection, stream, *at_once, conn, peer, key, local, scope)
 
-    async def _connection(self, stream: trio.SocketStream, conn: int, local: bool, scope: trio.CancelScope) -> None:
+    def _answer_at_once(self, sock: socket.socket, conn: int, peer: str, key: str,
+                        local: bool) -> tuple[bytes, list[str] | None] | None:
+        """Answer right here, in the accept loop's turn, when the request is already in and
+        cheap (a probe's, usually: the client sent it with the handshake); None when done with
+        the connection. Else, for a task of its own: the bytes received so far (the head is on
+        its way), or the request line of a render that was paid for.
+
+        A connection handed to a task needs several more trips through trio's scheduler (read
+        the head, answer, close), each behind whatever else is running: under a flood of
+        connections that is tens of ms for a local probe, against one trip here."""
+        try:
+            sock.setblocking(False)
+            received = sock.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return b"", None
+        except OSError:
+            received = b""  # reset already
+        if received and b"\r\n\r\n" not in received and len(received) < MAX_REQUEST:
+            return received, None  # the rest of the head is on its way
+        line = received.split(b"\r\n", 1)[0].decode("latin-1").split()
+        if len(line) >= 2:  # else closed by the peer, or not HTTP: closed
+            response = self._cheap_answer(conn, line[0], line[1], peer, key, local)
+            if response is None:
+                return received, line  # a render: a task waits for a thread
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes a small answer whole
+                sock.send(_encode(response))
+        sock.close()
+        self.admission.closed(conn)
+        return None
+
+    async def _connection(self, stream: trio.SocketStream, received: bytes, render: list[str] | None, conn: int,
+                          peer: str, key: str, local: bool, scope: trio.CancelScope) -> None:
+        """One connection to its end: the rest of the request head (unless `render` is the line of
+        a render paid for already), the answer, the close."""
         try:
             with scope:
                 async with stream:
-                    line = await self._request_line(stream, conn)
+                    line = render or await self._request_line(stream, conn, received)
                     if line is None:
                         return
-                    response = await trio.to_thread.run_sync(handle, line[0], line[1], local, self.sources)
+                    response = None if render else self._cheap_answer(conn, line[0], line[1], peer, key, local)
+                    if response is None:
+                        response = await self._render(conn, line[0], line[1], local)
                     # Shielded: /quitquitquit cancels this task with the rest, and its OK must still go out.
                     with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT):
                         await stream.send_all(_encode(response))
@@ -184,11 +281,32 @@ class StatusServer:
             self._scopes.pop(conn, None)
             self.admission.closed(conn)
 
-    async def _request_line(self, stream: trio.SocketStream, conn: int) -> list[str] | None:
-        """The request line's words once the head arrived; None when it did not within the
-        deadline (counted; the deadline is for the whole head, so trickling bytes does not extend
-        it), or the peer closed first, or it is not HTTP."""
-        request = b""
+    def _cheap_answer(self, conn: int, method: str, path: str, peer: str, key: str, local: bool) -> Response | None:
+        """The answer made on the loop (readiness, 403/404/405; the remote peer paid for the
+        connection when it was accepted), or a 429 for a render a remote peer cannot pay for;
+        None for a render it can."""
+        if renders(path.split("?", 1)[0], local):
+            if local or self.rates.pay(key, self.rates.rates.render_cost, trio.current_time()):
+                return None
+            self.rate_limited += 1
+            self._warn_rate(logging.WARNING, "status: too many requests from %s (%s)", peer, self._limits_text)
+            return Response(429, b"Too Many Requests")
+        self.admission.started(conn)
+        return handle(method, path, local, self.sources)
+
+    async def _render(self, conn: int, method: str, path: str, local: bool) -> Response:
+        """The answer made in a worker thread once a render slot of the peer's kind (loopback or
+        remote) is free. The connection stays evictable (connlimits.py) until then: a render
+        waiting for a slot holds a connection without any work done for it yet."""
+        async with self._renders[local]:
+            self.admission.started(conn)
+            return await trio.to_thread.run_sync(handle, method, path, local, self.sources, limiter=self._threads)
+
+    async def _request_line(self, stream: trio.SocketStream, conn: int, request: bytes) -> list[str] | None:
+        """The request line's words once the head arrived (`request`: what came with the
+        connection); None when it did not within the deadline (counted; the deadline is for the
+        whole head, so trickling bytes does not extend it), or the peer closed first, or it is
+        not HTTP."""
         with trio.move_on_after(self.header_timeout) as deadline:
             while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
                 chunk = await stream.receive_some(4096)
@@ -198,7 +316,6 @@ class StatusServer:
         if deadline.cancelled_caught:
             self.admission.closed(conn, HEADER_TIMEOUT_REASON)
             return None
-        self.admission.started(conn)
         line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
         return line if len(line) >= 2 else None
 
@@ -216,10 +333,13 @@ class _StatusMetrics:
         dropped = CounterMetricFamily(
             "pilotfish_status_connections_dropped",
             "Status-port connections refused or closed early, by reason: peer_limit, total_limit, evicted "
-            "(the oldest idle one, to make room), header_timeout.", labels=["reason"])
+            "(an idle one, to make room), header_timeout, rate_limit (the peer spent its requests).", labels=["reason"])
         for reason, count in sorted(admission.dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield CounterMetricFamily("pilotfish_status_requests_rate_limited",
+                                  "Requests from remote peers answered 429: the peer spent its requests for now.",
+                                  value=self._server.rate_limited)
         yield CounterMetricFamily("pilotfish_status_accept_errors",
                                   "accept() failures on the status port for want of a resource (EMFILE, ...).",
                                   value=self._server.accept_errors)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .outcome import CANCELLED, ERROR
 from .transport import ConnectionState
 
 
@@ -20,7 +21,12 @@ class XdsMetrics:
         yield GaugeMetricFamily("pilotfish_xds_connected", "1 while the ADS stream to the control plane is up.",
                                 value=1 if state.connected else 0)
         yield CounterMetricFamily("istio_agent_istiod_connection_failures",
-                                  "Streams to the control plane that failed or ended without delivering a resource.", value=state.failures)
+                                  "The total number of connection failures to Istiod", value=state.failures)
+        terminations = CounterMetricFamily("istio_agent_istiod_connection_terminations",
+                                           "The total number of connection errors to Istiod", labels=["type"])
+        for kind in (CANCELLED, ERROR):
+            terminations.add_metric([kind], state.terminations[kind])
+        yield terminations
         yield GaugeMetricFamily("pilotfish_xds_last_update_timestamp_seconds",
                                 "When the last resource was accepted (Unix time; 0 before the first).",
                                 value=state.last_update)

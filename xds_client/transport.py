@@ -17,10 +17,13 @@ resource however it ended.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
+import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +34,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
+from .outcome import connection_made, termination
 from .stream import AdsStream, Handler, TypeState
 
 log = logging.getLogger("pilotfish.xds")
@@ -58,18 +62,20 @@ class ConnectionState:
 
     connected: bool = False
     connects: int = 0
-    failures: int = 0
+    failures: int = 0  # attempts whose connection was never made (outcome.py)
+    terminations: Counter[str] = field(default_factory=Counter)  # streams ended after it was, by type
     last_error: str = ""
     last_update: float = 0.0  # time.time() of the last accepted resource
     types: dict[str, TypeState] = field(default_factory=dict)
 
 
 def read_token(path: str) -> str:
-    """The bearer token, trimmed; '' when the file is missing, unreadable or not UTF-8, so a bad
-    token file costs a refused stream (and a retry) instead of the stream thread."""
+    """The bearer token, trimmed; '' when the file is missing, unreadable, not a regular file or
+    not UTF-8, so a bad token file costs a refused stream (and a retry) instead of the stream
+    thread. Opened without blocking: opening a FIFO for reading waits for a writer."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
+            return f.read().strip() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else ""
     except (OSError, UnicodeDecodeError):
         return ""
 
@@ -116,9 +122,13 @@ class XdsClient:
         with open(root, "rb") as f:  # read at every connection: the file may have rotated
             return grpc.ssl_channel_credentials(root_certificates=f.read())
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        metadata = [("clusterid", self.settings.cluster_id)]
-        metadata += [(name.lower(), value) for name, value in self.settings.headers]
+    def _metadata(self) -> list[tuple[str, str | bytes]]:
+        metadata: list[tuple[str, str | bytes]] = [("clusterid", self.settings.cluster_id)]
+        for name, value in self.settings.headers:
+            key = name.lower()
+            # a binary header's value is bytes: the environment's own (os.environ decoded them
+            # with surrogateescape), as Go's os.Getenv hands them to Istio's agent
+            metadata.append((key, value.encode("utf-8", "surrogateescape") if key.endswith("-bin") else value))
         token = read_token(self.settings.token_file)
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
@@ -136,8 +146,9 @@ class XdsClient:
         options.append(("grpc.ssl_target_name_override", self.settings.server_name))
         return grpc.secure_channel(self.settings.address, credentials, options=options)
 
-    def _serve_stream(self) -> None:
-        """One stream, start to end (runs in a worker thread)."""
+    def _serve_stream(self, answered: threading.Event) -> None:
+        """One stream, start to end (runs in a worker thread); `answered` is set at its first
+        response."""
         channel = self._channel()
         outbox: queue.Queue[DiscoveryRequest | None] = queue.Queue()
         stream = AdsStream(self.node, self.handlers, self.state.types)
@@ -156,6 +167,7 @@ class XdsClient:
             with self._lock:
                 self._call = call
             for response in call:
+                answered.set()
                 if not self.state.connected:
                     self.state.connected = True
                     self.state.connects += 1
@@ -192,20 +204,28 @@ class XdsClient:
         backoff = Backoff(self.settings.backoff_base, self.settings.backoff_cap)
         while True:
             accepted_before = self._accepted()
+            answered = threading.Event()
+            code: str | None = None
+            made = True  # the connection to the control plane was made (outcome.py)
             try:
-                await trio.to_thread.run_sync(self._serve_stream, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(self._serve_stream, answered, abandon_on_cancel=True)
                 error = "stream closed by the server"
             except grpc.RpcError as err:
-                error = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+                code, details = err.code().name, err.details()  # type: ignore[attr-defined]
+                error = f"{code}: {details}"
+                made = connection_made(code, answered.is_set())
             except OSError as err:  # e.g. the root certificate file is missing
                 error = f"{err.strerror or err}: {getattr(err, 'filename', '')}"
+                made = False
             finally:
                 self._cancel()
-            # However the stream ended: one that delivered proved the connection healthy.
-            delivered = self._accepted() > accepted_before
-            self.state.failures += 0 if delivered else 1
+            if made:
+                self.state.terminations[termination(code, error)] += 1
+            else:
+                self.state.failures += 1
             self.state.last_error = error
-            ceiling = backoff.after_stream(delivered)
+            # However the stream ended: one that delivered proved the connection healthy.
+            ceiling = backoff.after_stream(delivered=self._accepted() > accepted_before)
             delay = random.random() * ceiling
             log.warning("xds: connection to %s ended (%s); retrying in %.1fs (at most %.1fs)",
                         self.settings.address, error, delay, ceiling)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hostile import billion_laughs
 from procs import PILOTFISH, Process
 
 DEEP_JSON = "[" * 5000 + "]" * 5000
@@ -38,6 +39,29 @@ def test_deeply_nested_proxy_config_is_a_clear_error(tmp_path: Path, text: str) 
     assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text}), "PROXY_CONFIG", "nested too deeply")
 
 
+@pytest.mark.parametrize("text,words", [
+    ("a: 2001-13-45", ("not YAML or JSON", "month must be in 1..12")),
+    ('x: !!int ""', ("not YAML or JSON", "IndexError")),
+    ("x: !!float abc", ("not YAML or JSON", "ValueError")),
+    ("statusPort: 0x" + "f" * 5000, ("statusPort: want a string or a number",)),
+    (billion_laughs(), ("proxyMetadata: want a string or a number, got list",)),  # str() of it never ends
+], ids=["date", "empty-int", "float", "huge-int", "billion-laughs"])
+def test_proxy_config_that_does_not_parse_is_a_clear_error(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
+    """Any failure to parse PROXY_CONFIG, not only PyYAML's own error class, is the one-line
+    error naming it and exit 2 (the root is SYSTEM so that the check of PROXY_CONFIG is what
+    decides)."""
+    assert_refused(run_agent(tmp_path, {"PROXY_CONFIG": text, "XDS_ROOT_CA": "SYSTEM"}), "PROXY_CONFIG", *words)
+
+
+def test_an_undecodable_header_value_is_a_clear_error(tmp_path: Path) -> None:
+    """XDS_HEADER_FOO holding bytes that are not UTF-8 (os.environ keeps them as surrogates): a
+    UnicodeEncodeError in the stream's thread ended the agent with a traceback."""
+    proc = subprocess.run([PILOTFISH, "agent", "--status-port", "0"], check=False, cwd=tmp_path, capture_output=True,
+                          env={"PATH": os.environ["PATH"], "XDS_HEADER_FOO": b"\xff".decode("utf-8", "surrogateescape"),
+                               "XDS_ROOT_CA": "SYSTEM"}, text=True, timeout=30)
+    assert_refused(proc, "XDS_HEADER_FOO: not a valid gRPC header value")
+
+
 PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
 
 
@@ -46,6 +70,7 @@ PEM_JUNK = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERT
     ("empty", "is empty"),
     ("text", "holds no PEM certificate"),
     ("junk-pem", "holds no PEM certificate"),
+    ("empty-sequence", "holds no PEM certificate"),
 ])
 def test_unusable_root_ca_is_refused_at_start(tmp_path: Path, kind: str, why: str) -> None:
     """docs/agent.md: a missing root is a start-up error; so is one that cannot be used, rather
@@ -54,7 +79,8 @@ def test_unusable_root_ca_is_refused_at_start(tmp_path: Path, kind: str, why: st
     if kind == "directory":
         root.mkdir()
     else:
-        root.write_text({"empty": "", "text": "not a certificate\n", "junk-pem": PEM_JUNK}[kind])
+        root.write_text({"empty": "", "text": "not a certificate\n", "junk-pem": PEM_JUNK,
+                         "empty-sequence": PEM_JUNK.replace("bm90IGEgY2VydGlmaWNhdGU=", "MAA=")}[kind])
     line = assert_refused(run_agent(tmp_path, {"XDS_ROOT_CA": str(root)}), "XDS_ROOT_CA", str(root), why)
     assert "agent: node" not in line
 
@@ -85,3 +111,18 @@ def test_saved_table_path_that_is_a_directory_is_refused_at_start(tmp_path: Path
     proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'},
                      "--nametable-cache", str(tmp_path / "cache"))
     assert_refused(proc, "--nametable-cache", "is a directory", str(tmp_path / "cache"))
+
+
+def test_status_port_in_use_is_one_error_line(tmp_path: Path) -> None:
+    """Bound before anything runs, as the DNS proxy's ports: exit 1 with the port and the reason,
+    not a traceback out of the trio nursery."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}', "PILOT_DISCOVERY_ADDRESS": "127.0.0.1:1",
+                                    "PILOTFISH_NAMETABLE_CACHE": ""}, "--status-listen", f"127.0.0.1:{port}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"agent: status server cannot listen on port {port}: Address already in use" in proc.stderr

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from hostile import billion_laughs
 from prometheus_client import CollectorRegistry
 
 from pilotfish.agent.config import agent_config, server_name, xds_root
@@ -18,6 +19,9 @@ from pilotfish.dns.config import ConfigError
 ROOT = "./var/run/secrets/istio/root-cert.pem"
 BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE_IP": "10.244.1.5",
         "SERVICE_ACCOUNT": "bookinfo-productpage", "ISTIO_META_CLUSTER_ID": "Kubernetes"}
+
+
+LAUGHS = billion_laughs()
 
 
 def _config(env: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
@@ -33,7 +37,7 @@ def test_defaults_are_istios() -> None:
     config = _config({})
     assert config.discovery_address == "istiod.istio-system.svc:15012"
     assert config.server_name == "istiod.istio-system.svc"
-    assert config.root_cert == ROOT and config.status_port == 15020
+    assert config.root_cert == ROOT and config.status == ("", 15020)
     assert config.node_id == "sidecar~10.244.1.5~productpage-v1-abc.bookinfo~bookinfo.svc.cluster.local"
     assert config.token_file == "./var/run/secrets/tokens/istio-token" and config.cluster_id == "Kubernetes"
     assert not config.dns_enabled
@@ -122,8 +126,22 @@ def test_xds_headers() -> None:
     ({"PROXY_CONFIG": "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a: " + "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a:\n  " + "- " * 5000 + "x\n"}, {}, "PROXY_CONFIG: nested too deeply"),
-    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got 70000"),
+    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got '70000'"),
+    # PyYAML's constructors raise plain ValueError / IndexError for these, not YAMLError
+    ({"PROXY_CONFIG": "a: 2001-13-45"}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: month must be in 1..12"),
+    ({"PROXY_CONFIG": 'x: !!int ""'}, {}, "PROXY_CONFIG: not YAML or JSON: IndexError"),
+    ({"PROXY_CONFIG": "x: !!float abc"}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError"),
+    ({"PROXY_CONFIG": "x: " + "9" * 5000}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: Exceeds the limit"),
+    ({"PROXY_CONFIG": "statusPort: 0x" + "f" * 5000}, {}, "PROXY_CONFIG: statusPort: want a string or a number, got int"),
+    ({"PROXY_CONFIG": "discoveryAddress: [a, b]"}, {}, "PROXY_CONFIG: discoveryAddress: want a string or a number, got list"),
+    ({"PROXY_CONFIG": "proxyMetadata: [a]"}, {}, "PROXY_CONFIG: proxyMetadata: want a map of strings, got list"),
+    ({"PROXY_CONFIG": LAUGHS}, {}, "PROXY_CONFIG: proxyMetadata: want a string or a number, got list"),
     ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
+    # gRPC refuses these at every stream (or, undecodable bytes, raises and the agent dies)
+    ({"XDS_HEADER_FOO": "a\nb"}, {}, "XDS_HEADER_FOO: not a valid gRPC header value (printable ASCII): 'a\\nb'"),
+    ({"XDS_HEADER_FOO": "\udcff"}, {}, "XDS_HEADER_FOO: not a valid gRPC header value"),
+    ({"XDS_HEADER_BAD NAME": "x"}, {}, "XDS_HEADER_BAD NAME: not a valid gRPC header name: 'BAD NAME'"),
+    ({"ISTIO_META_CLUSTER_ID": "k\x00"}, {}, "ISTIO_META_CLUSTER_ID: not a valid gRPC header value"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], kw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:
