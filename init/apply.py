@@ -10,7 +10,9 @@ The caller holds the namespace lock (nslock.py) for the whole run, so no other p
 changes the tables between the snapshot and a rollback. Anything else might: before restoring a
 table the rollback reads it again, and restores it only if it is exactly what this run committed;
 a table someone else changed since is left alone and named in the error, because restoring it
-would delete rules this run did not write.
+would delete rules this run did not write. (A table another writer left holding exactly this run's
+rules is indistinguishable from this run's commit; with the lock, only a writer that is not
+pilotfish init and writes the sidecar's own rules could do that.)
 """
 
 from __future__ import annotations

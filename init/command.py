@@ -154,12 +154,21 @@ def _install_routes(spec: RouteSpec) -> Callable[[], None]:
             raise
 
     def undo() -> None:
+        left: list[str] = []
         if added_routes:
             from . import routes
 
-            routes.undo(spec, added_routes)
+            try:
+                routes.undo(spec, added_routes)
+            except OSError as err:
+                left.append(str(err))
         if added:
-            remove_passthrough_address()
+            try:
+                remove_passthrough_address()
+            except OSError as err:
+                left.append(f"could not remove {PASSTHROUGH_V6}/128 from lo: {err}")
+        if left:
+            raise OSError("; ".join(left))
 
     return undo
 

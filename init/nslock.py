@@ -6,16 +6,15 @@ chain the first created and "restores" the tables it read, deleting the first ru
 the first reports success (issue 7, item 7). So a run holds a lock from before it reads the tables
 until it has committed, or rolled back, everything.
 
-The lock is `flock` on `/run/pilotfish/init-netns-<dev>-<inode>.lock`, named by the device and
-inode of `/proc/self/ns/net`: every process in one network namespace sees the same pair there,
-another namespace has another inode (the kernel documents the (dev, inode) pair as a namespace's
-identity). The directory is root's, mode 0700, so another local user (on a VM, the namespace is
-the host's) cannot hold the lock to keep capture from being installed. Two runs in one namespace
-share the lock when they share /run: the same container, or the host. Where /run cannot be written
-(a read-only root file system), the lock is the namespace's own inode, `/proc/self/ns/net`, which
-is the same for every process in the namespace whatever its mount namespace; Istio's CNI plugin
-uses the same object (the netns file) as its xtables lock file in cni-mode. Any process in the
-namespace can open that one, which is why it is only the fallback.
+The lock is `flock` on the network namespace itself, `/proc/self/ns/net`: one nsfs inode per
+namespace, the same for every process in it whatever its mount namespace, container or view of
+/proc (a lock file under /run would not be: /run belongs to the mount namespace, so two
+containers of one pod, or a node-side `nsenter` run beside the init container, would each lock
+their own file; Istio's CNI plugin locks the same netns file, as its xtables lock). Any process in
+the namespace can open that file and hold the lock, so a holder is waited for only while it could
+be changing the tables: a holder that is known and lacks CAP_NET_ADMIN cannot, and is ignored (a
+local user on a VM cannot keep capture from being installed). A holder this process cannot see
+(another PID namespace: /proc/locks then shows pid 0) is waited for.
 
 A waiting run gives up after 30 s (istio-iptables' `--wait=30` for the xtables lock) and exits 1
 naming the holder's pid, without having touched anything.
@@ -30,75 +29,48 @@ import os
 import time
 from collections.abc import Iterator
 
-from pilotfish.common.dirs import check_private_path, make_dirs
-
 log = logging.getLogger("pilotfish.init")
 
-LOCK_DIR = "/run/pilotfish"
 NETNS = "/proc/self/ns/net"
 LOCK_WAIT = 30.0  # seconds, as istio-iptables' --wait=30
 POLL = 0.05
+CAP_NET_ADMIN = 12  # linux/capability.h
 
 
 class LockError(RuntimeError):
     """The lock stayed busy for the whole wait; the message names the holder when it is known."""
 
 
-def netns_lock_path(directory: str = LOCK_DIR) -> str:
-    """The lock file of the current network namespace."""
-    st = os.stat(NETNS)
-    return os.path.join(directory, f"init-netns-{st.st_dev}-{st.st_ino}.lock")
-
-
 @contextlib.contextmanager
-def namespace_lock(directory: str = LOCK_DIR, wait: float = LOCK_WAIT) -> Iterator[str]:
+def namespace_lock(wait: float = LOCK_WAIT, netns: str = NETNS) -> Iterator[str]:
     """Hold this network namespace's init lock; yields what was locked (for the log)."""
-    path = netns_lock_path(directory)
-    while True:
-        try:
-            make_dirs(directory, 0o700)
-            check_private_path(directory)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as err:
-            log.info("init: cannot use %s (%s); locking the network namespace itself (%s)", path, err, NETNS)
-            path = ""
-            fd = os.open(NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            flock_wait(fd, path or NETNS, wait)
-        except BaseException:
-            os.close(fd)
-            raise
-        if not path or _same_file(fd, path):
-            break
-        os.close(fd)  # the holder we waited for removed the file: lock the one that is there now
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        yield path or NETNS
+        if flock_wait(fd, netns, wait, only_capable=True):
+            yield netns
+        else:
+            yield f"nothing: {netns} is held{holder(fd)}, which cannot change iptables rules"
     finally:
-        if path:  # removed while still held, so a waiter finds it gone and starts over
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        os.close(fd)
+        os.close(fd)  # releases the flock
 
 
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
-
-
-def flock_wait(fd: int, what: str, wait: float) -> None:
+def flock_wait(fd: int, what: str, wait: float, *, only_capable: bool = False) -> bool:
     """Take an exclusive flock on `fd` within `wait` seconds (polled, so the wait is bounded and
-    a waiter can say once whom it waits for); LockError naming the holder otherwise."""
+    a waiter can say once whom it waits for); LockError naming the holder otherwise.
+
+    With `only_capable`, returns False without the lock when every holder is known and lacks
+    CAP_NET_ADMIN (see the module docstring); True once locked."""
     deadline = time.monotonic() + wait
     said = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
+            pids = holders(fd)
+            if only_capable and pids and not any(_can_admin_net(pid) for pid in pids):
+                log.warning("init: %s is held%s, which lacks CAP_NET_ADMIN; not waiting for it", what, holder(fd))
+                return False
             if time.monotonic() >= deadline:
                 raise LockError(f"{what} is still held{holder(fd)} after {wait:.0f}s") from None
             if not said:
@@ -108,22 +80,40 @@ def flock_wait(fd: int, what: str, wait: float) -> None:
             time.sleep(POLL)
 
 
-def holder(fd: int) -> str:
-    """` by pid N (command)` for the process holding a flock on `fd`'s file, from /proc/locks."""
+def holders(fd: int) -> list[int]:
+    """The pids holding a flock on `fd`'s file, from /proc/locks; empty when none is visible
+    (a holder in another PID namespace is shown as pid 0 there)."""
     st = os.fstat(fd)
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
         with open("/proc/locks") as f:
             lines = [line.split() for line in f if "FLOCK" in line and "->" not in line]
     except OSError:
+        return []
+    return [int(fields[4]) for fields in lines
+            if len(fields) >= 6 and fields[5] == key and fields[4].isdigit() and fields[4] != "0"]
+
+
+def holder(fd: int) -> str:
+    """` by pid N (command)` for the first visible holder of a flock on `fd`'s file."""
+    pids = holders(fd)
+    if not pids:
         return ""
-    for fields in lines:
-        if len(fields) >= 6 and fields[5] == key and fields[4].isdigit() and fields[4] != "0":
-            pid = fields[4]
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                command = ""
-            return f" by pid {pid}" + (f" ({command[:120]})" if command else "")
-    return ""
+    try:
+        with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    return f" by pid {pids[0]}" + (f" ({command[:120]})" if command else "")
+
+
+def _can_admin_net(pid: int) -> bool:
+    """Whether `pid` has CAP_NET_ADMIN in effect; True when that cannot be read (be safe: wait)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True

@@ -49,7 +49,10 @@ def install(spec: RouteSpec) -> list[Item]:
                     added.append(item)
                     log.info("init: added the TPROXY %s (ipv%d, mark %d, table %d)", *item, spec.mark, spec.table)
         except NetlinkError as err:
-            _remove(ipr, lo, spec, added)
+            try:
+                _remove(ipr, lo, spec, added)
+            except OSError as left:
+                raise OSError(err.code, f"setting up TPROXY routing: {err}; {left}") from None
             raise OSError(err.code, f"setting up TPROXY routing: {err}") from None
     return added
 
@@ -83,6 +86,9 @@ def _add(ipr: IPRoute, lo: int, spec: RouteSpec, item: Item) -> None:
 
 
 def _remove(ipr: IPRoute, lo: int, spec: RouteSpec, items: list[Item]) -> None:
+    """Remove `items`, going on past a failure; OSError naming what remains if any failed (a
+    rollback must not say the namespace is as it was while a rule is left in it)."""
+    left: list[str] = []
     for kind, family in reversed(items):
         try:
             if kind == "rule":
@@ -92,7 +98,9 @@ def _remove(ipr: IPRoute, lo: int, spec: RouteSpec, items: list[Item]) -> None:
                 _ignore_missing(ipr.route, "del", family=_af(family), dst=_default(family), type="local", oif=lo,
                                 table=spec.table, scope="host")
         except NetlinkError as err:
-            log.error("init: could not remove the %s (ipv%d): %s", kind, family, err)
+            left.append(f"the TPROXY {kind} (ipv{family}, mark {spec.mark}, table {spec.table}): {err}")
+    if left:
+        raise OSError("could not remove " + "; ".join(left))
 
 
 def _has_rule(ipr: IPRoute, family: int, mark: int, table: int) -> bool:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,15 +109,23 @@ def clean_install(backend: str, args: list[str], seeded: bool = True) -> tuple[N
 # Item 7: two runs at once
 
 
-def test_two_runs_at_once_leave_capture_installed(backend: str, topo: Topology, tmp_path: Path) -> None:
+# The second run in a mount namespace of its own with its own /run, as a second container of the
+# pod or a node-side `nsenter` run would be: a lock file under /run would not be shared.
+OWN_RUN = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs /run && exec "$@"', "sh"]
+
+
+@pytest.mark.parametrize("mounts", ["shared", "separate"])
+def test_two_runs_at_once_leave_capture_installed(backend: str, topo: Topology, tmp_path: Path, mounts: str) -> None:
     """Both runs reach the point between reading the tables and committing together (the
     rendezvous in hooked_init.py waits for the other run to have read, or to be waiting for the
     namespace lock). Without the lock both decide from the same empty tables, one fails on a
     chain the other created and its rollback deletes the other's rules while that one reported
-    success. With it the second run waits, then finds nothing to do."""
+    success. With it the second run waits, then finds nothing to do; also when the runs do not
+    share /run (`separate`: the lock is the network namespace's own inode)."""
     args = TPROXY_V6 + dns_args(tmp_path)
     N.seed_foreign_rules(topo, backend)
-    procs = [subprocess.Popen(N.ns_argv(topo.pod, init_argv(args, backend, f"rendezvous={tmp_path}:{me}:{peer}")),
+    wrap = {"a": [], "b": OWN_RUN if mounts == "separate" else []}
+    procs = [subprocess.Popen(N.ns_argv(topo.pod, [*wrap[me], *init_argv(args, backend, f"rendezvous={tmp_path}:{me}:{peer}")]),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for me, peer in (("a", "b"), ("b", "a"))]
     outputs = [p.communicate(timeout=90)[0] for p in procs]
@@ -130,9 +139,8 @@ def test_two_runs_at_once_leave_capture_installed(backend: str, topo: Topology, 
 LOCK_HOLDER = """
 import sys
 from pilotfish.init.nslock import namespace_lock, LockError
-directory, wait = sys.argv[1], float(sys.argv[2])
 try:
-    with namespace_lock(directory, wait) as what:
+    with namespace_lock(float(sys.argv[1])) as what:
         print("held", what, flush=True)
         sys.stdin.read()
 except LockError as err:
@@ -140,40 +148,52 @@ except LockError as err:
 """
 
 
-def _take_lock(ns: str, directory: str, wait: float = 0.3) -> subprocess.Popen[str]:
-    return subprocess.Popen(N.ns_argv(ns, [sys.executable, "-c", LOCK_HOLDER, directory, str(wait)]),
+def _take_lock(ns: str, wrap: list[str] | None = None, wait: float = 0.3) -> subprocess.Popen[str]:
+    return subprocess.Popen(N.ns_argv(ns, [*(wrap or []), sys.executable, "-c", LOCK_HOLDER, str(wait)]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("lock_dir", ["run", "unusable"])
-def test_the_lock_is_keyed_to_the_network_namespace(tmp_path: Path, lock_dir: str) -> None:
-    """Two processes in one namespace contend, processes in different namespaces do not, with
-    the lock file (`run`) and with its fallback, the namespace's own inode (`unusable`: the
-    directory cannot be created). The waiter names the holder's pid; the file goes with the lock."""
-    directory = str(tmp_path / "locks") if lock_dir == "run" else str(tmp_path / "file" / "locks")
-    if lock_dir == "unusable":
-        (tmp_path / "file").write_text("not a directory")
-    names = [f"{N.NS_PREFIX}{os.getpid()}x{90000 + n + 10 * (lock_dir == 'run')}pod" for n in (1, 2)]
+def _first_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    """The first line `proc` prints, within `timeout` (its stdout read by a thread)."""
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert lines, f"no line from {proc.args} within {timeout}s"
+    return lines[0]
+
+
+def test_the_lock_is_keyed_to_the_network_namespace() -> None:
+    """Two processes in one namespace contend, also from different mount namespaces with their
+    own /run; processes in different namespaces do not. The waiter names the holder's pid. A
+    holder without CAP_NET_ADMIN (it cannot change the tables) is not waited for, so a local
+    user cannot keep capture out by holding the lock."""
+    names = [f"{N.NS_PREFIX}{os.getpid()}x{90000 + n}pod" for n in (1, 2)]
     for name in names:
         N.run(["ip", "netns", "add", name])
     try:
-        holder = _take_lock(names[0], directory)
-        assert holder.stdout is not None
-        first = holder.stdout.readline()
-        assert first.startswith("held"), first
-        same = _take_lock(names[0], directory)
-        other = _take_lock(names[1], directory)
+        holder = _take_lock(names[0])
+        assert _first_line(holder).startswith("held"), "the first taker should hold the lock"
+        same = _take_lock(names[0], OWN_RUN)
+        other = _take_lock(names[1])
         same_out, other_out = same.communicate("", timeout=30)[0], other.communicate("", timeout=30)[0]
-        assert same_out.startswith("busy"), f"same namespace did not contend: {same_out}"
+        assert same_out.startswith("busy"), f"same namespace (another mount namespace) did not contend: {same_out}"
         assert f"by pid {holder.pid} " in same_out, f"the holder is not named: {same_out}"
         assert other_out.startswith("held"), f"another namespace contended: {other_out}"
-        if lock_dir == "run":
-            assert os.listdir(directory), "the held lock's file should exist"
         holder.communicate("", timeout=30)
-        if lock_dir == "run":
-            assert os.listdir(directory) == [], "the lock file should go with the lock"
-        again = _take_lock(names[0], directory)
-        assert again.communicate("", timeout=30)[0].startswith("held"), "released lock not free"
+        again = _take_lock(names[0])
+        assert again.communicate("", timeout=30)[0].startswith("held /proc/self/ns/net"), "released lock not free"
+
+        unprivileged = subprocess.Popen(
+            N.ns_argv(names[0], ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+                                 "flock", "-x", "/proc/self/ns/net", "sh", "-c", "echo held; read x"]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert _first_line(unprivileged).startswith("held"), "an unprivileged process can take the lock"
+        capable = _take_lock(names[0], wait=5)
+        out = capable.communicate("", timeout=30)[0]
+        assert out.startswith("held nothing:") and "cannot change iptables rules" in out, out
+        unprivileged.communicate("", timeout=30)
     finally:
         for name in names:
             N.delete_netns(name)
