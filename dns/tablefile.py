@@ -20,6 +20,12 @@ class TableFileError(ValueError):
     """The file cannot be read or is not a NameTable; the message says which and why."""
 
 
+# Both parsers recurse once per level of nesting, so a file nested deeper than Python's recursion
+# limit (about 1,000 levels; a NameTable is four deep) raises RecursionError: bad input like any
+# other, not a crash of the running proxy.
+TOO_DEEP = "nested too deeply to be a NameTable (one is four levels deep)"
+
+
 def load_name_table(path: str) -> NameTable:
     """Parse the file; every failure is a TableFileError naming the file."""
     try:
@@ -29,6 +35,8 @@ def load_name_table(path: str) -> NameTable:
         raise TableFileError(f"{path}: {err.strerror}") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise TableFileError(f"{path}: {TOO_DEEP}") from None
     except ValueError as err:
         raise TableFileError(f"{path}: not JSON: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("table", {}), dict):
@@ -37,6 +45,8 @@ def load_name_table(path: str) -> NameTable:
         return json_format.ParseDict(data, NameTable())
     except json_format.ParseError as err:
         raise TableFileError(f"{path}: not a NameTable: {err}") from None
+    except RecursionError:
+        raise TableFileError(f"{path}: {TOO_DEEP}") from None
 
 
 def file_signature(path: str) -> tuple[int, int, int] | None:
