@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from .config import (
     upstreams_from_resolv,
 )
 from .server import DnsProxy
+from .table import LookupTable, NameInfo, TableError
 from .tablefile import TableFileError, file_signature, load_name_table
 
 log = logging.getLogger("pilotfish.dns")
@@ -167,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `pilotfish dns`: validate, load, bind, serve until SIGTERM/SIGINT."""
     try:
         cmd = resolve_command(args, os.environ, os.geteuid() == 0)
-        table = load_name_table(cmd.table_path)
-    except (ConfigError, TableFileError) as err:
+        started = time.perf_counter()
+        lookup = _build(load_name_table(cmd.table_path).table, cmd.config, cmd.table_path)
+    except (ConfigError, TableFileError, TableError) as err:
         log.error("dns: %s", err)
         return 2
     for warning in cmd.warnings:
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         where = ", ".join(f"{h}:{p}" for h, p in cmd.config.listen)
         log.error("dns: cannot listen on %s: %s", where, err.strerror or err)
         return 1
-    proxy.set_table(table)
+    proxy.install(lookup, time.perf_counter() - started)
     cfg = cmd.config
     log.info(
         "dns: forwarding to %s (%s, timeout %gs), search %s, cache %s",
@@ -233,11 +236,22 @@ async def _watch_table(proxy: DnsProxy, path: str) -> None:
             await trio.to_thread.run_sync(_reload, proxy, path, "SIGHUP" if hup else "file change")
 
 
-def _reload(proxy: DnsProxy, path: str, why: str) -> None:
+def _build(table: Mapping[str, NameInfo], config: DnsConfig, path: str) -> LookupTable:
+    """The lookup table of a file's NameTable; a TableError names the file too."""
     try:
-        table = load_name_table(path)
-    except TableFileError as err:
+        return LookupTable.build(table, config.proxy_namespace, config.proxy_domain, config.search)
+    except TableError as err:
+        raise TableError(f"{path}: {err}") from None
+
+
+def _reload(proxy: DnsProxy, path: str, why: str) -> None:
+    """Load and build aside, then swap; a file or table that does not load is one ERROR line
+    and the table in use keeps serving."""
+    log.info("dns: reloading name table (%s)", why)
+    started = time.perf_counter()
+    try:
+        lookup = _build(load_name_table(path).table, proxy.config, path)
+    except (TableFileError, TableError) as err:
         log.error("dns: rejected name table (%s): %s; still serving the previous table", why, err)
         return
-    log.info("dns: reloading name table (%s)", why)
-    proxy.set_table(table)
+    proxy.install(lookup, time.perf_counter() - started)

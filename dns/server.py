@@ -186,17 +186,22 @@ class DnsProxy:
 
     def set_table(self, table: Mapping[str, NameInfo] | Any) -> LookupTable:
         """Build a lookup table from a NameTable (the proto message or its `table` map) and swap
-        it in. Safe from any thread; serving goes on with the old table while this builds."""
+        it in. Safe from any thread; serving goes on with the old table while this builds. A
+        table that does not build raises TableError and changes nothing."""
         entries = getattr(table, "table", table)
         cfg = self.config
         started = time.perf_counter()
         lookup = LookupTable.build(entries, cfg.proxy_namespace, cfg.proxy_domain, cfg.search)
+        self.install(lookup, time.perf_counter() - started)
+        return lookup
+
+    def install(self, lookup: LookupTable, build_seconds: float) -> None:
+        """Swap in a lookup table built aside (with this proxy's namespace, domain and search)."""
         self._state = ServingState(lookup)
         log.info(
             "dns: name table installed: %d hosts, %d names, built in %.1f ms",
-            lookup.entries, len(lookup.names), (time.perf_counter() - started) * 1000,
+            lookup.entries, len(lookup.names), build_seconds * 1000,
         )
-        return lookup
 
     def close(self) -> None:
         """Close every socket (serve() does this on exit)."""

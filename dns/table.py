@@ -30,6 +30,14 @@ _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 
 
+class TableError(ValueError):
+    """A NameTable that cannot be served: the message names the entry and the bad value.
+
+    The whole table is refused (the agent NACKs it, `pilotfish dns` keeps the previous one), so
+    one bad entry never leaves a half-built table or a crashed proxy behind.
+    """
+
+
 class NameInfo(Protocol):
     """What the table reads from a NameTable entry (the NDS proto's NameInfo has these)."""
 
@@ -98,8 +106,11 @@ def aliases(
 
 
 def parse_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """Split IP literals into A and AAAA rdata; anything else (CIDRs, names) is dropped, as Istio
-    does. IPv4-mapped IPv6 stays AAAA. A zone (`fe80::1%eth0`) is accepted and ignored."""
+    """Split IP literals into A and AAAA rdata; text that is not an IP literal (CIDRs, names) is
+    dropped, as Istio does. IPv4-mapped IPv6 stays AAAA. A zone (`fe80::1%eth0`) is accepted and
+    ignored. A string inet_pton cannot even look at (a NUL byte, a lone surrogate) raises
+    ValueError: no NameTable istiod builds holds one, so it is a corrupt table, not an address to
+    drop."""
     a: list[bytes] = []
     aaaa: list[bytes] = []
     for ip in ips:
@@ -113,6 +124,16 @@ def parse_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]
         except OSError:
             pass
     return tuple(a), tuple(aaaa)
+
+
+def _entry_fault(host: object, info: NameInfo, err: Exception) -> str:
+    """What is wrong with one entry: the host, and the bad address when it is one."""
+    for ip in getattr(info, "ips", None) or ():
+        try:
+            parse_ips((ip,))
+        except (TypeError, ValueError):
+            return f"entry {host!r}: bad IP {ip!r} ({err})"
+    return f"entry {host!r}: {type(err).__name__}: {err}"
 
 
 def _label_suffix(name: str, domain: str) -> bool:
@@ -150,10 +171,13 @@ class LookupTable:
         get = names.get
         used = 0
         for host, info in table.items():
-            a, aaaa = parse_ips(info.ips)
-            if not a and not aaaa:
-                continue
-            produced = aliases(host, info, namespace, pd, pd0)
+            try:
+                a, aaaa = parse_ips(info.ips)
+                if not a and not aaaa:
+                    continue
+                produced = aliases(host, info, namespace, pd, pd0)
+            except (TypeError, ValueError, AttributeError) as err:
+                raise TableError(_entry_fault(host, info, err)) from None
             if produced:
                 used += 1
             absolute = Addresses(a, aaaa, False)

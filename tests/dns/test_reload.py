@@ -4,6 +4,7 @@ at start the same file is one line and exit 2."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,21 @@ def test_deeply_nested_file_at_start_exits_2_with_one_line(tmp_path: Path, text:
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "nested too deeply" in lines[0] and str(tmp_path / "table.json") in lines[0]
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.9\x00", "\x00", "fd00::1\x00"], ids=["v4-nul", "nul", "v6-nul"])
+def test_an_address_inet_pton_refuses_is_a_rejected_table_on_reload(tmp_path: Path, ip: str) -> None:
+    """Issue 7 item 6: a NUL byte in an address crashed the running proxy."""
+    with dns_process(tmp_path, k8s("a", "10.0.0.1")) as dns:
+        line = dns.reload({**k8s("b", "10.0.0.2"), **k8s("bad", "10.0.0.3", ip)})
+        assert "ERROR" in line and "rejected name table (SIGHUP)" in line
+        assert "bad.ns1.svc.cluster.local" in line and repr(ip) in line
+        assert dns.answer("a.ns1.svc.cluster.local") == "10.0.0.1"
+        assert dns.answer("b.ns1.svc.cluster.local") is None  # nothing of the rejected table
+
+
+def test_an_address_inet_pton_refuses_at_start_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = _start(tmp_path, json.dumps({"table": k8s("bad", "10.0.0.3\x00")}))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.ns1.svc.cluster.local" in lines[0] and "'10.0.0.3\\x00'" in lines[0]
