@@ -20,8 +20,11 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import start_http_server
 
+from pilotfish.common.files import UnreadableFile, read_regular_file
+
 from .config import (
     ISTIO_RESOLV_CONF,
+    RESOLV_CONF_MAX,
     ConfigError,
     DnsConfig,
     listen_addresses,
@@ -109,10 +112,9 @@ def dns_config(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) 
         use_istio = is_root and on_53 and os.path.exists(ISTIO_RESOLV_CONF)
         resolv_path = ISTIO_RESOLV_CONF if use_istio else "/etc/resolv.conf"
     try:
-        with open(resolv_path, encoding="utf-8", errors="replace") as f:
-            resolv = parse_resolv_conf(f.read())
-    except OSError as err:
-        raise ConfigError(f"--resolv-conf: cannot read {resolv_path}: {err.strerror}") from None
+        resolv = parse_resolv_conf(read_regular_file(resolv_path, RESOLV_CONF_MAX).decode("utf-8", "replace"))
+    except UnreadableFile as err:
+        raise ConfigError(f"--resolv-conf: cannot read {resolv_path}: {err}") from None
     if args.upstream:
         upstreams = tuple(parse_upstream(u, "--upstream") for u in args.upstream)
     else:

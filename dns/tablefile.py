@@ -13,7 +13,12 @@ import os
 
 from google.protobuf import json_format
 
+from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+# The file is read whole: this bound stops a wrong path (a disk image, a log) from being read
+# into memory. 1 GiB is seven times the file of a 1,000,000-service table (137 MB).
+TABLE_FILE_MAX = 1 << 30
 
 
 class TableFileError(ValueError):
@@ -29,10 +34,9 @@ TOO_DEEP = "nested too deeply to be a NameTable (one is four levels deep)"
 def load_name_table(path: str) -> NameTable:
     """Parse the file; every failure is a TableFileError naming the file."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as err:
-        raise TableFileError(f"{path}: {err.strerror}") from None
+        text = read_regular_file(path, TABLE_FILE_MAX)
+    except UnreadableFile as err:
+        raise TableFileError(f"{path}: {err}") from None
     try:
         data = json.loads(text)
     except RecursionError:
