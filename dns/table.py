@@ -13,9 +13,12 @@ Behaviour follows reference/istio-dns-proxy.md §5–§6.2, with two deliberate 
   namespace-relative Kubernetes aliases (`name.`, `name.ns.`, `name.ns.svc.`) are expanded with
   the first search domain only, as in Istio: `productpage.svc.cluster.local.` is not a real
   Kubernetes name and keeps going upstream;
-- search domains are compared without their trailing dot, so a resolv.conf written as
-  `search ns1.svc.cluster.local.` behaves like one without the dot (Istio then expands every
-  alias, own-namespace FQDNs included).
+- an alias already under a search domain is not expanded with it (Istio's rule for the first
+  domain since 62a70b1), except for the first domain when resolv.conf writes it with a trailing
+  dot: Istio's suffix test then never matches and every alias is expanded with it, own-namespace
+  FQDNs included (`productpage.ns1.svc.cluster.local.ns1.svc.cluster.local.` is a CNAME to the
+  FQDN). pilotfish does the same, as a client of Istio's proxy sees it; the other domains, which
+  Istio never expands, keep the rule with or without the dot.
 """
 
 from __future__ import annotations
@@ -149,9 +152,14 @@ class LookupTable:
     def __init__(self, names: dict[str, Addresses], search: Sequence[str], entries: int) -> None:
         self.names = names
         self.entries = entries  # NameTable entries that produced at least one name
-        self.search = tuple(s.lower().strip(".") for s in search if s.strip("."))
-        # (suffix to strip, index) with the dots included, longest match handled by order.
-        self._suffixes = tuple(("." + s + ".", i) for i, s in enumerate(self.search))
+        written = [s for s in search if s.strip(".")]
+        self.search = tuple(s.lower().strip(".") for s in written)
+        dotted_first = bool(written) and written[0].endswith(".")
+        # (suffix to strip, index, the domain an alias must not already be under, or None), with
+        # the dots included; longest match handled by order.
+        self._suffixes = tuple(
+            ("." + s + ".", i, None if i == 0 and dotted_first else s) for i, s in enumerate(self.search)
+        )
 
     @classmethod
     def build(
@@ -202,14 +210,14 @@ class LookupTable:
         found = self.names.get(name)
         if found is not None:
             return Match(found, None)
-        for suffix, index in self._suffixes:
+        for suffix, index, own in self._suffixes:
             if name.endswith(suffix) and len(name) > len(suffix):
                 alias = name[: len(name) - len(suffix) + 1]
                 found = self.names.get(alias)
                 if (
                     found is not None
                     and (index == 0 or not found.relative)
-                    and not _label_suffix(alias, self.search[index])
+                    and (own is None or not _label_suffix(alias, own))
                 ):
                     return Match(found, alias)
         return None
@@ -232,10 +240,10 @@ class LookupTable:
         """Every search-expanded name and its CNAME target (for tests and debugging only)."""
         out: dict[str, str] = {}
         for alias, addrs in self.names.items():
-            for suffix, index in self._suffixes:
+            for suffix, index, own in self._suffixes:
                 if index and addrs.relative:
                     continue
-                if _label_suffix(alias, self.search[index]):
+                if own is not None and _label_suffix(alias, own):
                     continue
                 name = alias + suffix[1:]
                 if name not in self.names:
