@@ -180,7 +180,7 @@ def _handle(
     match = table.lookup(text_labels(qname))
     if match is None:
         return Forward(msg, data)
-    records = match.addresses.a if qtype == TYPE_A else match.addresses.aaaa
+    records = match.a if qtype == TYPE_A else match.aaaa
     answers: list[RR] = []
     owner = qname
     if match.cname is not None:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -36,8 +36,9 @@ from .config import (
     upstreams_from_resolv,
 )
 from .server import DnsProxy
-from .table import LookupTable, NameInfo, TableError
-from .tablefile import TableFileError, file_signature, load_name_table
+from .rebuild import Pacer, build_beside
+from .table import LookupTable, TableError
+from .tablefile import TableFileError, file_signature, table_entries
 
 log = logging.getLogger("pilotfish.dns")
 
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmd = resolve_command(args, os.environ, os.geteuid() == 0)
         started = time.perf_counter()
-        lookup = _build(load_name_table(cmd.table_path).table, cmd.config, cmd.table_path)
+        lookup = _build(cmd.table_path, cmd.config, _no_pause)
     except (ConfigError, TableFileError, TableError) as err:
         log.error("dns: %s", err)
         return 2
@@ -238,12 +239,19 @@ async def _watch_table(proxy: DnsProxy, path: str) -> None:
             await trio.to_thread.run_sync(_reload, proxy, path, "SIGHUP" if hup else "file change")
 
 
-def _build(table: Mapping[str, NameInfo], config: DnsConfig, path: str) -> LookupTable:
-    """The lookup table of a file's NameTable; a TableError names the file too."""
+def _build(path: str, config: DnsConfig, pause: Callable[[], None]) -> LookupTable:
+    """The lookup table of a table file, read and built entry by entry, calling `pause` as it
+    goes (dns/rebuild.py). A TableError names the file too."""
     try:
-        return LookupTable.build(table, config.proxy_namespace, config.proxy_domain, config.search)
+        return build_beside(
+            table_entries(path), config.proxy_namespace, config.proxy_domain, config.search, pause
+        )
     except TableError as err:
         raise TableError(f"{path}: {err}") from None
+
+
+def _no_pause() -> None:
+    """At start nothing is served yet: the build need not leave the GIL to anyone."""
 
 
 def _reload(proxy: DnsProxy, path: str, why: str) -> None:
@@ -252,7 +260,7 @@ def _reload(proxy: DnsProxy, path: str, why: str) -> None:
     log.info("dns: reloading name table (%s)", why)
     started = time.perf_counter()
     try:
-        lookup = _build(load_name_table(path).table, proxy.config, path)
+        lookup = _build(path, proxy.config, Pacer())
     except (TableFileError, TableError) as err:
         log.error("dns: rejected name table (%s): %s; still serving the previous table", why, err)
         return

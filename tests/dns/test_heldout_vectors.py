@@ -51,7 +51,7 @@ def test_the_trailing_dot_changes_nothing_else() -> None:
     """Other answers are the same with and without the dots (search[1:] are pilotfish's own
     extension and keep their rule)."""
     dotted, plain = _table(DOTTED), _table(tuple(s.rstrip(".") for s in DOTTED))
-    assert dotted.names == plain.names
+    assert dotted.names() == plain.names()
     extra = set(dotted.expanded_names().items()) - set(plain.expanded_names().items())
     assert extra and all(name.endswith(".ns1.svc.cluster.local.") and name.startswith(target) for name, target in extra)
     assert set(plain.expanded_names().items()) <= set(dotted.expanded_names().items())

@@ -57,4 +57,4 @@ def test_any_malformed_field_rejects_the_table(info: _Info, fault: str) -> None:
 def test_text_that_is_not_an_ip_is_dropped_as_istio_does() -> None:
     table = _build(name_table({"x.example": {"ips": ["10.0.0.0/8", "not-an-ip", "", "10.0.0.1"],
                                              "registry": "External"}}).table)
-    assert table.names["x.example."].a == (bytes([10, 0, 0, 1]),)
+    assert table.names()["x.example."].a == (bytes([10, 0, 0, 1]),)

@@ -1,15 +1,110 @@
-"""Reading a NameTable file: every file that does not load is one TableFileError naming the file
-and the fault, never another exception (the caller logs one line and keeps its table)."""
+"""Reading a NameTable file entry by entry: what it reads is what protobuf's json_format reads, and
+every file that does not load is one TableFileError naming the file and the fault, never another
+exception (the caller logs one line and keeps its table)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from vectors import all_cases, name_table
 
-from pilotfish.dns.tablefile import TableFileError, load_name_table
+from pilotfish.dns.tablefile import TableEntry, TableFileError, table_entries
 
 DEPTH = 1000  # issue 7 items 5 and 14: 1,000 levels killed `pilotfish dns`
+
+
+def _load(tmp_path: Path, text: str) -> list[tuple[str, TableEntry]]:
+    path = tmp_path / "table.json"
+    path.write_text(text)
+    return list(table_entries(str(path)))
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(TableFileError) as err:
+        _load(tmp_path, text)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'table.json'}: ")
+    return message.split(": ", 1)[1]
+
+
+def _tables() -> list[dict]:
+    seen, out = set(), []
+    for case in all_cases():
+        table = case.get("table")
+        if isinstance(table, dict) and table and json.dumps(table, sort_keys=True) not in seen:
+            seen.add(json.dumps(table, sort_keys=True))
+            out.append(table)
+    return out
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_reads_what_json_format_reads(tmp_path: Path, indent: int | None) -> None:
+    """Every table of Istio's vectors, read both ways."""
+    for table in _tables():
+        message = name_table(table)
+        entries = _load(tmp_path, json.dumps({"table": table}, indent=indent))
+        assert [host for host, _ in entries] == list(table)
+        for host, entry in entries:
+            info = message.table[host]
+            assert entry == TableEntry(tuple(info.ips), info.registry, info.shortname, info.namespace,
+                                       tuple(info.alt_hosts)), host
+
+
+@pytest.mark.parametrize("text", ["{}", '{"table": null}', '{"table": {}}', ' \n{ "table" : { } }\n '])
+def test_empty_tables(tmp_path: Path, text: str) -> None:
+    assert _load(tmp_path, text) == []
+
+
+def test_nulls_are_defaults_and_both_alt_hosts_spellings_read(tmp_path: Path) -> None:
+    entries = _load(tmp_path, json.dumps({"table": {
+        "a": {"ips": None, "registry": None, "altHosts": ["x"]},
+        "b": {"alt_hosts": ["y"], "namespace": "ns"},
+    }}))
+    assert entries == [("a", TableEntry((), "", "", "", ("x",))), ("b", TableEntry((), "", "", "ns", ("y",)))]
+
+
+@pytest.mark.parametrize(
+    "text,fault",
+    [
+        ("", "not JSON: Expecting value: line 1 column 1 (char 0)"),
+        ('{"table": {"a": {}', "not JSON: Expecting ',' delimiter: line 1 column 19 (char 18)"),
+        ('{"table": {"a": {}}} x', "not JSON: Extra data: line 1 column 22 (char 21)"),
+        ('{"table": {"a" {}}}', "not JSON: Expecting ':' delimiter: line 1 column 16 (char 15)"),
+        ('{"table": {a: {}}}', "not JSON: Expecting property name enclosed in double quotes"),
+        ('{"table": {"a": {"ips": [1,]}}}', "not JSON: Expecting value"),
+        ("[]", 'not a NameTable: want an object {"table": {host: NameInfo}}'),
+        ('{"tables": {}}', "not a NameTable: unknown field 'tables'"),
+        ('{"table": []}', 'not a NameTable: "table" must be an object'),
+        ('{"table": {"a": []}}', "not a NameTable: entry 'a': want an object (NameInfo), got []"),
+        ('{"table": {"a": {"ip": []}}}', "not a NameTable: entry 'a': unknown field 'ip'"),
+        ('{"table": {"a": {"ips": "1.2.3.4"}}}', "entry 'a': ips must be a list of strings, got \"1.2.3.4\""),
+        ('{"table": {"a": {"ips": [1]}}}', "entry 'a': ips must be a list of strings, got [1]"),
+        ('{"table": {"a": {"registry": 1}}}', "entry 'a': registry must be a string, got 1"),
+        ('{"table": {"a": {"altHosts": [], "alt_hosts": []}}}', "entry 'a': altHosts and alt_hosts both given"),
+        ('{"table": {"a": {"ips": [' + ",".join(['"1.2.3.4"'] * 20) + ', 5]}}}', 'got ["1.2.3.4", "1.2.3.4", "1.2.3.4", "1....'),
+    ],
+)
+def test_faults_are_named(tmp_path: Path, text: str, fault: str) -> None:
+    assert fault in _error(tmp_path, text)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "table.json"
+    path.write_bytes(b'{"table": {"\xff": {}}}')
+    with pytest.raises(TableFileError, match="not UTF-8 text"):
+        list(table_entries(str(path)))
+
+
+def test_a_fault_late_in_the_file_is_found_after_the_good_entries(tmp_path: Path) -> None:
+    """Entries come one by one; the caller builds nothing until the last one came through."""
+    path = tmp_path / "table.json"
+    path.write_text('{"table": {"a": {"ips": ["10.0.0.1"]}, "b": {"ips": 5}}}')
+    entries = table_entries(str(path))
+    assert next(entries)[0] == "a"
+    with pytest.raises(TableFileError, match="entry 'b'"):
+        next(entries)
 
 
 def _nested(depth: int) -> str:
@@ -17,18 +112,15 @@ def _nested(depth: int) -> str:
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text,fault",
     [
-        '{"table": ' + _nested(DEPTH) + "}",
-        '{"table": {"x.example": {"ips": ' + _nested(DEPTH) + "}}}",
-        '{"table": {"x.example": ' + '{"ips": ' * DEPTH + "[]" + "}" * DEPTH + "}}",
-        _nested(DEPTH * 50),
+        ('{"table": {"x.example": ' + _nested(DEPTH) + "}}", "nested too deeply"),
+        ('{"table": {"x.example": {"ips": ' + _nested(DEPTH) + "}}}", "nested too deeply"),
+        ('{"table": {"x.example": ' + '{"ips": ' * DEPTH + "[]" + "}" * DEPTH + "}}", "nested too deeply"),
+        ('{"table": ' + _nested(DEPTH) + "}", '"table" must be an object'),
+        (_nested(DEPTH * 50), "want an object"),
     ],
-    ids=["table", "ips", "objects", "top-level-50000"],
+    ids=["entry", "ips", "objects", "table", "top-level-50000"],
 )
-def test_deep_nesting_is_a_table_file_error(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "deep.json"
-    path.write_text(text)
-    with pytest.raises(TableFileError) as err:
-        load_name_table(str(path))
-    assert str(err.value).startswith(f"{path}: ")
+def test_deep_nesting_is_a_table_file_error(tmp_path: Path, text: str, fault: str) -> None:
+    assert fault in _error(tmp_path, text)
