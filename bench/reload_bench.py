@@ -11,9 +11,11 @@ size (100k, 500k, 1M Kubernetes services by default):
    slow the sending down) and records every reply's latency. Then the file is replaced by B and
    SIGHUP sent; the run ends when the first reply from B arrived and the log says the table was
    installed, plus `--tail` seconds.
-3. `nds` path (the agent's): the same, but the table arrives as a serialized NameTable message in
-   a child process that serves with `DnsProxy` and calls `set_table(NameTable.FromString(...))`
-   from another thread, as the agent's xDS thread does (`--paths file,nds`).
+3. `nds` path (the agent's): the same, but the table arrives as the bytes of a NameTable in a
+   child process that serves with `DnsProxy` and calls `set_table(bytes)` from another thread, as
+   the agent's xDS thread does. `nds-message` is the same with the message decoded first
+   (`set_table(NameTable.FromString(bytes))`), which is what xds_client/nds.py does today:
+   protobuf's decoding is one C call that holds the GIL (`--paths file,nds,nds-message`).
 
 Figures per size and path:
 - reload: seconds from SIGHUP (or the push) to the first reply from the new table, and the build
@@ -30,18 +32,16 @@ Figures per size and path:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import git_commit, pilotfish_exe, write_report
@@ -229,7 +229,7 @@ def run_reload(work: Path, n: int, path_kind: str, interval: float, tail: float,
     else:
         for which in (0, 1):
             write_message(work / f"message-{which}.pb", n, which)
-        argv = [sys.executable, str(Path(__file__).resolve()), "--nds-child", str(port), str(work)]
+        argv = [sys.executable, str(Path(__file__).resolve()), "--nds-child", path_kind, str(port), str(work)]
     log = open(log_path, "wb")
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -293,9 +293,10 @@ def run_reload(work: Path, n: int, path_kind: str, interval: float, tail: float,
         log.close()
 
 
-def nds_child(port: int, work: Path) -> None:
+def nds_child(kind: str, port: int, work: Path) -> None:
     """The agent's path without a control plane: serve message-0, and on `push` on stdin build
-    message-1 from another thread (the agent builds on grpc's thread), as NameTableHolder does."""
+    message-1 from another thread (the agent builds on grpc's thread), from its bytes (`nds`) or
+    from the decoded message (`nds-message`)."""
     import logging
 
     import trio
@@ -311,7 +312,8 @@ def nds_child(port: int, work: Path) -> None:
 
     def push() -> None:
         sys.stdin.readline()
-        proxy.set_table(NameTable.FromString((work / "message-1.pb").read_bytes()))
+        data = (work / "message-1.pb").read_bytes()
+        proxy.set_table(data if kind == "nds" else NameTable.FromString(data))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -329,17 +331,18 @@ def fmt(v: float | None, spec: str = "{:.0f}") -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,500000,1000000", help="services per table")
-    ap.add_argument("--paths", default="file,nds", help="file (pilotfish dns, SIGHUP) and/or nds (agent)")
+    ap.add_argument("--paths", default="file,nds,nds-message",
+                    help="file (pilotfish dns, SIGHUP), nds (agent, bytes), nds-message (agent, decoded)")
     ap.add_argument("--interval", type=float, default=2.0, help="ms between probe queries (default 2)")
     ap.add_argument("--tail", type=float, default=1.0, help="seconds measured after the swap")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per start or reload")
     ap.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k services")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--nds-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--nds-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.nds_child:
-        nds_child(int(args.nds_child[0]), Path(args.nds_child[1]))
+        nds_child(args.nds_child[0], int(args.nds_child[1]), Path(args.nds_child[2]))
         return 0
     sizes = [20000] if args.quick else [int(s) for s in args.sizes.split(",")]
     paths = args.paths.split(",")
@@ -352,14 +355,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="reload-bench-"))
     print(f"commit {report['commit']}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"probe every {args.interval:g} ms")
-    print(f"{'services':>9} {'path':>4} {'reload s':>8} {'queries':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'services':>9} {'path':>11} {'reload s':>8} {'queries':>7} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'worst ms':>8} {'>100ms':>6} {'>1s':>4} {'lost':>4} {'old after':>9} {'peak RSS':>9} {'RSS after':>9}")
     try:
         for n in sizes:
             for kind in paths:
                 r = run_reload(work, n, kind, args.interval / 1000, args.tail, args.timeout)
                 report["runs"].append(r)
-                print(f"{n:>9} {kind:>4} {r['reload_s']:>8.2f} {r['queries']:>7} {fmt(r['p50_ms'], '{:.2f}'):>7} "
+                print(f"{n:>9} {kind:>11} {r['reload_s']:>8.2f} {r['queries']:>7} {fmt(r['p50_ms'], '{:.2f}'):>7} "
                       f"{fmt(r['p99_ms'], '{:.1f}'):>7} {fmt(r['worst_ms'], '{:.1f}'):>8} {r['over_100ms']:>6} "
                       f"{r['over_1s']:>4} {r['lost']:>4} {r['old_after_new']:>9} {r['hwm_mib']:>7.0f} M "
                       f"{r['rss_mib_after']:>7.0f} M", flush=True)

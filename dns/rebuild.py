@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .table import LookupTable, NameInfo, TableBuilder
+from .tablewire import name_table_entries
 
 WORK_SLICE = 0.002  # seconds of building between pauses
 REST = 0.001  # seconds the GIL is left to the serving threads at each pause
@@ -53,8 +54,11 @@ class Pacer:
 
 
 def table_items(table: Any) -> Iterable[tuple[str, NameInfo]]:
-    """(host, NameInfo) pairs of a NameTable message, its `table` map, any mapping of
-    NameInfo-likes, or an iterable of such pairs (a table file being read)."""
+    """(host, NameInfo) pairs of a serialized NameTable (read entry by entry), a NameTable
+    message, its `table` map, any mapping of NameInfo-likes, or an iterable of such pairs (a
+    table file being read)."""
+    if isinstance(table, (bytes, bytearray)):
+        return name_table_entries(bytes(table))
     entries = getattr(table, "table", table)
     items = getattr(entries, "items", None)
     return items() if callable(items) else entries  # type: ignore[no-any-return]

@@ -186,8 +186,8 @@ class DnsProxy:
         return self._state.table
 
     def set_table(self, table: Mapping[str, NameInfo] | Any) -> LookupTable:
-        """Build a lookup table from a NameTable (the proto message, its `table` map, or (host,
-        NameInfo) pairs) and swap it in. Safe from any thread; serving goes on with the old
+        """Build a lookup table from a NameTable (its serialized bytes, the proto message, its
+        `table` map, or (host, NameInfo) pairs) and swap it in. Safe from any thread; serving goes on with the old
         table while this builds, paced so that it keeps the GIL (dns/rebuild.py). A table that
         does not build raises TableError and changes nothing."""
         cfg = self.config

@@ -70,6 +70,16 @@ class NameInfo(Protocol):
     alt_hosts: Sequence[str]
 
 
+class TableEntry(NamedTuple):
+    """A NameInfo read from a table file or from a NameTable's bytes."""
+
+    ips: tuple[str, ...]
+    registry: str
+    shortname: str
+    namespace: str
+    alt_hosts: tuple[str, ...]
+
+
 class Addresses(NamedTuple):
     """The records of one name, decoded. `relative` marks a namespace-relative Kubernetes alias."""
 

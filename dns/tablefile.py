@@ -19,9 +19,11 @@ import os
 import re
 from collections.abc import Iterator
 from json.scanner import make_scanner
-from typing import Any, NamedTuple
+from typing import Any
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
+
+from .table import TableEntry
 
 # The file is read whole: this bound stops a wrong path (a disk image, a log) from being read
 # into memory. 1 GiB is seven times the file of a 1,000,000-service table (137 MB).
@@ -39,16 +41,6 @@ _FIELDS = frozenset(("ips", "registry", "shortname", "namespace", "altHosts", "a
 
 class TableFileError(ValueError):
     """The file cannot be read or is not a NameTable; the message says which and why."""
-
-
-class TableEntry(NamedTuple):
-    """One NameInfo of the file (the fields dns/table.py reads)."""
-
-    ips: tuple[str, ...]
-    registry: str
-    shortname: str
-    namespace: str
-    alt_hosts: tuple[str, ...]
 
 
 def table_entries(path: str) -> Iterator[tuple[str, TableEntry]]:

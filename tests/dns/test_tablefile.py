@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from vectors import all_cases, name_table
 
-from pilotfish.dns.tablefile import TableEntry, TableFileError, table_entries
+from pilotfish.dns.table import TableEntry
+from pilotfish.dns.tablefile import TableFileError, table_entries
 
 DEPTH = 1000  # issue 7 items 5 and 14: 1,000 levels killed `pilotfish dns`
 
