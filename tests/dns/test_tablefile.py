@@ -125,3 +125,98 @@ def _nested(depth: int) -> str:
 )
 def test_deep_nesting_is_a_table_file_error(tmp_path: Path, text: str, fault: str) -> None:
     assert fault in _error(tmp_path, text)
+
+
+@pytest.fixture
+def tiny_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read 5 bytes at a time, 2 characters ahead: every token crosses a window boundary."""
+    import pilotfish.dns.tablefile as tablefile
+
+    monkeypatch.setattr(tablefile, "CHUNK", 5)
+    monkeypatch.setattr(tablefile, "LOOKAHEAD", 2)
+
+
+def _reference(text: str) -> list[tuple[str, TableEntry]] | str:
+    """What json.loads and json_format make of the text: the entries, or the kind of fault."""
+    from google.protobuf import json_format
+
+    from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"not JSON: {err}"
+    if not isinstance(data, dict) or not isinstance(data.get("table", {}), (dict, type(None))):
+        return "not a NameTable"
+    try:
+        message = json_format.ParseDict(data, NameTable())
+    except json_format.ParseError:
+        return "not a NameTable"
+    return sorted((h, TableEntry(tuple(i.ips), i.registry, i.shortname, i.namespace, tuple(i.alt_hosts)))
+                  for h, i in message.table.items())
+
+
+def _ours(tmp_path: Path, text: str) -> list[tuple[str, TableEntry]] | str:
+    try:
+        return sorted(_load(tmp_path, text))
+    except TableFileError as err:
+        return str(err).split(": ", 1)[1]
+
+
+@pytest.mark.usefixtures("tiny_window")
+def test_a_tiny_window_reads_every_vector_table(tmp_path: Path) -> None:
+    for table in _tables():
+        for indent in (None, 1):
+            text = json.dumps({"table": table}, indent=indent, ensure_ascii=False)
+            assert _ours(tmp_path, text) == _reference(text)
+
+
+@pytest.mark.usefixtures("tiny_window")
+def test_text_split_inside_a_multibyte_character(tmp_path: Path) -> None:
+    text = json.dumps({"table": {"ä€😀.example": {"ips": ["10.0.0.1"], "registry": "Ünknown"}}}, ensure_ascii=False)
+    assert _ours(tmp_path, text) == _reference(text)
+    assert _ours(tmp_path, text)[0][0] == "ä€😀.example"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("window", ["tiny", "default"])
+def test_damaged_files_are_judged_as_json_and_json_format_judge_them(
+    tmp_path: Path, window: str, request: pytest.FixtureRequest
+) -> None:
+    """Random edits of a real table: whenever json.loads and json_format accept the text, the same
+    entries come out; whenever they refuse it, so does the reader (a syntax fault, where it is
+    the first fault in the file, with json's own message and position)."""
+    import random
+
+    if window == "tiny":
+        request.getfixturevalue("tiny_window")
+    rng = random.Random(11)
+    base = json.dumps({"table": _tables()[0]}, indent=1)
+    for _ in range(400):
+        chars = list(base)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(chars))
+            op = rng.random()
+            if op < 0.4:
+                del chars[i]
+            elif op < 0.8:
+                chars.insert(i, rng.choice('{}[]",: \n0an\\'))
+            else:
+                chars[i] = rng.choice('{}[]",: \n0an')
+        text = "".join(chars)
+        expect, got = _reference(text), _ours(tmp_path, text)
+        if isinstance(expect, list):
+            assert got == expect, text
+        else:
+            assert isinstance(got, str), text
+            if got.startswith("not JSON"):
+                assert expect.startswith("not JSON"), (text, got)
+                assert got == expect, text
+
+
+def test_the_size_bound_counts_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pilotfish.dns.tablefile as tablefile
+
+    monkeypatch.setattr(tablefile, "TABLE_FILE_MAX", 1000)
+    monkeypatch.setattr(tablefile, "CHUNK", 100)
+    big = json.dumps({"table": {f"h{i}.example": {"ips": ["10.0.0.1"]} for i in range(40)}})
+    assert "is larger than 1000 bytes" in _error(tmp_path, big)
