@@ -130,7 +130,7 @@ def test_deep_nesting_is_a_table_file_error(tmp_path: Path, text: str, fault: st
 @pytest.fixture
 def tiny_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """Read 5 bytes at a time, 2 characters ahead: every token crosses a window boundary."""
-    import pilotfish.dns.tablefile as tablefile
+    from pilotfish.dns import tablefile
 
     monkeypatch.setattr(tablefile, "CHUNK", 5)
     monkeypatch.setattr(tablefile, "LOOKAHEAD", 2)
@@ -214,7 +214,7 @@ def test_damaged_files_are_judged_as_json_and_json_format_judge_them(
 
 
 def test_the_size_bound_counts_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pilotfish.dns.tablefile as tablefile
+    from pilotfish.dns import tablefile
 
     monkeypatch.setattr(tablefile, "TABLE_FILE_MAX", 1000)
     monkeypatch.setattr(tablefile, "CHUNK", 100)
