@@ -33,6 +33,7 @@ from .table import TableEntry
 TABLE_FILE_MAX = 1 << 30
 CHUNK = 1 << 20  # bytes read at a time
 LOOKAHEAD = 1 << 16  # characters of text kept ahead of the parse (an entry is ~130)
+BATCH = 64  # entries parsed in one step
 
 # The json scanner recurses once per level of nesting, so a value nested deeper than Python's
 # recursion limit (about 1,000 levels; a NameTable is four deep) raises RecursionError: bad input
@@ -107,7 +108,8 @@ class _Text:
     def run(self, step: Callable[..., tuple[T, int]], *args: Any) -> T:
         need = LOOKAHEAD
         while True:
-            self._fill(need)
+            if len(self.text) - self.pos < need:
+                self._fill(need)
             try:
                 value, self.pos = step(self.text, self.pos, self.final, *args)
                 return value
@@ -115,7 +117,7 @@ class _Text:
                 need = 2 * max(need, len(self.text) - self.pos)
 
     def _fill(self, need: int) -> None:
-        if len(self.text) - self.pos >= need or self.final:
+        if self.final:
             return
         text, pos = self.text, self.pos
         newline = text.rfind("\n", 0, pos)
@@ -154,10 +156,12 @@ def _entries(text: _Text) -> Iterator[tuple[str, TableEntry]]:
             raise _NotATable(f"unknown field {key!r} (the file holds one field, \"table\")")
         if text.run(_null_or_object_start, _TABLE):
             continue
-        first_entry = True
-        while (host := text.run(_next_member, first_entry)) is not None:
+        first_entry, done = True, False
+        while not done:
+            batch, done = text.run(_members, first_entry)
             first_entry = False
-            yield host, _entry(host, text.run(_value))
+            for host, value in batch:
+                yield host, _entry(host, value)
     text.run(_end)
 
 
@@ -208,6 +212,50 @@ def _next_member(text: str, pos: int, final: bool, first: bool) -> tuple[str | N
     if text[pos] != ":":
         raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
     return name, pos + 1
+
+
+def _members(text: str, pos: int, final: bool, first: bool) -> tuple[tuple[list[tuple[str, Any]], bool], int]:
+    """The next members of an object, (name, value) each, up to BATCH of them or until the
+    window runs low; True past the object's `}`. One step for many members: entries are small
+    and many, and each step costs a few function calls."""
+    batch: list[tuple[str, Any]] = []
+    low = len(text) if final else len(text) - LOOKAHEAD // 2
+    while True:
+        fast = _plain_member(text, pos, first)
+        if fast is not None:
+            name, value, pos = fast
+        else:
+            name, pos = _next_member(text, pos, final, first)
+            if name is None:
+                return (batch, True), pos
+            value, pos = _value(text, pos, final)
+        batch.append((name, value))
+        first = False
+        if pos >= low or len(batch) == BATCH:
+            return (batch, False), pos
+
+
+def _plain_member(text: str, pos: int, first: bool) -> tuple[str, Any, int] | None:
+    """`[,] "name": value` when it is written plainly and wholly in the window, else None (the
+    careful path then reads it, raising what is wrong): it saves a fifth of the parse."""
+    try:
+        pos = _space(text, pos).end()
+        if not first:
+            if text[pos] != ",":
+                return None
+            pos = _space(text, pos + 1).end()
+        if text[pos] != '"':
+            return None
+        name, pos = _scan(text, pos)
+        pos = _space(text, pos).end()
+        if text[pos] != ":":
+            return None
+        value, pos = _scan(text, _space(text, pos + 1).end())
+        if pos < len(text) and type(value) is dict:
+            return name, value, pos
+    except (IndexError, StopIteration, ValueError):
+        pass
+    return None
 
 
 def _value(text: str, pos: int, final: bool) -> tuple[Any, int]:
