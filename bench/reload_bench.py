@@ -20,8 +20,9 @@ size (100k, 500k, 1M Kubernetes services by default):
 Figures per size and path:
 - reload: seconds from SIGHUP (or the push) to the first reply from the new table, and the build
   time the proxy logged;
-- queries sent during the reload and their latency: p50, p99, worst, how many waited over 100 ms
-  and over 1 s, and how many got no reply within 5 s;
+- queries sent from the reload's start to `--tail` seconds after the swap (the replaced table is
+  freed then) and their latency: p50, p99, worst, how many waited over 100 ms and over 1 s, and
+  how many got no reply within 5 s;
 - whether any reply after the first new one came from the old table (must be 0);
 - memory: VmHWM (peak RSS) of the serving process, VmRSS before and after the reload.
 
@@ -230,67 +231,67 @@ def run_reload(work: Path, n: int, path_kind: str, interval: float, tail: float,
         for which in (0, 1):
             write_message(work / f"message-{which}.pb", n, which)
         argv = [sys.executable, str(Path(__file__).resolve()), "--nds-child", path_kind, str(port), str(work)]
-    log = open(log_path, "wb")
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_answering(port, timeout)
-        start_s = time.monotonic() - started
-        rss_before = status_kib(proc.pid, "VmRSS")
-        hwm_start = status_kib(proc.pid, "VmHWM")
-        probe = Probe(port, interval)
-        probe.start()
-        time.sleep(1.0)  # steady state first
-        mark = len(log_path.read_bytes())
-        old, new = socket.inet_aton(ip_of(0, 0)), socket.inet_aton(ip_of(0, 1))
-        if path_kind == "file":
-            os.replace(work / "next.json", table)
-            t_reload = time.monotonic()
-            proc.send_signal(signal.SIGHUP)
-        else:
-            t_reload = time.monotonic()
-            assert proc.stdin is not None
-            proc.stdin.write(b"push\n")
-            proc.stdin.flush()
-        deadline = t_reload + timeout
-        first_new = None
-        while time.monotonic() < deadline:
-            first_new = probe.first_from(new, t_reload)
-            if first_new is not None and b"installed" in log_path.read_bytes()[mark:]:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        if first_new is None:
-            raise RuntimeError(f"no reply from the new table within {timeout}s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(tail)
-        probe.stop()
-        logged = log_path.read_text(errors="replace")[mark:]
-        built = [line for line in logged.splitlines() if "installed" in line or "reload" in line]
-        out = {
-            "services": n,
-            "path": path_kind,
-            "start_s": start_s,
-            "reload_s": first_new - t_reload,
-            "log": built,
-            **latency_figures(probe, t_reload, first_new, new),
-            "baseline_before_reload": latency_figures(probe, t_reload - 1.0, t_reload, old),
-            "rss_mib_before": (rss_before or 0) / 1024,
-            "rss_mib_after": (status_kib(proc.pid, "VmRSS") or 0) / 1024,
-            "hwm_mib_after_start": (hwm_start or 0) / 1024,
-            "hwm_mib": (status_kib(proc.pid, "VmHWM") or 0) / 1024,
-        }
-        return out
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
+    with open(log_path, "wb") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_answering(port, timeout)
+            start_s = time.monotonic() - started
+            rss_before = status_kib(proc.pid, "VmRSS")
+            hwm_start = status_kib(proc.pid, "VmHWM")
+            probe = Probe(port, interval)
+            probe.start()
+            time.sleep(1.0)  # steady state first
+            mark = len(log_path.read_bytes())
+            old, new = socket.inet_aton(ip_of(0, 0)), socket.inet_aton(ip_of(0, 1))
+            if path_kind == "file":
+                os.replace(work / "next.json", table)
+                t_reload = time.monotonic()
+                proc.send_signal(signal.SIGHUP)
+            else:
+                t_reload = time.monotonic()
+                assert proc.stdin is not None
+                proc.stdin.write(b"push\n")
+                proc.stdin.flush()
+            deadline = t_reload + timeout
+            first_new = None
+            while time.monotonic() < deadline:
+                first_new = probe.first_from(new, t_reload)
+                if first_new is not None and b"installed" in log_path.read_bytes()[mark:]:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            if first_new is None:
+                raise RuntimeError(f"no reply from the new table within {timeout}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(tail)  # the replaced table is freed after the swap: measured too
+            end = time.monotonic()
+            probe.stop()
+            logged = log_path.read_text(errors="replace")[mark:]
+            built = [line for line in logged.splitlines() if "installed" in line or "reload" in line]
+            out = {
+                "services": n,
+                "path": path_kind,
+                "start_s": start_s,
+                "reload_s": first_new - t_reload,
+                "log": built,
+                **latency_figures(probe, t_reload, end, new),
+                "baseline_before_reload": latency_figures(probe, t_reload - 1.0, t_reload, old),
+                "rss_mib_before": (rss_before or 0) / 1024,
+                "rss_mib_after": (status_kib(proc.pid, "VmRSS") or 0) / 1024,
+                "hwm_mib_after_start": (hwm_start or 0) / 1024,
+                "hwm_mib": (status_kib(proc.pid, "VmHWM") or 0) / 1024,
+            }
+            return out
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
 
 def nds_child(kind: str, port: int, work: Path) -> None:
