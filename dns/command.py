@@ -236,7 +236,11 @@ async def _watch_table(proxy: DnsProxy, path: str) -> None:
             if not hup and current == seen:
                 continue
             seen = current
-            await trio.to_thread.run_sync(_reload, proxy, path, "SIGHUP" if hup else "file change")
+            # abandoned on shutdown: a build is paced and takes seconds for a large table (a
+            # million services: ~20 s), it only ever ends in one reference assignment
+            await trio.to_thread.run_sync(
+                _reload, proxy, path, "SIGHUP" if hup else "file change", abandon_on_cancel=True
+            )
 
 
 def _build(path: str, config: DnsConfig, pause: Callable[[], None]) -> LookupTable:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from procs import PILOTFISH
-from reload_harness import address, dns_process, k8s, query, wait_until
+from reload_harness import DnsProcess, address, dns_process, k8s, query, wait_until
 
 DEEP = '{"table": {"x.example": ' + "[" * 1000 + "]" * 1000 + "}}"  # issue 7 items 5 and 14
 
@@ -124,3 +124,18 @@ def test_queries_keep_their_latency_while_a_large_table_reloads(tmp_path: Path) 
         assert switched >= 20, (switched, installed.group(0))  # the build was measured, not missed
         worst = max(waited for _, waited, _ in during)
         assert worst < STALL_BOUND, f"a query waited {worst * 1000:.0f} ms during the reload ({installed.group(0)})"
+
+
+def test_sigterm_during_a_large_reload_stops_without_waiting_for_the_build(tmp_path: Path) -> None:
+    """The build is paced (it takes seconds at 200,000 services): shutdown abandons it rather
+    than waiting for it (Kubernetes gives 30 s, a million services take ~20 s)."""
+    big = tmp_path / "big.json"
+    _large_table(big, "10.0.0.2")
+    dns = DnsProcess(tmp_path, k8s("probe", "10.0.0.1"))
+    mark = len(dns.proc.text())
+    os.replace(big, dns.table)
+    dns.proc.proc.send_signal(signal.SIGHUP)
+    dns.proc.wait_for(r"reloading name table", after=mark)
+    assert dns.proc.stop() == 0
+    log = dns.proc.text()[mark:]
+    assert "stopped" in log and "name table installed" not in log and "Traceback" not in log
