@@ -61,13 +61,19 @@ class TableError(ValueError):
 
 
 class NameInfo(Protocol):
-    """What the table reads from a NameTable entry (the NDS proto's NameInfo has these)."""
+    """What the table reads from a NameTable entry (the NDS proto's NameInfo has these, and so
+    does TableEntry)."""
 
-    ips: Sequence[str]
-    registry: str
-    shortname: str
-    namespace: str
-    alt_hosts: Sequence[str]
+    @property
+    def ips(self) -> Sequence[str]: ...
+    @property
+    def registry(self) -> str: ...
+    @property
+    def shortname(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def alt_hosts(self) -> Sequence[str]: ...
 
 
 class TableEntry(NamedTuple):

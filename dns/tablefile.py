@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from json.scanner import make_scanner
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from pilotfish.common.files import UnreadableFile, open_regular_file, too_large
 
@@ -40,8 +40,10 @@ BATCH = 64  # entries parsed in one step
 # like any other, not a crash of the running proxy.
 TOO_DEEP = "nested too deeply to be a NameTable (one is four levels deep)"
 
-_scan = make_scanner(json.JSONDecoder())
-_space = re.compile(r"[ \t\n\r]*").match
+# (text, pos) -> (value, end): the json module's C scanner, as json.loads uses it.
+_scan = cast("Callable[[str, int], tuple[Any, int]]", make_scanner(cast(Any, json.JSONDecoder())))
+# (text, pos) -> the whitespace at pos (always a match, maybe empty).
+_space = cast("Callable[[str, int], re.Match[str]]", re.compile(r"[ \t\n\r]*").match)
 _FIELDS = frozenset(("ips", "registry", "shortname", "namespace", "altHosts", "alt_hosts"))
 _VALUE_START = frozenset('["-0123456789tfn')
 _NAME = "Expecting property name enclosed in double quotes"
@@ -225,9 +227,10 @@ def _members(text: str, pos: int, final: bool, first: bool) -> tuple[tuple[list[
         if fast is not None:
             name, value, pos = fast
         else:
-            name, pos = _next_member(text, pos, final, first)
-            if name is None:
+            careful, pos = _next_member(text, pos, final, first)
+            if careful is None:
                 return (batch, True), pos
+            name = careful
             value, pos = _value(text, pos, final)
         batch.append((name, value))
         first = False
