@@ -8,6 +8,11 @@ search-domain CNAME, A/AAAA, NODATA, TTL 30, AA, truncation). Differences, all d
 - a reply the proxy makes itself carries an OPT record when the query had one (RFC 6891 §7);
   an EDNS version other than 0 gets BADVERS (§6.1.3);
 - UPDATE is forwarded upstream instead of NOTIMP (external-dns and nsupdate behind a sidecar);
+- a question cut short after its name (no QTYPE, or no QCLASS) is FORMERR, header only: miekg
+  reads it as type/class 0 and Istio forwards that (or answers a QCLASS-less A query), but
+  RFC 1035 §4.1.2 makes both fields part of every question, Unbound answers FORMERR too, and
+  forwarding costs an upstream round trip to relay an answer to a question the client never
+  asked (type 0 is reserved, RFC 6895 §3.1);
 - multi-record answers rotate: each reply is one of up to 8 precomputed rotations, so the order
   changes from reply to reply without a shuffle per query.
 """
@@ -138,6 +143,8 @@ def respond(
             return _formerr(qid, base, err.partial)
         if qdcount != 1 or not msg.qname:
             return _formerr(qid, base, msg)
+        if msg.short_question:
+            return _reject(qid, (base & ~OPCODE_MASK) | FORMERR)
         return Forward(msg, data)
     if opcode != OPCODE_QUERY and opcode != OPCODE_NOTIFY:
         return _reject(qid, base | NOTIMP)
@@ -149,6 +156,8 @@ def respond(
         return _formerr(qid, base, err.partial)
     if not msg.qname:
         return _reject(qid, reply_flags(flags, REFUSED))
+    if msg.short_question:  # nothing to echo: the question was never whole
+        return _reject(qid, (base & ~OPCODE_MASK) | FORMERR)
     return _handle(table, msg, data, tcp, forward_before_table)
 
 
@@ -171,7 +180,7 @@ def _handle(
     match = table.lookup(text_labels(qname))
     if match is None:
         return Forward(msg, data)
-    records = match.addresses.a if qtype == TYPE_A else match.addresses.aaaa
+    records = match.a if qtype == TYPE_A else match.aaaa
     answers: list[RR] = []
     owner = qname
     if match.cname is not None:

@@ -13,14 +13,18 @@ import argparse
 import logging
 import os
 import signal
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 from prometheus_client import start_http_server
 
+from pilotfish.common.files import UnreadableFile, read_regular_file
+
 from .config import (
     ISTIO_RESOLV_CONF,
+    RESOLV_CONF_MAX,
     ConfigError,
     DnsConfig,
     listen_addresses,
@@ -32,7 +36,9 @@ from .config import (
     upstreams_from_resolv,
 )
 from .server import DnsProxy
-from .tablefile import TableFileError, file_signature, load_name_table
+from .rebuild import Pacer, build_beside
+from .table import LookupTable, TableError
+from .tablefile import TableFileError, file_signature, table_entries
 
 log = logging.getLogger("pilotfish.dns")
 
@@ -107,10 +113,9 @@ def dns_config(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) 
         use_istio = is_root and on_53 and os.path.exists(ISTIO_RESOLV_CONF)
         resolv_path = ISTIO_RESOLV_CONF if use_istio else "/etc/resolv.conf"
     try:
-        with open(resolv_path, encoding="utf-8", errors="replace") as f:
-            resolv = parse_resolv_conf(f.read())
-    except OSError as err:
-        raise ConfigError(f"--resolv-conf: cannot read {resolv_path}: {err.strerror}") from None
+        resolv = parse_resolv_conf(read_regular_file(resolv_path, RESOLV_CONF_MAX).decode("utf-8", "replace"))
+    except UnreadableFile as err:
+        raise ConfigError(f"--resolv-conf: cannot read {resolv_path}: {err}") from None
     if args.upstream:
         upstreams = tuple(parse_upstream(u, "--upstream") for u in args.upstream)
     else:
@@ -167,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `pilotfish dns`: validate, load, bind, serve until SIGTERM/SIGINT."""
     try:
         cmd = resolve_command(args, os.environ, os.geteuid() == 0)
-        table = load_name_table(cmd.table_path)
-    except (ConfigError, TableFileError) as err:
+        started = time.perf_counter()
+        lookup = _build(cmd.table_path, cmd.config, _no_pause)
+    except (ConfigError, TableFileError, TableError) as err:
         log.error("dns: %s", err)
         return 2
     for warning in cmd.warnings:
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         where = ", ".join(f"{h}:{p}" for h, p in cmd.config.listen)
         log.error("dns: cannot listen on %s: %s", where, err.strerror or err)
         return 1
-    proxy.set_table(table)
+    proxy.install(lookup, time.perf_counter() - started)
     cfg = cmd.config
     log.info(
         "dns: forwarding to %s (%s, timeout %gs), search %s, cache %s",
@@ -230,14 +236,36 @@ async def _watch_table(proxy: DnsProxy, path: str) -> None:
             if not hup and current == seen:
                 continue
             seen = current
-            await trio.to_thread.run_sync(_reload, proxy, path, "SIGHUP" if hup else "file change")
+            # abandoned on shutdown: a build is paced and takes seconds for a large table (a
+            # million services: ~20 s), it only ever ends in one reference assignment
+            await trio.to_thread.run_sync(
+                _reload, proxy, path, "SIGHUP" if hup else "file change", abandon_on_cancel=True
+            )
+
+
+def _build(path: str, config: DnsConfig, pause: Callable[[], None]) -> LookupTable:
+    """The lookup table of a table file, read and built entry by entry, calling `pause` as it
+    goes (dns/rebuild.py). A TableError names the file too."""
+    try:
+        return build_beside(
+            table_entries(path), config.proxy_namespace, config.proxy_domain, config.search, pause
+        )
+    except TableError as err:
+        raise TableError(f"{path}: {err}") from None
+
+
+def _no_pause() -> None:
+    """At start nothing is served yet: the build need not leave the GIL to anyone."""
 
 
 def _reload(proxy: DnsProxy, path: str, why: str) -> None:
+    """Load and build aside, then swap; a file or table that does not load is one ERROR line
+    and the table in use keeps serving."""
+    log.info("dns: reloading name table (%s)", why)
+    started = time.perf_counter()
     try:
-        table = load_name_table(path)
-    except TableFileError as err:
+        lookup = _build(path, proxy.config, Pacer())
+    except (TableFileError, TableError) as err:
         log.error("dns: rejected name table (%s): %s; still serving the previous table", why, err)
         return
-    log.info("dns: reloading name table (%s)", why)
-    proxy.set_table(table)
+    proxy.install(lookup, time.perf_counter() - started)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_PROXY_ADDR = "localhost:15053"
 ISTIO_RESOLV_CONF = "/var/lib/istio/resolv.conf"  # used by root on :53, as Istio does
+# The most of resolv.conf that is read: kubelet's own bound on the node's resolv.conf it builds
+# pods' from (maxResolvConfLength, pkg/kubelet/network/dns/dns.go). A real one is a few lines.
+RESOLV_CONF_MAX = 10 << 20
 
 
 class ConfigError(ValueError):

@@ -30,6 +30,7 @@ from .cache import UpstreamCache
 from .config import DnsConfig
 from .forward import Forwarder
 from .metrics import DnsMetrics, ThreadStats
+from .rebuild import build_beside, free_replaced, table_items
 from .table import LookupTable, NameInfo
 
 log = logging.getLogger("pilotfish.dns")
@@ -185,18 +186,25 @@ class DnsProxy:
         return self._state.table
 
     def set_table(self, table: Mapping[str, NameInfo] | Any) -> LookupTable:
-        """Build a lookup table from a NameTable (the proto message or its `table` map) and swap
-        it in. Safe from any thread; serving goes on with the old table while this builds."""
-        entries = getattr(table, "table", table)
+        """Build a lookup table from a NameTable (its serialized bytes, the proto message, its
+        `table` map, or (host, NameInfo) pairs) and swap it in. Safe from any thread; serving goes on with the old
+        table while this builds, paced so that it keeps the GIL (dns/rebuild.py). A table that
+        does not build raises TableError and changes nothing."""
         cfg = self.config
         started = time.perf_counter()
-        lookup = LookupTable.build(entries, cfg.proxy_namespace, cfg.proxy_domain, cfg.search)
-        self._state = ServingState(lookup)
+        lookup = build_beside(table_items(table), cfg.proxy_namespace, cfg.proxy_domain, cfg.search)
+        self.install(lookup, time.perf_counter() - started)
+        return lookup
+
+    def install(self, lookup: LookupTable, build_seconds: float) -> None:
+        """Swap in a lookup table built aside (with this proxy's namespace, domain and search),
+        then free the replaced one piecemeal."""
+        replaced, self._state = self._state, ServingState(lookup)
         log.info(
             "dns: name table installed: %d hosts, %d names, built in %.1f ms",
-            lookup.entries, len(lookup.names), (time.perf_counter() - started) * 1000,
+            lookup.entries, len(lookup), build_seconds * 1000,
         )
-        return lookup
+        free_replaced(replaced)
 
     def close(self) -> None:
         """Close every socket (serve() does this on exit)."""

@@ -7,45 +7,87 @@ aliases are stored. A search-expanded name (`<alias>.<search domain>.`) is recog
 time by stripping a search suffix, which costs one or two extra dict probes on a cache miss of
 the answer memo and nothing at build time.
 
+Shaped for tables of a million services built beside serving threads that share the GIL
+(measured in bench/reload_bench.py, issue 7 item 19):
+- each name's addresses are one `bytes` record, not a tuple of tuples: bytes are never tracked by
+  the cyclic garbage collector, so building a table triggers no collections and a built table
+  is never traversed by one (with tuples, full collections of up to 0.35 s ran during a
+  500,000-service build, and every later full collection walked the table);
+- the names are spread over 64 dicts by hash: a dict grows by copying itself in one C call that
+  holds the GIL, 0.13 s for one dict of 2.8 million names, 64 times less per shard;
+- `TableBuilder` adds one entry at a time, so the caller can pause between entries (the shell,
+  dns/rebuild.py, does) and the serving threads get the GIL.
+
 Behaviour follows reference/istio-dns-proxy.md §5–§6.2, with two deliberate changes:
 - the search-domain fast path covers every search domain, not only the first (Istio answers
   `www.google.com.svc.cluster.local.` from upstream with NXDOMAIN after a round trip). The
   namespace-relative Kubernetes aliases (`name.`, `name.ns.`, `name.ns.svc.`) are expanded with
   the first search domain only, as in Istio: `productpage.svc.cluster.local.` is not a real
   Kubernetes name and keeps going upstream;
-- search domains are compared without their trailing dot, so a resolv.conf written as
-  `search ns1.svc.cluster.local.` behaves like one without the dot (Istio then expands every
-  alias, own-namespace FQDNs included).
+- an alias already under a search domain is not expanded with it (Istio's rule for the first
+  domain since 62a70b1), except for the first domain when resolv.conf writes it with a trailing
+  dot: Istio's suffix test then never matches and every alias is expanded with it, own-namespace
+  FQDNs included (`productpage.ns1.svc.cluster.local.ns1.svc.cluster.local.` is a CNAME to the
+  FQDN). pilotfish does the same, as a client of Istio's proxy sees it; the other domains, which
+  Istio never expands, keep the rule with or without the dot.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 _inet_pton = socket.inet_pton
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 
+SHARDS = 64  # dicts the names are spread over (a power of two)
+_MASK = SHARDS - 1
+# A record: relative flag (1 byte), number of A rdata (4 bytes), then the 4-byte A rdata and the
+# 16-byte AAAA rdata, each in table order.
+_HEAD = struct.Struct("!BI")
+_HEAD_SIZE = _HEAD.size
+
+
+class TableError(ValueError):
+    """A NameTable that cannot be served: the message names the entry and the bad value.
+
+    The whole table is refused (the agent NACKs it, `pilotfish dns` keeps the previous one), so
+    one bad entry never leaves a half-built table or a crashed proxy behind.
+    """
+
 
 class NameInfo(Protocol):
-    """What the table reads from a NameTable entry (the NDS proto's NameInfo has these)."""
+    """What the table reads from a NameTable entry (the NDS proto's NameInfo has these, and so
+    does TableEntry)."""
 
-    ips: Sequence[str]
+    @property
+    def ips(self) -> Sequence[str]: ...
+    @property
+    def registry(self) -> str: ...
+    @property
+    def shortname(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def alt_hosts(self) -> Sequence[str]: ...
+
+
+class TableEntry(NamedTuple):
+    """A NameInfo read from a table file or from a NameTable's bytes."""
+
+    ips: tuple[str, ...]
     registry: str
     shortname: str
     namespace: str
-    alt_hosts: Sequence[str]
+    alt_hosts: tuple[str, ...]
 
 
 class Addresses(NamedTuple):
-    """The records of one name. `relative` marks a namespace-relative Kubernetes alias.
-
-    A NamedTuple rather than a dataclass: one is made per entry and tuple construction is
-    several times cheaper, which matters at 100,000 entries.
-    """
+    """The records of one name, decoded. `relative` marks a namespace-relative Kubernetes alias."""
 
     a: tuple[bytes, ...]  # 4-byte rdata, table order
     aaaa: tuple[bytes, ...]  # 16-byte rdata, table order
@@ -55,8 +97,33 @@ class Addresses(NamedTuple):
 class Match(NamedTuple):
     """Result of a lookup: the records, and the CNAME target when the name was expanded."""
 
-    addresses: Addresses
+    a: tuple[bytes, ...]
+    aaaa: tuple[bytes, ...]
     cname: str | None  # target alias (with trailing dot), or None for a direct answer
+
+
+def _record(relative: bool, a: Sequence[bytes], aaaa: Sequence[bytes]) -> bytes:
+    return _HEAD.pack(relative, len(a)) + b"".join(a) + b"".join(aaaa)
+
+
+def _decode(record: bytes) -> Addresses:
+    relative, n = _HEAD.unpack_from(record)
+    end = _HEAD_SIZE + 4 * n
+    a = tuple(record[i : i + 4] for i in range(_HEAD_SIZE, end, 4))
+    aaaa = tuple(record[i : i + 16] for i in range(end, len(record), 16))
+    return Addresses(a, aaaa, bool(relative))
+
+
+def _match(record: bytes, cname: str | None) -> Match:
+    addresses = _decode(record)
+    return Match(addresses.a, addresses.aaaa, cname)
+
+
+def _merge(new: bytes, old: bytes) -> bytes:
+    """Two entries with one alias: per family the later one wins where it has addresses (Istio
+    overwrites A and AAAA separately); relative only if both are."""
+    n, o = _decode(new), _decode(old)
+    return _record(n.relative and o.relative, n.a or o.a, n.aaaa or o.aaaa)
 
 
 def proxy_domain_parts(namespace: str, domain: str) -> tuple[str, str]:
@@ -98,8 +165,11 @@ def aliases(
 
 
 def parse_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """Split IP literals into A and AAAA rdata; anything else (CIDRs, names) is dropped, as Istio
-    does. IPv4-mapped IPv6 stays AAAA. A zone (`fe80::1%eth0`) is accepted and ignored."""
+    """Split IP literals into A and AAAA rdata; text that is not an IP literal (CIDRs, names) is
+    dropped, as Istio does. IPv4-mapped IPv6 stays AAAA. A zone (`fe80::1%eth0`) is accepted and
+    ignored. A string inet_pton cannot even look at (a NUL byte, a lone surrogate) raises
+    ValueError: no NameTable istiod builds holds one, so it is a corrupt table, not an address to
+    drop."""
     a: list[bytes] = []
     aaaa: list[bytes] = []
     for ip in ips:
@@ -115,22 +185,84 @@ def parse_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]
     return tuple(a), tuple(aaaa)
 
 
+def _entry_fault(host: object, info: NameInfo, err: Exception) -> str:
+    """What is wrong with one entry: the host, and the bad address when it is one."""
+    for ip in getattr(info, "ips", None) or ():
+        try:
+            parse_ips((ip,))
+        except (TypeError, ValueError):
+            return f"entry {host!r}: bad IP {ip!r} ({err})"
+    return f"entry {host!r}: {type(err).__name__}: {err}"
+
+
 def _label_suffix(name: str, domain: str) -> bool:
     """Whether `name` (trailing dot) is `domain` or below it, label-aware."""
     return name == domain + "." or name.endswith("." + domain + ".")
 
 
+class TableBuilder:
+    """Builds a LookupTable one NameTable entry at a time (`add`), then `finish` hands it over.
+
+    Two entries that produce the same alias merge per address family, the later one winning,
+    which is the outcome Istio reaches in one of its (random) map orders. An entry that cannot
+    be served raises TableError; the builder is then abandoned and nothing was installed.
+    """
+
+    __slots__ = ("_namespace", "_pd", "_pd0", "_shards", "entries")
+
+    def __init__(self, namespace: str, domain: str) -> None:
+        self._namespace = namespace
+        self._pd, self._pd0 = proxy_domain_parts(namespace, domain)
+        self._shards: tuple[dict[str, bytes], ...] = tuple({} for _ in range(SHARDS))
+        self.entries = 0  # entries that produced at least one name
+
+    def add(self, host: str, info: NameInfo) -> None:
+        try:
+            a, aaaa = parse_ips(info.ips)
+            if not a and not aaaa:
+                return
+            produced = aliases(host, info, self._namespace, self._pd, self._pd0)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise TableError(_entry_fault(host, info, err)) from None
+        if not produced:
+            return
+        self.entries += 1
+        blob = b"".join(a) + b"".join(aaaa)
+        absolute = _HEAD.pack(0, len(a)) + blob
+        relative = None
+        shards = self._shards
+        for alias, is_relative in produced:
+            if is_relative:
+                value = relative = relative or _HEAD.pack(1, len(a)) + blob
+            else:
+                value = absolute
+            key = alias.lower()
+            shard = shards[hash(key) & _MASK]
+            prev = shard.get(key)
+            shard[key] = value if prev is None else _merge(value, prev)
+
+    def finish(self, search: Sequence[str]) -> LookupTable:
+        """The table (the builder must not be used afterwards: the table owns what it built)."""
+        return LookupTable(self._shards, search, self.entries)
+
+
 class LookupTable:
     """Aliases → addresses, plus the search domains used to recognise expanded names."""
 
-    __slots__ = ("names", "search", "entries", "_suffixes")
+    __slots__ = ("_shards", "_size", "_suffixes", "entries", "search")
 
-    def __init__(self, names: dict[str, Addresses], search: Sequence[str], entries: int) -> None:
-        self.names = names
+    def __init__(self, shards: tuple[dict[str, bytes], ...], search: Sequence[str], entries: int) -> None:
+        self._shards = shards
+        self._size = sum(map(len, shards))
         self.entries = entries  # NameTable entries that produced at least one name
-        self.search = tuple(s.lower().strip(".") for s in search if s.strip("."))
-        # (suffix to strip, index) with the dots included, longest match handled by order.
-        self._suffixes = tuple(("." + s + ".", i) for i, s in enumerate(self.search))
+        written = [s for s in search if s.strip(".")]
+        self.search = tuple(s.lower().strip(".") for s in written)
+        dotted_first = bool(written) and written[0].endswith(".")
+        # (suffix to strip, index, the domain an alias must not already be under, or None), with
+        # the dots included; longest match handled by order.
+        self._suffixes = tuple(
+            ("." + s + ".", i, None if i == 0 and dotted_first else s) for i, s in enumerate(self.search)
+        )
 
     @classmethod
     def build(
@@ -140,54 +272,36 @@ class LookupTable:
         domain: str,
         search: Sequence[str],
     ) -> LookupTable:
-        """Build from a NameTable's `table` map (proto map or plain mapping of NameInfo-likes).
-
-        Two entries that produce the same alias merge per address family, the later one winning,
-        which is the outcome Istio reaches in one of its (random) map orders.
-        """
-        pd, pd0 = proxy_domain_parts(namespace, domain)
-        names: dict[str, Addresses] = {}
-        get = names.get
-        used = 0
+        """Build from a NameTable's `table` map (proto map or plain mapping of NameInfo-likes)
+        in one go (see TableBuilder; dns/rebuild.py paces large builds)."""
+        builder = TableBuilder(namespace, domain)
+        add = builder.add
         for host, info in table.items():
-            a, aaaa = parse_ips(info.ips)
-            if not a and not aaaa:
-                continue
-            produced = aliases(host, info, namespace, pd, pd0)
-            if produced:
-                used += 1
-            absolute = Addresses(a, aaaa, False)
-            relative = None
-            for alias, is_relative in produced:
-                if is_relative:
-                    relative = relative or Addresses(a, aaaa, True)
-                    value = relative
-                else:
-                    value = absolute
-                key = alias.lower()
-                prev = get(key)
-                if prev is not None:
-                    value = Addresses(
-                        value.a or prev.a, value.aaaa or prev.aaaa, value.relative and prev.relative
-                    )
-                names[key] = value
-        return cls(names, search, used)
+            add(host, info)
+        return builder.finish(search)
+
+    def __len__(self) -> int:
+        """How many names (aliases) the table answers directly."""
+        return self._size
+
+    def _get(self, name: str) -> bytes | None:
+        return self._shards[hash(name) & _MASK].get(name)
 
     def resolve(self, name: str) -> Match | None:
         """A known name, directly or as `<alias>.<search domain>.` (lower-case, trailing dot)."""
-        found = self.names.get(name)
+        found = self._get(name)
         if found is not None:
-            return Match(found, None)
-        for suffix, index in self._suffixes:
+            return _match(found, None)
+        for suffix, index, own in self._suffixes:
             if name.endswith(suffix) and len(name) > len(suffix):
                 alias = name[: len(name) - len(suffix) + 1]
-                found = self.names.get(alias)
+                found = self._get(alias)
                 if (
                     found is not None
-                    and (index == 0 or not found.relative)
-                    and not _label_suffix(alias, self.search[index])
+                    and (index == 0 or not found[0])  # found[0]: the relative flag
+                    and (own is None or not _label_suffix(alias, own))
                 ):
-                    return Match(found, alias)
+                    return _match(found, alias)
         return None
 
     def lookup(self, labels: Sequence[str]) -> Match | None:
@@ -204,19 +318,32 @@ class LookupTable:
                 return match
         return None
 
+    def names(self) -> dict[str, Addresses]:
+        """Every name the table answers directly, decoded (for tests and debugging: O(size))."""
+        return {name: _decode(record) for shard in self._shards for name, record in shard.items()}
+
     def expanded_names(self) -> dict[str, str]:
         """Every search-expanded name and its CNAME target (for tests and debugging only)."""
         out: dict[str, str] = {}
-        for alias, addrs in self.names.items():
-            for suffix, index in self._suffixes:
-                if index and addrs.relative:
-                    continue
-                if _label_suffix(alias, self.search[index]):
-                    continue
-                name = alias + suffix[1:]
-                if name not in self.names:
-                    out.setdefault(name, alias)
+        for shard in self._shards:
+            for alias, record in shard.items():
+                for suffix, index, own in self._suffixes:
+                    if index and record[0]:
+                        continue
+                    if own is not None and _label_suffix(alias, own):
+                        continue
+                    name = alias + suffix[1:]
+                    if self._get(name) is None:
+                        out.setdefault(name, alias)
         return out
+
+    def release(self) -> Iterator[None]:
+        """Empty the table one shard at a time, yielding after each: for its last holder, to free
+        a large table in pieces (freed at once, 1,000,000 services hold the GIL for ~0.2 s)."""
+        for shard in self._shards:
+            shard.clear()
+            self._size = sum(map(len, self._shards))
+            yield
 
 
 def debug_view(

@@ -24,6 +24,17 @@ def cases(kind: str) -> list[dict[str, Any]]:
     return [c for c in all_cases() if c["kind"] == kind]
 
 
+def distinct_tables() -> list[dict[str, Any]]:
+    """Every different NameTable map among the vectors, in order of first use."""
+    seen, out = set(), []
+    for case in all_cases():
+        table = case.get("table")
+        if isinstance(table, dict) and table and json.dumps(table, sort_keys=True) not in seen:
+            seen.add(json.dumps(table, sort_keys=True))
+            out.append(table)
+    return out
+
+
 def fixture_table(name: str) -> dict[str, Any]:
     """The NameTable (proto-JSON map) shared by the cases of fixture `name`."""
     return next(c["table"] for c in all_cases() if c.get("fixture") == name and c["table"])
