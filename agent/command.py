@@ -132,7 +132,7 @@ def node(config: AgentConfig) -> Node:
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket]) -> None:
     registry = proxy.registry if proxy is not None else CollectorRegistry()
-    holder = NameTableHolder(proxy.set_table if proxy is not None else (lambda table: None), config.nametable_cache)
+    holder = NameTableHolder(proxy.set_table if proxy is not None else (lambda serialized: None), config.nametable_cache)
     if proxy is not None:
         holder.load_cached()
     handlers: dict[str, Handler] = {NDS_TYPE: holder.on_response} if proxy is not None else {}

@@ -19,7 +19,7 @@ from google.protobuf.any_pb2 import Any
 
 from . import persist
 from .proto.istio.networking.nds.v1.nds_pb2 import NameTable
-from .stream import unpack_first
+from .stream import ResourceError, first_value
 
 log = logging.getLogger("pilotfish.xds")
 
@@ -48,7 +48,7 @@ class NameTableHolder:
     what serving needs.
     """
 
-    def __init__(self, apply: Callable[[NameTable], object], cache_path: str = "") -> None:
+    def __init__(self, apply: Callable[[bytes], object], cache_path: str = "") -> None:
         self.apply = apply
         self.cache_path = cache_path
         self._serialized: bytes | None = None
@@ -78,13 +78,12 @@ class NameTableHolder:
         if data is None:
             return False
         try:
-            table = NameTable.FromString(data)
-            self._install(table, "saved", data)
+            self._install(data, "saved")
         except Exception as err:  # whatever is wrong with the file, it must not stop the start
             self._move_aside(err)
             return False
-        log.info("xds: serving the saved name table from %s (%d hosts) until the control plane answers",
-                 self.cache_path, len(table.table))
+        log.info("xds: serving the saved name table from %s (%d bytes) until the control plane answers",
+                 self.cache_path, len(data))
         return True
 
     def _move_aside(self, err: Exception) -> None:
@@ -103,19 +102,22 @@ class NameTableHolder:
         Installed (built and swapped in) before it is saved: a table that does not build raises
         here with the old table still serving and the saved file untouched. A table that serves
         but cannot be saved is still ACKed (the disk copy is a convenience for restarts)."""
-        table = unpack_first(resources, NameTable, TYPE_URL)
-        assert isinstance(table, NameTable)
-        self._install(table, version, resources[0].value)
+        data = first_value(resources, TYPE_URL)
+        try:
+            self._install(data, version)
+        except Exception as err:  # any failure to decode or build: the NACK says which and why
+            raise ResourceError(f"cannot decode or build the NameTable: {type(err).__name__}: {err}") from None
         if self.cache_path:
             try:
-                persist.write_atomic(self.cache_path, resources[0].value)
+                persist.write_atomic(self.cache_path, data)
             except OSError as err:
                 log.warning("xds: cannot save the name table to %s: %s", self.cache_path, err.strerror or err)
-        del table
         _release_freed_memory()
 
-    def _install(self, table: NameTable, version: str, serialized: bytes) -> None:
-        self.apply(table)
+    def _install(self, serialized: bytes, version: str) -> None:
+        """`apply` reads the serialized table itself (entry by entry, without protobuf's one
+        long decode) and swaps it in, or raises with the table in use unchanged."""
+        self.apply(serialized)
         self._serialized = serialized
         self.version = version
 

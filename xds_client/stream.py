@@ -89,15 +89,11 @@ class AdsStream:
         return self._request(response.type_url, response.nonce)
 
 
-def unpack_first(resources: Iterable[Any], message: type, type_url: str) -> object:
-    """Decode the first resource as `message`; ResourceError if it is of another type or does
-    not decode (the old state is kept, the server is told why)."""
+def first_value(resources: Iterable[Any], type_url: str) -> bytes:
+    """The serialized first resource; ResourceError if it is of another type (the old state is
+    kept, the server is told why). Decoding is the handler's: a large resource is better read
+    entry by entry than decoded in one call that holds the GIL (dns/tablewire.py)."""
     first = next(iter(resources))
     if first.type_url != type_url:
         raise ResourceError(f"resource has type {first.type_url!r}, want {type_url!r}")
-    decoded = message()
-    try:
-        decoded.ParseFromString(first.value)
-    except Exception as err:  # protobuf raises DecodeError, or others for bad UTF-8
-        raise ResourceError(f"cannot decode {type_url}: {err}") from None
-    return decoded
+    return bytes(first.value)

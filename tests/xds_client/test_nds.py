@@ -41,9 +41,10 @@ class Proxy:
     def __init__(self) -> None:
         self.table: dict[str, list[str]] | None = None
 
-    def set_table(self, message: NameTable) -> None:
+    def set_table(self, serialized: bytes) -> None:
         import socket
 
+        message = NameTable.FromString(serialized)
         built = {}
         for host, info in message.table.items():
             for ip in info.ips:
@@ -73,7 +74,7 @@ def test_a_table_that_does_not_build_is_nacked_and_nothing_changes(tmp_path: Pat
     nack = stream.on_response(DiscoveryResponse(type_url=TYPE_URL, version_info="v2", nonce="n2",
                                                 resources=[packed(poisoned)]))
     assert nack is not None and nack.error_detail.code == 13 and nack.version_info == "v1"
-    assert nack.error_detail.message == "ValueError: embedded null character"  # the exception, named
+    assert nack.error_detail.message == "cannot decode or build the NameTable: ValueError: embedded null character"
     assert proxy.table == {"productpage.ns1.svc.cluster.local": ["10.96.0.7"]}  # the old table serves
     assert cache.read_bytes() == saved  # and stays the saved one
     assert holder.version == "v1" and holder.table == good
@@ -95,7 +96,7 @@ def test_the_table_is_saved_only_after_it_is_installed(tmp_path: Path) -> None:
     cache = tmp_path / "nametable.pb"
     order: list[str] = []
 
-    def apply(message: NameTable) -> None:
+    def apply(serialized: bytes) -> None:
         order.append("installed" if not cache.exists() else "installed after the save")
 
     NameTableHolder(apply, str(cache)).on_response("v1", [packed(table(a="10.0.0.1"))])

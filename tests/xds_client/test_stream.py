@@ -5,9 +5,10 @@ from __future__ import annotations
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
 from google.protobuf.any_pb2 import Any
+from google.protobuf.message import DecodeError
 
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
-from pilotfish.xds_client.stream import AdsStream, ResourceError, TypeState, unpack_first
+from pilotfish.xds_client.stream import AdsStream, ResourceError, TypeState, first_value
 
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
@@ -22,7 +23,10 @@ def _table(host: str = "a.ns.svc.cluster.local") -> Any:
 
 def _stream(seen: list[NameTable]) -> AdsStream:
     def handler(version: str, resources: list[Any]) -> None:
-        seen.append(unpack_first(resources, NameTable, NDS))  # type: ignore[arg-type]
+        try:
+            seen.append(NameTable.FromString(first_value(resources, NDS)))
+        except DecodeError as err:
+            raise ResourceError(f"cannot decode {NDS}: {err}") from None
 
     return AdsStream(Node(id="sidecar~10.0.0.9~p.ns~ns.svc.cluster.local"), {NDS: handler})
 
