@@ -14,28 +14,22 @@ import os
 import re
 import stat
 
+from pilotfish.common.files import UnreadableFile, read_regular_file
+
 MISSING = "does not exist"
+# Bounds on what is read at start: a CA bundle is tens to hundreds of KiB (Debian's whole system
+# bundle is ~220 KiB), a service-account token 1-2 KiB; anything past these is not one.
+ROOT_CERT_LIMIT = 10 << 20
+TOKEN_LIMIT = 1 << 20
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
 
 
-def _read(path: str) -> tuple[bytes | None, str | None]:
-    """(contents, None), or (None, why the file cannot be read). stat before open: opening a
-    FIFO would block until something writes to it."""
+def _read(path: str, limit: int) -> tuple[bytes | None, str | None]:
+    """(contents, None), or (None, why the file cannot be read: MISSING when it does not exist)."""
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None, MISSING
-    except OSError as err:
-        return None, f"cannot be read: {err.strerror or err}"
-    if stat.S_ISDIR(mode):
-        return None, "is a directory"
-    if not stat.S_ISREG(mode):
-        return None, "is not a regular file"
-    try:
-        with open(path, "rb") as f:
-            return f.read(), None
-    except OSError as err:
-        return None, f"cannot be read: {err.strerror or err}"
+        return read_regular_file(path, limit), None
+    except UnreadableFile as err:
+        return None, MISSING if err.missing else str(err)
 
 
 SEQUENCE, INTEGER, BIT_STRING, UTC_TIME, GENERALIZED_TIME = 0x30, 0x02, 0x03, 0x17, 0x18
@@ -108,7 +102,7 @@ def root_cert_problem(path: str) -> str | None:
     outline, `is_certificate`): an SSL context to parse it would cost the agent ~0.7 MB of RSS
     for good, OpenSSL's one-time set-up, and importing `cryptography.x509` ~8.5 MB (measured
     at agent start); grpc verifies the certificate itself at every handshake."""
-    data, problem = _read(path)
+    data, problem = _read(path, ROOT_CERT_LIMIT)
     if data is None:
         return problem
     if not data.strip():
@@ -126,7 +120,7 @@ def token_problem(path: str) -> str | None:
     """Why the bearer-token file cannot be used, or None when it can, is absent or is empty:
     Istio treats those two as "no token" (the header is left out, mTLS alone may authenticate),
     and kubelet writes a projected token after the containers started."""
-    data, problem = _read(path)
+    data, problem = _read(path, TOKEN_LIMIT)
     if problem == MISSING:
         return None
     if data is None:

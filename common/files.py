@@ -16,7 +16,12 @@ from typing import BinaryIO
 
 class UnreadableFile(ValueError):
     """The path is not a regular file of at most the bound; the message says why (without the
-    path: the caller names the setting and the path)."""
+    path: the caller names the setting and the path). `missing` when there is nothing there, which
+    some callers accept (a token kubelet writes later)."""
+
+    def __init__(self, reason: str, missing: bool = False) -> None:
+        super().__init__(reason)
+        self.missing = missing
 
 
 def open_regular_file(path: str) -> BinaryIO:
@@ -25,7 +30,7 @@ def open_regular_file(path: str) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
-        raise UnreadableFile(err.strerror or str(err)) from None
+        raise UnreadableFile(err.strerror or str(err), missing=isinstance(err, FileNotFoundError)) from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):

@@ -31,6 +31,7 @@ from types import FrameType
 import grpc
 from cryptography import x509
 from pilotfish.common.dirs import check_private_path, make_dirs
+from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.tablefile import file_signature
 from pilotfish.xds_client.persist import write_atomic
@@ -48,7 +49,7 @@ from .ca import (
     new_root,
     serving_names,
 )
-from .files import check_output_path, read_regular_file
+from .files import check_output_path
 from .mesh import MeshError, load_mesh, mesh_version
 from .nametable import ProxyInfo
 
@@ -57,6 +58,8 @@ log = logging.getLogger("pilotfish.controlplane")
 DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_STATE_DIR = "./var/lib/pilotfish/controlplane"
 ROOT_KEY_FILE = "root-key.pem"
+ROOT_FILE_LIMIT = 1 << 20  # a PEM key or certificate is 1-3 KiB
+TOKEN_FILE_LIMIT = 1 << 20  # a bearer token is 1-2 KiB
 ROOT_CERT_FILE = "root-cert.pem"
 MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed well within 1 s
 STOP_CHECK = 0.05  # seconds between looks at the stop signal while a mesh loads
@@ -129,9 +132,9 @@ def _token_file_problem(path: str) -> str | None:
     """Why the token file cannot give a token now (it is read again for every stream; an empty
     one there refuses them all, which at start can only be a mistake)."""
     try:
-        data = read_regular_file(path)
-    except OSError as err:
-        return f"cannot read: {err.strerror or err}"
+        data = read_regular_file(path, TOKEN_FILE_LIMIT)
+    except UnreadableFile as err:
+        return f"cannot read: {err}"
     try:
         token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -187,9 +190,9 @@ def _root_file(path: str) -> bytes:
     """A stored root file's content; CAError naming the file when it cannot be one."""
     name = os.path.basename(path)
     try:
-        data = read_regular_file(path)
-    except OSError as err:
-        raise CAError(f"{name}: {err.strerror or err}") from None
+        data = read_regular_file(path, ROOT_FILE_LIMIT)
+    except UnreadableFile as err:
+        raise CAError(f"{name}: {err}") from None
     if not data.strip():
         raise CAError(f"{name} is empty")
     return data

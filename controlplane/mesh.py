@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.controlplane.document import load_document
-from pilotfish.controlplane.files import read_regular_file
 from pilotfish.controlplane.nametable import (
     UNSPECIFIED_IP,
     Endpoint,
@@ -104,13 +104,17 @@ class Mesh:
         return build_name_table(self.services, self.endpoints, proxy)
 
 
+# A mesh of 100,000 services is ~20 MB of YAML or JSON (bench/controlplane_bench.py); 1 GiB is
+# the bound dns/tablefile.py puts on a name-table file, past any mesh this control plane can load.
+MESH_FILE_LIMIT = 1 << 30
+
+
 def load_mesh(path: str | Path) -> Mesh:
     """Read and parse a mesh file; MeshError (naming the file) if it cannot be read or used."""
     try:
-        text = read_regular_file(path).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MeshError(f"{path}: cannot read: {reason}") from None
+        text = read_regular_file(str(path), MESH_FILE_LIMIT).decode("utf-8")
+    except (UnreadableFile, UnicodeDecodeError) as e:
+        raise MeshError(f"{path}: cannot read: {e}") from None
     return parse_mesh(text, source=str(path))
 
 

@@ -17,10 +17,8 @@ resource however it ended.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
-import stat
 import threading
 import time
 from collections import Counter
@@ -32,6 +30,7 @@ import trio
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from pilotfish.common.files import UnreadableFile, read_regular_file
 
 from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
 from .outcome import connection_made, termination
@@ -69,14 +68,16 @@ class ConnectionState:
     types: dict[str, TypeState] = field(default_factory=dict)
 
 
+TOKEN_LIMIT = 1 << 20  # a service-account token is 1-2 KiB
+
+
 def read_token(path: str) -> str:
-    """The bearer token, trimmed; '' when the file is missing, unreadable, not a regular file or
-    not UTF-8, so a bad token file costs a refused stream (and a retry) instead of the stream
-    thread. Opened without blocking: opening a FIFO for reading waits for a writer."""
+    """The bearer token, trimmed; '' when the file is missing, unreadable, not a regular file
+    (a FIFO would block the stream thread), over 1 MiB or not UTF-8, so a bad token file costs a
+    refused stream (and a retry) instead of the stream thread."""
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
-            return f.read().strip() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else ""
-    except (OSError, UnicodeDecodeError):
+        return read_regular_file(path, TOKEN_LIMIT).decode("utf-8").strip()
+    except (UnreadableFile, UnicodeDecodeError):
         return ""
 
 

@@ -329,16 +329,16 @@ FILE_FLAGS = [
     pytest.param("--state-dir", lambda t: _made(t / "plain", b"x"), "not a directory", id="state-file"),
     pytest.param("--state-dir", lambda t: _made(t / "plain", b"x") / "state", "{tmp}/plain is not a directory",
                  id="state-under-file"),
-    pytest.param("--state-dir", lambda t: _state(t, None, None), "root-key.pem: Is a directory", id="state-key-dir"),
+    pytest.param("--state-dir", lambda t: _state(t, None, None), "root-key.pem: is a directory", id="state-key-dir"),
     pytest.param("--state-dir", lambda t: _state(t, b"", b""), "root-key.pem is empty", id="state-key-empty"),
     pytest.param("--state-dir", lambda t: _state(t, b"junk\n", b"junk\n"),
                  "root key: not an unencrypted PEM private key", id="state-key-not-pem"),
-    pytest.param("--token-file", lambda t: _made(t / "tokens"), "cannot read: Is a directory", id="token-dir"),
+    pytest.param("--token-file", lambda t: _made(t / "tokens"), "cannot read: is a directory", id="token-dir"),
     pytest.param("--token-file", lambda t: _made(t / "token", b" \n"), "empty", id="token-empty"),
     pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "not UTF-8 text", id="token-binary"),
-    pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: not a regular file", id="token-fifo"),
-    pytest.param("--mesh", lambda t: _made(t / "meshes"), "cannot read: Is a directory", id="mesh-dir"),
-    pytest.param("--mesh", lambda t: _fifo(t / "mesh.fifo"), "cannot read: not a regular file", id="mesh-fifo"),
+    pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: is not a regular file", id="token-fifo"),
+    pytest.param("--mesh", lambda t: _made(t / "meshes"), "cannot read: is a directory", id="mesh-dir"),
+    pytest.param("--mesh", lambda t: _fifo(t / "mesh.fifo"), "cannot read: is not a regular file", id="mesh-fifo"),
 ]
 
 
