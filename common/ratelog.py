@@ -25,7 +25,9 @@ class RateLimitedLog:
         self._last: float | None = None
         self._skipped = 0
 
-    def __call__(self, level: int, msg: str, *args: object) -> None:
+    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        """Log unless a line went out less than an interval ago. `exc_info` is for bugs caught
+        to keep a server up: one traceback per interval is what a developer needs."""
         now = self._clock()
         if self._last is not None and now - self._last < self._interval:
             self._skipped += 1
@@ -34,4 +36,4 @@ class RateLimitedLog:
             msg += " (%d similar suppressed)"
             args = (*args, self._skipped)
         self._last, self._skipped = now, 0
-        self._logger.log(level, msg, *args, stacklevel=2)
+        self._logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)

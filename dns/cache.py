@@ -1,5 +1,12 @@
-"""The upstream answer cache: positive and negative (RFC 2308), TTL-capped, size-bounded (LRU),
-with serve-stale (RFC 8767) for when every upstream fails. Pure: the caller passes the clock.
+"""The upstream answer cache: positive and negative (RFC 2308), TTL-capped, bounded in entries
+and in bytes (LRU), with serve-stale (RFC 8767) for when every upstream fails. Pure: the caller
+passes the clock.
+
+An entry keeps the upstream reply's wire bytes, not parsed records: parsed, a reply of 3,000 A
+records (48 KB over TCP) cost ~0.7 MB of Python objects, so a bound in entries was a bound of
+gigabytes (issue 7 item 2). Bytes are what the bound counts: the reply plus ENTRY_OVERHEAD. A
+reply larger than MAX_CACHED_REPLY is relayed and never cached. A hit is re-read from the bytes;
+the hot path serves hits from the reply memo (dns/memo.py) and seldom gets here.
 
 Istio's agent caches nothing, so every pod's repeated lookups of external names reach kube-dns
 (istio#58806, #44169). Keys hold the lower-cased question and the bits that change the answer
@@ -31,9 +38,18 @@ from .wire import (
     Message,
     ede_option,
     pack_message,
+    parse_message,
 )
 
 STALE_TTL = 30  # RFC 8767 §4: TTL of records served stale
+# The largest reply kept: RFC 6891 §6.2.5's suggested maximum EDNS payload, the most a UDP
+# client is normally offered; larger replies come over TCP, are rare, and one would fill a
+# small cache alone.
+MAX_CACHED_REPLY = 4096
+# Default bound of the whole cache. Unbound's default message cache is 4 MB too (msg-cache-size);
+# at 100-500 bytes a reply that is 8,000-20,000 answers, beyond the 10,000-entry default.
+DEFAULT_MAX_BYTES = 4 << 20
+ENTRY_OVERHEAD = 400  # the key tuple, the Entry, the LRU node: measured by tests/dns/test_cache.py
 CacheKey = tuple[bytes, int, int, int, bool]
 
 
@@ -42,14 +58,19 @@ class Entry:
     """One cached upstream reply, its records without the OPT."""
 
     flags: int  # rcode, RA and AD of the upstream reply
-    sections: tuple[list[RR], list[RR], list[RR]]
+    raw: bytes  # the upstream reply as received
     stored: float
     ttl: float
+
+    @property
+    def size(self) -> int:
+        """What the entry counts against the cache's byte bound."""
+        return len(self.raw) + ENTRY_OVERHEAD
 
 
 def cache_key(query: Message) -> CacheKey | None:
     """The key of a query, or None when it must not use the cache (not a plain QUERY)."""
-    if query.flags & OPCODE_MASK or query.short_question or query.qdcount != 1:
+    if query.flags & OPCODE_MASK or query.qdcount != 1:
         return None
     do = query.opt.do if query.opt is not None else False
     return (query.qname.lower(), query.qtype, query.qclass, query.flags & (RD | CD), do)
@@ -80,9 +101,17 @@ class UpstreamCache:
     served only when no upstream answers."""
 
     def __init__(
-        self, size: int, max_ttl: float = 300, negative_ttl: float = 30, stale: float = 86400
+        self,
+        size: int,
+        max_ttl: float = 300,
+        negative_ttl: float = 30,
+        stale: float = 86400,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.evictions = 0
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
         self.stale = stale
@@ -104,7 +133,7 @@ class UpstreamCache:
                 self.hits += 1
                 return entry
             if age >= entry.ttl + self.stale:
-                del self._entries[key]
+                self._remove(key)
         self.misses += 1
         return None
 
@@ -116,23 +145,33 @@ class UpstreamCache:
         self.stale_hits += 1
         return entry
 
-    def put(self, key: CacheKey, reply: Message, now: float) -> None:
-        """Store a reply if RFC 2308 and the caps allow; evict the least recently used."""
+    def put(self, key: CacheKey, raw: bytes, reply: Message, now: float) -> Entry | None:
+        """Store a reply (`raw`, parsed as `reply`) if RFC 2308 and the bounds allow, evicting
+        the least recently used. Returns the entry stored, or None."""
         ttl = cache_ttl(reply, self.max_ttl, self.negative_ttl)
-        if ttl <= 0 or self.size <= 0:
-            return
-        flags = reply.flags & (RCODE_MASK | RA | AD)
-        sections = (reply.answer, reply.authority, reply.additional)
-        self._entries[key] = Entry(flags, sections, now, ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        entry = Entry(reply.flags & (RCODE_MASK | RA | AD), raw, now, ttl)
+        if ttl <= 0 or self.size <= 0 or len(raw) > MAX_CACHED_REPLY or entry.size > self.max_bytes:
+            return None
+        self._remove(key)
+        self._entries[key] = entry
+        self.nbytes += entry.size
+        while len(self._entries) > self.size or self.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.size
+            self.evictions += 1
+        return entry
+
+    def _remove(self, key: CacheKey) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.size
 
 
 def render(query: Message, entry: Entry, now: float, tcp: bool, stale: bool = False) -> bytes:
     """A cached reply for this client: its ID and question, TTLs aged (30 s when stale, with an
     RFC 8914 'Stale Answer' extended error if it sent EDNS), truncated to its size."""
     age = int(now - entry.stored)
+    reply = parse_message(entry.raw)
 
     def aged(records: list[RR]) -> list[RR]:
         return [
@@ -143,7 +182,7 @@ def render(query: Message, entry: Entry, now: float, tcp: bool, stale: bool = Fa
     flags = reply_flags(query.flags, entry.flags & RCODE_MASK) | (entry.flags & (RA | AD))
     flags &= ~AA
     options = ede_option(EDE_STALE_ANSWER) if stale else b""
-    sections = (aged(entry.sections[0]), aged(entry.sections[1]), aged(entry.sections[2]))
+    sections = (aged(reply.answer), aged(reply.authority), aged(reply.additional))
     return pack_message(
         query.id, flags, query.question, sections, size_limit(query, tcp), proxy_opt(query, 0, options)
     )

@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
+from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.limits import raise_open_files_limit
 from prometheus_client import start_http_server
 
-from pilotfish.common.files import UnreadableFile, read_regular_file
-
+from .cache import DEFAULT_MAX_BYTES, MAX_CACHED_REPLY
 from .config import (
     ISTIO_RESOLV_CONF,
     RESOLV_CONF_MAX,
@@ -35,14 +36,15 @@ from .config import (
     split_host_port,
     upstreams_from_resolv,
 )
-from .server import DnsProxy
 from .rebuild import Pacer, build_beside
+from .server import DnsProxy
 from .table import LookupTable, TableError
 from .tablefile import TableFileError, file_signature, table_entries
 
 log = logging.getLogger("pilotfish.dns")
 
 TABLE_POLL = 1.0  # seconds between checks of the table file
+CACHE_MAX_BYTES_ENV = "PILOTFISH_DNS_CACHE_MAX_BYTES"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ def add_dns_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-stale", default="24h", metavar="DURATION",
                    help="how long past expiry an answer may be served when no upstream answers "
                         "(RFC 8767; default 24h, 0 turns it off)")
+    p.add_argument("--cache-max-bytes", metavar="N",
+                   help=f"bound of the upstream cache in bytes (default ${CACHE_MAX_BYTES_ENV} or "
+                        f"{DEFAULT_MAX_BYTES}); replies over {MAX_CACHED_REPLY} bytes are never cached")
 
 
 def resolve_command(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) -> DnsCommand:
@@ -140,12 +145,12 @@ def dns_config(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) 
         timeout = parse_duration(env.get("DNS_FORWARD_TIMEOUT", "5s") or "5s", "DNS_FORWARD_TIMEOUT")
     if timeout <= 0:
         raise ConfigError(f"forward timeout must be positive, got {timeout}s")
-    try:
-        cache_size = int(args.cache_size)
-    except ValueError:
-        raise ConfigError(f"--cache-size: not a number: {args.cache_size!r}") from None
-    if cache_size < 0:
-        raise ConfigError(f"--cache-size: must be 0 or more, got {cache_size}")
+    cache_size = _count_setting(args.cache_size, "--cache-size")
+    if args.cache_max_bytes is not None:
+        cache_max_bytes = _count_setting(args.cache_max_bytes, "--cache-max-bytes")
+    else:
+        env_bytes = env.get(CACHE_MAX_BYTES_ENV, "")
+        cache_max_bytes = _count_setting(env_bytes, CACHE_MAX_BYTES_ENV) if env_bytes else DEFAULT_MAX_BYTES
     cache_times = {}
     for flag in ("cache_max_ttl", "cache_negative_ttl", "cache_stale"):
         name = "--" + flag.replace("_", "-")
@@ -163,9 +168,20 @@ def dns_config(args: argparse.Namespace, env: Mapping[str, str], is_root: bool) 
         forward_timeout=timeout,
         forward_before_table=before_table,
         cache_size=cache_size,
-        **cache_times,
+        cache_max_ttl=cache_times["cache_max_ttl"],
+        cache_negative_ttl=cache_times["cache_negative_ttl"],
+        cache_stale=cache_times["cache_stale"],
+        cache_max_bytes=cache_max_bytes,
     )
     return config, warnings
+
+
+def _count_setting(text: str, setting: str) -> int:
+    """A whole number of at least 0 (digits only: no sign, no unit)."""
+    value = text.strip()
+    if not value.isascii() or not value.isdigit():
+        raise ConfigError(f"{setting}: want a whole number of 0 or more, got {text!r}")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in cmd.warnings:
         log.warning("dns: %s", warning)
+    log.info("dns: open files limit %d", raise_open_files_limit())
     try:
         proxy = DnsProxy(cmd.config)
     except OSError as err:
@@ -191,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         "dns: forwarding to %s (%s, timeout %gs), search %s, cache %s",
         ", ".join(f"{h}:{p}" for h, p in cfg.upstreams) or "no nameserver",
         "parallel" if cfg.forward_parallel else "serial", cfg.forward_timeout,
-        " ".join(cfg.search) or "none", f"{cfg.cache_size} entries" if cfg.cache_size else "off",
+        " ".join(cfg.search) or "none",
+        f"{cfg.cache_size} entries, {cfg.cache_max_bytes} bytes" if cfg.cache_size else "off",
     )
     metrics_server = None
     if cmd.metrics_addr:

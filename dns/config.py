@@ -38,6 +38,9 @@ class DnsConfig:
     cache_max_ttl: float = 300.0
     cache_negative_ttl: float = 30.0
     cache_stale: float = 86_400.0  # RFC 8767 suggests 1–3 days
+    cache_max_bytes: int = 4 << 20  # dns/cache.py DEFAULT_MAX_BYTES
+    max_inflight: int | None = None  # forwards in flight; None: sized by the open-files limit
+    max_tcp_connections: int | None = None  # None: sized by the open-files limit
 
 
 @dataclass(frozen=True)

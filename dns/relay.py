@@ -20,7 +20,7 @@ _U16 = struct.Struct("!H")
 def upstream_query(query: Message, raw: bytes, tcp: bool) -> bytes:
     """The bytes to send upstream: the client's own message (same ID, case, flags, options),
     over UDP with an EDNS0 buffer raised to at least 1232 bytes."""
-    if tcp or query.short_question:
+    if tcp:
         return raw
     if query.opt is None:
         out = bytearray(raw[: query.end])

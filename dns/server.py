@@ -3,12 +3,18 @@ forwarding, and the swap of lookup tables.
 
 UDP is served by one plain thread per socket with a blocking recvfrom/sendto loop: measured on
 this machine, that loop keeps up with dnsmasq while the same loop on trio reaches a third of it
-(design.md). Its hot path is a dict lookup of the packet bytes after the ID in a memo of
-finished replies, then an ID patch. A miss runs the pure engine in the same thread; a query that
-must go upstream is handed to the trio loop, which owns forwarding, the cache and TCP.
+(design.md). Its hot path is a dict lookup in a memo of finished replies, keyed by what decides
+the answer (dns/memo.py), then an ID patch: mesh answers and forwarded answers still fresh in the
+cache alike. A miss runs the pure engine in the same thread; a query that must go upstream is
+handed to the trio loop, which owns forwarding, the cache and TCP.
 
 A new NameTable is built into a new LookupTable aside and installed with one reference
-assignment, together with empty memos, so a reader sees either the old table or the new one.
+assignment, together with new memos, so a reader sees either the old table or the new one; the
+memo entries whose answer the new table does not change are then carried over.
+
+Every resource a client can make the proxy hold is bounded (docs/dns.md, "Bounds"): memo and
+cache bytes, forwards in flight (sized by the open-files limit; beyond it SERVFAIL at once), TCP
+connections (a new one evicts a stalled or the oldest one), and the time any send may take.
 """
 
 from __future__ import annotations
@@ -25,85 +31,76 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from .answer import Forward, Reply, respond
-from .cache import UpstreamCache
+from pilotfish.common.limits import open_files_limit
+from pilotfish.common.ratelog import RateLimitedLog
+
+from .answer import Forward, Reply, respond, servfail
+from .cache import UpstreamCache, render
 from .config import DnsConfig
 from .forward import Forwarder
+from .memo import CachedReply, Memo, carry, lookup_reply, stored_key
 from .metrics import DnsMetrics, ThreadStats
-from .rebuild import build_beside, free_replaced, table_items
+from .rebuild import Pacer, build_beside, free_replaced, table_items
 from .table import LookupTable, NameInfo
 
 log = logging.getLogger("pilotfish.dns")
 
 RCVBUF = 1 << 20  # 1 MiB: the default 208 KiB overflows under bursts (measurements.md)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python
-MEMO_MAX = 50_000  # finished replies kept per table and transport; cleared when full
-MAX_INFLIGHT = 2048  # forwarded queries in progress; beyond this, UDP queries are dropped
-MAX_TCP_CONNECTIONS = 512
+MAX_INFLIGHT = 1024  # forwarded queries in progress at most, whatever the open-files limit
+MAX_TCP_CONNECTIONS = 512  # miekg/Istio have no bound; CoreDNS's default max_tcp_queries... none
+FD_RESERVE = 128  # descriptors left to everything else: listeners, logs, the agent's streams
 TCP_PIPELINE = 32  # concurrent forwarded queries per TCP connection
 TCP_FIRST_READ = 2.0  # seconds to the first query on a new connection (miekg's 2 s)
 TCP_IDLE = 10.0  # seconds between queries before the connection is closed (RFC 7766 §6.2.3)
 TCP_BODY = 2.0  # seconds to receive a message once its length prefix arrived
-LOG_EVERY = 10.0  # seconds between repeated log lines about bad input
+TCP_SEND = 2.0  # seconds any reply may take to leave (miekg's write timeout is 2 s too)
+ACCEPT_BACKOFF = 0.1  # seconds between accept() retries when out of descriptors (as trio's)
 PAIR_ATTEMPTS = 20  # port 0: tries to find a port free for both UDP and TCP
+EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def fd_bounds(soft_limit: int, sockets_per_forward: int) -> tuple[int, int]:
+    """(forwards in flight, TCP connections) that fit an open-files limit: a quarter of what is
+    left after FD_RESERVE for client connections, half for forwards (each holding one socket per
+    upstream it asks at once), the last quarter for kept upstream sockets and the rest of the
+    process. With the common container soft limit of 1024 (when it cannot be raised): 224 TCP
+    connections and 448 serial forwards, so the file table never fills (issue 7 item 4)."""
+    spare = max(0, soft_limit - FD_RESERVE)
+    tcp = max(8, min(MAX_TCP_CONNECTIONS, spare // 4))
+    inflight = max(8, min(MAX_INFLIGHT, spare // 2 // max(1, sockets_per_forward)))
+    return inflight, tcp
 
 
 class ServingState:
     """What a reader needs, swapped as one reference: the table and the reply memos for it."""
 
-    __slots__ = ("table", "udp_memo", "tcp_memo")
+    __slots__ = ("table", "tcp_memo", "udp_memo")
 
     def __init__(self, table: LookupTable | None) -> None:
         self.table = table
-        self.udp_memo: dict[bytes, Any] = {}  # packet[2:] -> reply[2:] or a cycle of them
-        self.tcp_memo: dict[bytes, Any] = {}
+        self.udp_memo = Memo()
+        self.tcp_memo = Memo()
 
 
 _turns = itertools.count()  # rotation for replies built on the slow path (next() is atomic)
 
 
 def _pick(reply: Reply) -> int:
-    """Which variant to send. Queries that never repeat byte for byte (dig sends a fresh EDNS
-    cookie each time) miss the memo, so the slow path must rotate too."""
+    """Which variant to send. Queries that are not memoised (not in canonical form) miss the
+    memo every time, so the slow path must rotate too."""
     n = len(reply.variants)
     return next(_turns) % n if n > 1 else 0
 
 
-def _memo_store(memo: dict[bytes, Any], data: bytes, reply: Reply, sent: int) -> None:
-    if len(memo) >= MEMO_MAX:
-        memo.clear()
-    variants = reply.variants
-    if len(variants) == 1:
-        memo[data[2:]] = variants[0][2:]
-    else:  # continue the rotation after the variant just sent
-        order = variants[sent + 1 :] + variants[: sent + 1]
-        memo[data[2:]] = itertools.cycle([v[2:] for v in order])
+class _Connection:
+    """A TCP client connection as the connection limit sees it."""
 
+    __slots__ = ("scope", "sending")
 
-def _memo_reply(memo: dict[bytes, Any], data: bytes) -> bytes | None:
-    value = memo.get(data[2:])
-    if value is None:
-        return None
-    return data[:2] + (value if type(value) is bytes else next(value))
-
-
-class _RateLimitedLog:
-    """One log line per interval for a recurring problem, with the count of the ones skipped."""
-
-    def __init__(self) -> None:
-        self._last = 0.0
-        self._skipped = 0
-
-    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY:
-            self._skipped += 1
-            return
-        if self._skipped:
-            msg += " (%d similar suppressed)"
-            args = (*args, self._skipped)
-        self._last, self._skipped = now, 0
-        log.log(level, msg, *args, exc_info=exc_info)
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.sending = False  # in a send: a client that never reads is stuck here
 
 
 def _bind(family: socket.AddressFamily, kind: socket.SocketKind, addr: tuple[str, int]) -> socket.socket:
@@ -153,13 +150,19 @@ class DnsProxy:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.cache = UpstreamCache(
-            config.cache_size, config.cache_max_ttl, config.cache_negative_ttl, config.cache_stale
+            config.cache_size, config.cache_max_ttl, config.cache_negative_ttl, config.cache_stale,
+            config.cache_max_bytes,
         ) if config.cache_size > 0 else None
-        self.metrics = DnsMetrics(self.registry, self.cache)
-        self.forwarder = Forwarder(
-            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache, self.metrics
-        )
         self._state = ServingState(None)
+        self.metrics = DnsMetrics(self.registry, self.cache, self._memo_usage)
+        self.forwarder = Forwarder(
+            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
+            self.metrics, self._exhausted,
+        )
+        per_forward = len(config.upstreams) if config.forward_parallel else 1
+        inflight_bound, tcp_bound = fd_bounds(open_files_limit(), per_forward)
+        self.max_inflight = config.max_inflight or inflight_bound
+        self.max_tcp_connections = config.max_tcp_connections or tcp_bound
         self._stopping = False
         self._udp: list[socket.socket] = []
         self._tcp: list[socket.socket] = []
@@ -176,9 +179,12 @@ class DnsProxy:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._inflight = 0
-        self._tcp_connections = 0
+        self._connections: dict[_Connection, None] = {}  # oldest first
         self._trio_stats: ThreadStats = self.metrics.thread_stats()
-        self._warn = _RateLimitedLog()
+        self._bug_log = RateLimitedLog(log)
+        self._busy_log = RateLimitedLog(log)
+        self._exhausted_log = RateLimitedLog(log)
+        self._tcp_log = RateLimitedLog(log)
 
     @property
     def table(self) -> LookupTable | None:
@@ -198,18 +204,38 @@ class DnsProxy:
 
     def install(self, lookup: LookupTable, build_seconds: float) -> None:
         """Swap in a lookup table built aside (with this proxy's namespace, domain and search),
-        then free the replaced one piecemeal."""
-        replaced, self._state = self._state, ServingState(lookup)
+        carry over the memo entries it does not change, then free the replaced one piecemeal."""
+        new = ServingState(lookup)
+        replaced, self._state = self._state, new
         log.info(
             "dns: name table installed: %d hosts, %d names, built in %.1f ms",
             lookup.entries, len(lookup), build_seconds * 1000,
         )
+        pause = Pacer()
+        for old_memo, new_memo in ((replaced.udp_memo, new.udp_memo), (replaced.tcp_memo, new.tcp_memo)):
+            carry(old_memo, new_memo, replaced.table, lookup, pause)
+            old_memo.clear()
+        del new
         free_replaced(replaced)
+
+    def _memo_usage(self) -> tuple[int, int]:
+        """(entries, bytes) of the reply memos being served."""
+        state = self._state
+        return len(state.udp_memo) + len(state.tcp_memo), state.udp_memo.nbytes + state.tcp_memo.nbytes
+
+    def _exhausted(self, err: OSError) -> None:
+        """Out of descriptors or buffers: counted, one line per interval, never a traceback."""
+        self.metrics.resource_exhausted += 1
+        self._exhausted_log(
+            logging.WARNING, "dns: out of resources (%s); open files limit %d",
+            err.strerror or err, open_files_limit(),
+        )
 
     def close(self) -> None:
         """Close every socket (serve() does this on exit)."""
         for sock in self._udp + self._tcp:
             sock.close()
+        self.forwarder.sockets.close()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled, then stop the UDP threads and close the sockets."""
@@ -224,8 +250,7 @@ class DnsProxy:
                 for thread in threads:
                     thread.start()
                 for sock in self._tcp:
-                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                    nursery.start_soon(trio.serve_listeners, self._tcp_connection, [listener])
+                    nursery.start_soon(self._accept, trio.socket.from_stdlib_socket(sock), nursery)
                 for kind, addrs in (("udp", self.udp_addresses), ("tcp", self.tcp_addresses)):
                     for host, port in addrs:
                         log.info("dns: listening %s %s", kind, _hostport(host, port))
@@ -251,6 +276,7 @@ class DnsProxy:
         stats = self.metrics.thread_stats()
         recvfrom = sock.recvfrom
         sendto = sock.sendto
+        monotonic = time.monotonic
         while not self._stopping:
             try:
                 data, addr = recvfrom(65535)
@@ -258,26 +284,39 @@ class DnsProxy:
                 if self._stopping:
                     return
                 continue
-            memo = self._state.udp_memo
-            value = memo.get(data[2:])
+            # dns/memo.py: the key is the packet up to the name's root label, QTYPE, QCLASS and
+            # an OPT record's fixed part; inlined here, as is lookup_reply
+            value = self._state.udp_memo.get(data[2 : data.find(b"\0", 12) + 14])
             if value is not None:
-                stats.memo_hits += 1
-                try:
-                    sendto(data[:2] + (value if type(value) is bytes else next(value)), addr)
-                except OSError:
-                    pass
-                continue
+                kind = type(value)
+                if kind is bytes:
+                    body = value
+                    stats.memo_hits += 1
+                elif kind is CachedReply:
+                    body = value.current(monotonic())
+                    stats.cache_hits += body is not None
+                else:
+                    body = next(value)
+                    stats.memo_hits += 1
+                if body is not None:
+                    try:
+                        sendto(data[:2] + body, addr)
+                    except OSError:
+                        pass
+                    continue
             if not data and self._stopping:
                 return
             try:
                 self._udp_slow(sock, data, addr, stats)
             except Exception:  # a bug must cost one query, not the listener
-                self._warn(logging.ERROR, "dns: error handling a UDP query", exc_info=True)
+                self._bug_log(logging.ERROR, "dns: error handling a UDP query", exc_info=True)
 
-    def _answer(self, data: bytes, tcp: bool, stats: ThreadStats) -> bytes | Forward | None:
-        """The slow path of both transports: run the engine, count, pick the rotation to send
-        and memoise a local answer. Returns the reply, a query to forward, or None (drop)."""
-        state = self._state
+    def _answer(
+        self, state: ServingState, data: bytes, tcp: bool, stats: ThreadStats
+    ) -> bytes | Forward | None:
+        """The slow path of both transports: run the engine on `state`'s table, count, pick the
+        rotation to send and memoise a local answer. Returns the reply, a query to forward, or
+        None (drop)."""
         outcome = respond(state.table, data, tcp, self.config.forward_before_table)
         if outcome is None or isinstance(outcome, Forward):
             if outcome is not None:
@@ -286,11 +325,14 @@ class DnsProxy:
         _count(stats, outcome)
         sent = _pick(outcome)
         if outcome.local:
-            _memo_store(state.tcp_memo if tcp else state.udp_memo, data, outcome, sent)
+            key = stored_key(data)
+            if key is not None:
+                (state.tcp_memo if tcp else state.udp_memo).put_local(key, outcome.variants, sent)
         return outcome.variants[sent]
 
     def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, stats: ThreadStats) -> None:
-        result = self._answer(data, False, stats)
+        state = self._state  # the forwarded answer goes to the memo of the table that forwarded
+        result = self._answer(state, data, False, stats)
         if result is None:
             return
         if isinstance(result, bytes):
@@ -303,51 +345,123 @@ class DnsProxy:
         if token is None:
             return
         try:
-            token.run_sync_soon(self._start_udp_forward, result, sock, addr)
+            token.run_sync_soon(
+                self._start_udp_forward, result, sock, addr, state.udp_memo, stored_key(data)
+            )
         except trio.RunFinishedError:
             pass
 
-    def _start_udp_forward(self, fwd: Forward, sock: socket.socket, addr: Any) -> None:
+    def _take_forward(self) -> bool:
+        """Count a forward in flight; False (counted, logged per interval) when at the bound."""
+        if self._inflight < self.max_inflight:
+            self._inflight += 1
+            return True
+        self.metrics.forward_rejected += 1
+        self._busy_log(
+            logging.WARNING, "dns: %d forwarded queries in flight (the bound): answering SERVFAIL",
+            self._inflight,
+        )
+        return False
+
+    def _start_udp_forward(
+        self, fwd: Forward, sock: socket.socket, addr: Any, memo: Memo, key: bytes | None
+    ) -> None:
         """Runs in the trio thread."""
         if self._nursery is None:
             return
-        if self._inflight >= MAX_INFLIGHT:
-            self._warn(logging.WARNING, "dns: %d forwarded queries in flight, dropping", self._inflight)
+        if not self._take_forward():
+            try:
+                sock.sendto(servfail(fwd.query), socket.MSG_DONTWAIT, addr)
+            except OSError:
+                pass
             return
-        self._inflight += 1
-        self._nursery.start_soon(self._forward_udp, fwd, sock, addr)
+        self._nursery.start_soon(self._forward_udp, fwd, sock, addr, memo, key)
 
-    async def _forward_udp(self, fwd: Forward, sock: socket.socket, addr: Any) -> None:
+    async def _forward_udp(
+        self, fwd: Forward, sock: socket.socket, addr: Any, memo: Memo, key: bytes | None
+    ) -> None:
         try:
-            reply = await self.forwarder.resolve(fwd, tcp=False)
-            sock.sendto(reply, socket.MSG_DONTWAIT, addr)
-        except OSError:
-            pass
+            resolved = await self.forwarder.resolve(fwd, tcp=False)
+            try:
+                sock.sendto(resolved.reply, socket.MSG_DONTWAIT, addr)
+            except OSError:
+                pass
+            if key is not None and resolved.entry is not None:
+                # after the client has its reply: what later queries get from the memo
+                now = time.monotonic()
+                entry = resolved.entry
+                kept = CachedReply(render(fwd.query, entry, now, False), entry.ttl - (now - entry.stored), now)
+                memo.put(key, kept, kept.size)
         except Exception:  # a bug must cost one query, not the server
-            self._warn(logging.ERROR, "dns: error forwarding a UDP query", exc_info=True)
+            self._bug_log(logging.ERROR, "dns: error forwarding a UDP query", exc_info=True)
         finally:
             self._inflight -= 1
 
     # --- TCP ---------------------------------------------------------------------------------
 
-    async def _tcp_connection(self, stream: trio.SocketStream) -> None:
-        if self._tcp_connections >= MAX_TCP_CONNECTIONS:
-            self._warn(logging.WARNING, "dns: %d TCP connections open, refusing", self._tcp_connections)
-            await stream.aclose()
-            return
-        self._tcp_connections += 1
-        try:
+    async def _accept(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accept connections for as long as the proxy serves. Out of descriptors: counted, one
+        line per interval and a pause, never a traceback per retry (trio's serve_listeners logs
+        one per failed accept)."""
+        while True:
             try:
-                async with stream, trio.open_nursery() as nursery:
-                    await self._tcp_queries(stream, nursery)
-            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the client went away (trio reports it inside an exception group)
-        except Exception:  # a bug must cost one connection, not the listener
-            self._warn(logging.ERROR, "dns: error on a TCP connection", exc_info=True)
-        finally:
-            self._tcp_connections -= 1
+                conn, _ = await sock.accept()
+            except OSError as err:
+                if err.errno in EXHAUSTION:
+                    self._exhausted(err)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                elif err.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    self._tcp_log(logging.WARNING, "dns: accept failed: %s", err.strerror or err)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            nursery.start_soon(self._tcp_connection, trio.SocketStream(conn))
 
-    async def _tcp_queries(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+    def _make_room(self) -> None:
+        """At the connection bound, close the connection stuck in a send longest (a client that
+        does not read), else the oldest (idle or slow): honest clients keep getting in while
+        the bound is under attack, an attacker's connections live only until the next arrivals."""
+        victim = next((c for c in self._connections if c.sending), None)
+        if victim is None:
+            victim = next(iter(self._connections))
+        del self._connections[victim]
+        victim.scope.cancel()
+        self.metrics.tcp_evicted += 1
+        self._tcp_log(
+            logging.WARNING, "dns: %d TCP connections open (the bound): closed the %s one",
+            len(self._connections) + 1, "stalled" if victim.sending else "oldest",
+        )
+
+    async def _tcp_connection(self, stream: trio.SocketStream) -> None:
+        if len(self._connections) >= self.max_tcp_connections:
+            self._make_room()
+        with trio.CancelScope() as scope:
+            conn = _Connection(scope)
+            self._connections[conn] = None
+            try:
+                try:
+                    async with stream, trio.open_nursery() as nursery:
+                        await self._tcp_queries(stream, nursery, conn)
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the client went away (trio reports it inside an exception group)
+            except Exception:  # a bug must cost one connection, not the listener
+                self._bug_log(logging.ERROR, "dns: error on a TCP connection", exc_info=True)
+            finally:
+                self._connections.pop(conn, None)
+
+    async def _send(self, stream: trio.SocketStream, lock: trio.Lock, conn: _Connection, reply: bytes) -> None:
+        """Send one framed reply within TCP_SEND, else close the connection: a client that
+        pipelines queries and never reads would otherwise hold it, and a slot, forever."""
+        with trio.move_on_after(TCP_SEND) as deadline:
+            async with lock:
+                conn.sending = True
+                await stream.send_all(_framed(reply))
+                conn.sending = False
+        if deadline.cancelled_caught:
+            self.metrics.tcp_send_timeouts += 1
+            conn.scope.cancel()
+            await trio.lowlevel.checkpoint()
+
+    async def _tcp_queries(self, stream: trio.SocketStream, nursery: trio.Nursery, conn: _Connection) -> None:
         """Read length-prefixed queries; answer local ones in order, forward others
         concurrently (RFC 7766 §6.2.1.1 allows replies out of order)."""
         reader = _StreamReader(stream)
@@ -366,33 +480,37 @@ class DnsProxy:
                 data = await reader.read(int.from_bytes(prefix, "big"))
             if data is None:
                 return
-            reply = _memo_reply(self._state.tcp_memo, data)
+            reply = lookup_reply(self._state.tcp_memo, data)
             if reply is not None:
                 stats.memo_hits += 1
             else:
-                result = self._answer(data, True, stats)
+                result = self._answer(self._state, data, True, stats)
                 if result is None:
                     continue
                 if isinstance(result, Forward):
                     await pipeline.acquire()
-                    nursery.start_soon(self._forward_tcp, result, stream, send_lock, pipeline)
+                    if not self._take_forward():
+                        pipeline.release()
+                        await self._send(stream, send_lock, conn, servfail(result.query))
+                        continue
+                    nursery.start_soon(self._forward_tcp, result, stream, send_lock, pipeline, conn)
                     continue
                 reply = result
-            async with send_lock:
-                await stream.send_all(_framed(reply))
+            await self._send(stream, send_lock, conn, reply)
 
     async def _forward_tcp(
-        self, fwd: Forward, stream: trio.SocketStream, lock: trio.Lock, pipeline: trio.Semaphore
+        self, fwd: Forward, stream: trio.SocketStream, lock: trio.Lock, pipeline: trio.Semaphore,
+        conn: _Connection,
     ) -> None:
         try:
-            reply = await self.forwarder.resolve(fwd, tcp=True)
-            async with lock:
-                await stream.send_all(_framed(reply))
+            resolved = await self.forwarder.resolve(fwd, tcp=True)
+            await self._send(stream, lock, conn, resolved.reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # a bug must cost one query, not the connection's siblings
-            self._warn(logging.ERROR, "dns: error forwarding a TCP query", exc_info=True)
+            self._bug_log(logging.ERROR, "dns: error forwarding a TCP query", exc_info=True)
         finally:
+            self._inflight -= 1
             pipeline.release()
 
 

@@ -270,6 +270,34 @@ def _read_rr(buf: bytes, off: int) -> tuple[RR, int, int]:
     return RR(name, rtype, rclass, ttl, rdata), class_off, off + rdlen
 
 
+def _skip_name(buf: bytes, off: int) -> int:
+    """The offset just past a (possibly compressed) name, without reading it."""
+    while True:
+        length = buf[off]
+        if length >= 0xC0:
+            return off + 2
+        if length == 0:
+            return off + 1
+        off += 1 + length
+
+
+def ttl_offsets(buf: bytes) -> list[int]:
+    """Where the TTL of every record but OPT sits in a message that parse_message accepted: what
+    a kept reply patches as it ages (dns/memo.py)."""
+    qd, an, ns, ar = _HEADER.unpack_from(buf, 0)[2:]
+    off = 12
+    for _ in range(qd):
+        off = _skip_name(buf, off) + 4
+    out = []
+    for _ in range(an + ns + ar):
+        off = _skip_name(buf, off)
+        rtype, _, _, rdlen = _RR_FIXED.unpack_from(buf, off)
+        if rtype != TYPE_OPT:
+            out.append(off + 4)
+        off += 10 + rdlen
+    return out
+
+
 def read_header(buf: bytes) -> tuple[int, int, int, int, int, int]:
     """(id, flags, qdcount, ancount, nscount, arcount) of a message of at least 12 bytes."""
     return _HEADER.unpack_from(buf, 0)

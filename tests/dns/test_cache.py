@@ -32,7 +32,7 @@ def _reply(query: bytes, ttl: int = 60, rcode: int = RCODE.NOERROR, soa: tuple[i
 def _store(cache: UpstreamCache, reply: bytes, now: float = 0.0) -> tuple:
     query = parse_message(_query())
     key = cache_key(query)
-    cache.put(key, parse_message(reply), now)
+    cache.put(key, bytes(reply), parse_message(reply), now)
     return key
 
 
@@ -73,7 +73,7 @@ def test_size_bound_evicts_least_recently_used() -> None:
         keys.append(cache_key(query))
         if name == "c.example":
             cache.fresh(keys[0], 0.0)  # touch a: b becomes the oldest
-        cache.put(keys[-1], parse_message(_reply(_query(name))), 0.0)
+        cache.put(keys[-1], bytes(_reply(_query(name))), parse_message(_reply(_query(name))), 0.0)
     assert len(cache) == 2
     assert cache.fresh(keys[0], 1.0) is not None and cache.fresh(keys[1], 1.0) is None
 

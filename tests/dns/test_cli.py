@@ -181,7 +181,10 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["--listen", "127.0.0.1"], {}, "--listen: invalid address '127.0.0.1'"),
         ([], {"DNS_PROXY_ADDR": "localhost:99999"}, "DNS_PROXY_ADDR: port out of range"),
         (["--upstream", "dns.example"], {}, "--upstream: 'dns.example' is not an IP"),
-        (["--cache-size", "-1"], {}, "--cache-size: must be 0 or more"),
+        (["--cache-size", "-1"], {}, "--cache-size: want a whole number of 0 or more, got '-1'"),
+        (["--cache-max-bytes", "4M"], {}, "--cache-max-bytes: want a whole number of 0 or more, got '4M'"),
+        ([], {"PILOTFISH_DNS_CACHE_MAX_BYTES": "-5"},
+         "PILOTFISH_DNS_CACHE_MAX_BYTES: want a whole number of 0 or more, got '-5'"),
         (["--resolv-conf", "/nonexistent/resolv.conf"], {}, "cannot read /nonexistent/resolv.conf"),
     ],
 )
