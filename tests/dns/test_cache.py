@@ -114,3 +114,40 @@ def test_key_ignores_case_and_id_but_not_dnssec_bits() -> None:
     q = DNSRecord.question("a.example", "A")
     q.add_ar(EDNS0(flags="do"))
     assert a == b and cache_key(parse_message(q.pack())) != a
+
+
+def test_the_cache_holds_no_more_bytes_than_it_counts_and_stays_within_its_bound() -> None:
+    import gc
+    import tracemalloc
+
+    names = [f"host-{i}.example.com" for i in range(5000)]
+    replies = [(parse_message(_query(n)), _reply(_query(n))) for n in names]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache = UpstreamCache(100_000, max_bytes=1 << 30)
+        for query, raw in replies:
+            cache.put(cache_key(query), bytes(raw), parse_message(raw), 0.0)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 5000
+    assert used <= cache.nbytes, f"{used} bytes held, {cache.nbytes} counted"
+    small = UpstreamCache(100_000, max_bytes=200_000)
+    for query, raw in replies:
+        small.put(cache_key(query), bytes(raw), parse_message(raw), 0.0)
+        assert small.nbytes <= 200_000
+    assert small.evictions > 0 and len(small) < 5000
+
+
+def test_a_reply_over_4096_bytes_is_never_cached() -> None:
+    query = _query("big.example.com")
+    r = DNSRecord.parse(query).reply()
+    for i in range(300):
+        r.add_answer(DRR(r.q.qname, QTYPE.A, rdata=A(f"10.0.{i // 256}.{i % 256}"), ttl=60))
+    raw = bytes(r.pack())
+    assert len(raw) > 4096
+    cache = UpstreamCache(10)
+    assert cache.put(cache_key(parse_message(query)), raw, parse_message(raw), 0.0) is None
+    assert len(cache) == 0 and cache.nbytes == 0
