@@ -17,6 +17,7 @@ cleared (cached data is not authoritative), and an OPT record only if the client
 from __future__ import annotations
 
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -98,7 +99,8 @@ def cache_ttl(reply: Message, max_ttl: float, negative_ttl: float) -> float:
 
 class UpstreamCache:
     """LRU cache of upstream replies. Entries past their TTL stay for `stale` seconds more, to be
-    served only when no upstream answers."""
+    served only when no upstream answers. Safe from several threads (the UDP threads, the UDP
+    forwarder's thread, the trio loop): each method holds a lock for its few dict operations."""
 
     def __init__(
         self,
@@ -119,12 +121,17 @@ class UpstreamCache:
         self.misses = 0
         self.stale_hits = 0
         self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def fresh(self, key: CacheKey, now: float) -> Entry | None:
         """A live entry (counted as a hit) or None (counted as a miss)."""
+        with self._lock:
+            return self._fresh(key, now)
+
+    def _fresh(self, key: CacheKey, now: float) -> Entry | None:
         entry = self._entries.get(key)
         if entry is not None:
             age = now - entry.stored
@@ -139,11 +146,12 @@ class UpstreamCache:
 
     def stale_entry(self, key: CacheKey, now: float) -> Entry | None:
         """An expired entry still inside the serve-stale window."""
-        entry = self._entries.get(key)
-        if entry is None or now - entry.stored >= entry.ttl + self.stale:
-            return None
-        self.stale_hits += 1
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or now - entry.stored >= entry.ttl + self.stale:
+                return None
+            self.stale_hits += 1
+            return entry
 
     def put(self, key: CacheKey, raw: bytes, reply: Message, now: float) -> Entry | None:
         """Store a reply (`raw`, parsed as `reply`) if RFC 2308 and the bounds allow, evicting
@@ -152,13 +160,14 @@ class UpstreamCache:
         entry = Entry(reply.flags & (RCODE_MASK | RA | AD), raw, now, ttl)
         if ttl <= 0 or self.size <= 0 or len(raw) > MAX_CACHED_REPLY or entry.size > self.max_bytes:
             return None
-        self._remove(key)
-        self._entries[key] = entry
-        self.nbytes += entry.size
-        while len(self._entries) > self.size or self.nbytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.size
-            self.evictions += 1
+        with self._lock:
+            self._remove(key)
+            self._entries[key] = entry
+            self.nbytes += entry.size
+            while len(self._entries) > self.size or self.nbytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.size
+                self.evictions += 1
         return entry
 
     def _remove(self, key: CacheKey) -> None:

@@ -40,9 +40,12 @@ class DnsMetrics:
         self._threads: list[ThreadStats] = []
         self._cache = cache
         self._memo_usage = memo_usage
-        self.upstream_requests = 0  # written by the trio thread only
+        self.upstream_requests = 0  # written by the trio thread only (TCP clients' forwards)
         self.upstream_failures = 0
         self.forward_rejected = 0
+        self.udp_upstream_requests = 0  # written under the UDP forwarder's lock
+        self.udp_upstream_failures = 0
+        self.udp_forward_rejected = 0
         self.tcp_evicted = 0
         self.tcp_send_timeouts = 0
         self.resource_exhausted = 0
@@ -76,12 +79,12 @@ class DnsMetrics:
         yield CounterMetricFamily(
             "istio_agent_dns_upstream_requests",
             "Total number of DNS requests forwarded to upstream.",
-            value=self.upstream_requests,
+            value=self.upstream_requests + self.udp_upstream_requests,
         )
         yield CounterMetricFamily(
             "istio_agent_dns_upstream_failures",
             "Total number of DNS failures forwarding upstream.",
-            value=self.upstream_failures,
+            value=self.upstream_failures + self.udp_upstream_failures,
         )
         yield CounterMetricFamily(
             "pilotfish_dns_local_answers",
@@ -119,7 +122,7 @@ class DnsMetrics:
         for name, doc, value in (
             ("pilotfish_dns_forward_rejected",
              "Queries answered SERVFAIL because the bound of forwards in flight was reached.",
-             self.forward_rejected),
+             self.forward_rejected + self.udp_forward_rejected),
             ("pilotfish_dns_tcp_evicted",
              "TCP connections closed to make room for a new one at the connection bound.",
              self.tcp_evicted),

@@ -35,13 +35,14 @@ from pilotfish.common.limits import open_files_limit
 from pilotfish.common.ratelog import RateLimitedLog
 
 from .answer import Forward, Reply, respond, servfail
-from .cache import UpstreamCache, render
+from .cache import UpstreamCache
 from .config import DnsConfig
-from .forward import Forwarder
+from .forward import TcpForwarder
 from .memo import CachedReply, Memo, carry, lookup_reply, stored_key
 from .metrics import DnsMetrics, ThreadStats
 from .rebuild import Pacer, build_beside, free_replaced, table_items
 from .table import LookupTable, NameInfo
+from .udpforward import UdpForwarder
 
 log = logging.getLogger("pilotfish.dns")
 
@@ -155,14 +156,19 @@ class DnsProxy:
         ) if config.cache_size > 0 else None
         self._state = ServingState(None)
         self.metrics = DnsMetrics(self.registry, self.cache, self._memo_usage)
-        self.forwarder = Forwarder(
-            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
-            self.metrics, self._exhausted,
-        )
         per_forward = len(config.upstreams) if config.forward_parallel else 1
         inflight_bound, tcp_bound = fd_bounds(open_files_limit(), per_forward)
         self.max_inflight = config.max_inflight or inflight_bound
         self.max_tcp_connections = config.max_tcp_connections or tcp_bound
+        self._exhausted_lock = threading.Lock()
+        self.tcp_forwarder = TcpForwarder(
+            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
+            self.metrics, self._exhausted,
+        )
+        self.udp_forwarder = UdpForwarder(
+            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
+            self.metrics, self.max_inflight, self._exhausted, self._log_rejected,
+        )
         self._stopping = False
         self._udp: list[socket.socket] = []
         self._tcp: list[socket.socket] = []
@@ -176,7 +182,6 @@ class DnsProxy:
             raise
         self.udp_addresses = [s.getsockname()[:2] for s in self._udp]
         self.tcp_addresses = [s.getsockname()[:2] for s in self._tcp]
-        self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._inflight = 0
         self._connections: dict[_Connection, None] = {}  # oldest first
@@ -224,8 +229,10 @@ class DnsProxy:
         return len(state.udp_memo) + len(state.tcp_memo), state.udp_memo.nbytes + state.tcp_memo.nbytes
 
     def _exhausted(self, err: OSError) -> None:
-        """Out of descriptors or buffers: counted, one line per interval, never a traceback."""
-        self.metrics.resource_exhausted += 1
+        """Out of descriptors or buffers: counted, one line per interval, never a traceback.
+        Called from any thread."""
+        with self._exhausted_lock:
+            self.metrics.resource_exhausted += 1
         self._exhausted_log(
             logging.WARNING, "dns: out of resources (%s); open files limit %d",
             err.strerror or err, open_files_limit(),
@@ -235,15 +242,17 @@ class DnsProxy:
         """Close every socket (serve() does this on exit)."""
         for sock in self._udp + self._tcp:
             sock.close()
-        self.forwarder.sockets.close()
+        self.udp_forwarder.close()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled, then stop the UDP threads and close the sockets."""
-        self._token = trio.lowlevel.current_trio_token()
         threads = [
             threading.Thread(target=self._udp_loop, args=(sock,), name=f"dns-udp-{i}", daemon=True)
             for i, sock in enumerate(self._udp)
         ]
+        threads.append(threading.Thread(
+            target=self.udp_forwarder.run, args=(lambda: self._stopping,), name="dns-forward", daemon=True
+        ))
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -341,61 +350,23 @@ class DnsProxy:
             except OSError:
                 pass
             return
-        token = self._token
-        if token is None:
-            return
-        try:
-            token.run_sync_soon(
-                self._start_udp_forward, result, sock, addr, state.udp_memo, stored_key(data)
-            )
-        except trio.RunFinishedError:
-            pass
+        self.udp_forwarder.submit(result, sock, addr, state.udp_memo, stored_key(data))
 
     def _take_forward(self) -> bool:
-        """Count a forward in flight; False (counted, logged per interval) when at the bound."""
-        if self._inflight < self.max_inflight:
+        """Count a TCP client's forward in flight; False (counted, logged per interval) at the
+        bound, a quarter of the UDP one (TCP clients are the few retrying truncated replies)."""
+        if self._inflight < max(8, self.max_inflight // 4):
             self._inflight += 1
             return True
         self.metrics.forward_rejected += 1
-        self._busy_log(
-            logging.WARNING, "dns: %d forwarded queries in flight (the bound): answering SERVFAIL",
-            self._inflight,
-        )
+        self._log_rejected(self._inflight)
         return False
 
-    def _start_udp_forward(
-        self, fwd: Forward, sock: socket.socket, addr: Any, memo: Memo, key: bytes | None
-    ) -> None:
-        """Runs in the trio thread."""
-        if self._nursery is None:
-            return
-        if not self._take_forward():
-            try:
-                sock.sendto(servfail(fwd.query), socket.MSG_DONTWAIT, addr)
-            except OSError:
-                pass
-            return
-        self._nursery.start_soon(self._forward_udp, fwd, sock, addr, memo, key)
-
-    async def _forward_udp(
-        self, fwd: Forward, sock: socket.socket, addr: Any, memo: Memo, key: bytes | None
-    ) -> None:
-        try:
-            resolved = await self.forwarder.resolve(fwd, tcp=False)
-            try:
-                sock.sendto(resolved.reply, socket.MSG_DONTWAIT, addr)
-            except OSError:
-                pass
-            if key is not None and resolved.entry is not None:
-                # after the client has its reply: what later queries get from the memo
-                now = time.monotonic()
-                entry = resolved.entry
-                kept = CachedReply(render(fwd.query, entry, now, False), entry.ttl - (now - entry.stored), now)
-                memo.put(key, kept, kept.size)
-        except Exception:  # a bug must cost one query, not the server
-            self._bug_log(logging.ERROR, "dns: error forwarding a UDP query", exc_info=True)
-        finally:
-            self._inflight -= 1
+    def _log_rejected(self, in_flight: int) -> None:
+        self._busy_log(
+            logging.WARNING, "dns: %d forwarded queries in flight (the bound): answering SERVFAIL",
+            in_flight,
+        )
 
     # --- TCP ---------------------------------------------------------------------------------
 
@@ -503,7 +474,7 @@ class DnsProxy:
         conn: _Connection,
     ) -> None:
         try:
-            resolved = await self.forwarder.resolve(fwd, tcp=True)
+            resolved = await self.tcp_forwarder.resolve(fwd)
             await self._send(stream, lock, conn, resolved.reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

@@ -298,6 +298,21 @@ def ttl_offsets(buf: bytes) -> list[int]:
     return out
 
 
+def has_edns_options(buf: bytes) -> bool:
+    """Whether a message that parse_message accepted carries an OPT record with options."""
+    qd, an, ns, ar = _HEADER.unpack_from(buf, 0)[2:]
+    off = 12
+    for _ in range(qd):
+        off = _skip_name(buf, off) + 4
+    for i in range(an + ns + ar):
+        off = _skip_name(buf, off)
+        rtype, _, _, rdlen = _RR_FIXED.unpack_from(buf, off)
+        if rtype == TYPE_OPT and i >= an + ns:
+            return rdlen > 0
+        off += 10 + rdlen
+    return False
+
+
 def read_header(buf: bytes) -> tuple[int, int, int, int, int, int]:
     """(id, flags, qdcount, ancount, nscount, arcount) of a message of at least 12 bytes."""
     return _HEADER.unpack_from(buf, 0)

@@ -1,0 +1,313 @@
+"""Forwarding UDP clients' queries on plain threads, without the event loop.
+
+A query that misses the memo and must go upstream is sent by the UDP thread that received it,
+on a kept socket connected to the upstream; one reader thread waits on every socket in use
+(epoll) and relays each reply to its client, then caches it and keeps it in the reply memo.
+Measured on this machine, one cold pass over 1,000 external names (dnsperf `-c 1 -q 1`, the
+upstream a local dnsmasq): 0.30 ms a query when the query went through the trio loop (a hand-off
+to the loop, a task, a wait), 0.09 ms on threads; dnsmasq forwarding with its cache off, 0.035 ms.
+
+One socket per query in flight, taken from up to KEPT_SOCKETS idle ones per upstream (each bound
+to a random port when it was made, RFC 5452 §9.2), so a reply is matched by the socket it came
+on and then checked as before: the client's ID, QR, and our question (forward.udp_reply). The
+exchange rules are Istio's (dns/forward.py): serial mode asks the upstreams one at a time in a
+random order, each for `timeout`, moving on at once when one refuses (ICMP); parallel mode asks
+all at once and takes the first reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .answer import Forward, servfail
+from .cache import UpstreamCache, render
+from .forward import Exchange, Resolved, Server, conclude, family, from_cache, store, udp_reply
+from .memo import CachedReply, Memo
+from .metrics import DnsMetrics
+from .relay import relay, upstream_query
+from .wire import RCODE_MASK, SERVFAIL, has_edns_options
+
+log = logging.getLogger("pilotfish.dns")
+
+KEPT_SOCKETS = 64  # idle sockets kept per upstream: what a burst of misses reuses
+SWEEP = 0.01  # seconds: the reader's poll timeout, so deadlines are checked this often
+_POLL_IN = select.EPOLLIN | select.EPOLLERR
+
+
+class _Pending:
+    """One client query in flight upstream."""
+
+    __slots__ = ("client", "addr", "deadline", "fwd", "key", "memo", "order", "sockets", "started", "wire")
+
+    def __init__(
+        self, fwd: Forward, wire: bytes, client: socket.socket, addr: Any, memo: Memo,
+        key: bytes | None, order: list[Server], now: float,
+    ) -> None:
+        self.fwd = fwd
+        self.wire = wire
+        self.client = client
+        self.addr = addr
+        self.memo = memo
+        self.key = key
+        self.order = order  # upstreams still to ask (serial mode), last first
+        self.sockets: list[tuple[socket.socket, Server]] = []
+        self.started = now
+        self.deadline = now
+
+
+class UdpForwarder:
+    """Forwards UDP clients' queries; `submit` from the UDP threads, `run` in a thread of its own."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Server],
+        parallel: bool,
+        timeout: float,
+        cache: UpstreamCache | None,
+        metrics: DnsMetrics,
+        max_inflight: int,
+        on_socket_error: Callable[[OSError], None],
+        on_rejected: Callable[[int], None],
+    ) -> None:
+        self.upstreams = tuple(upstreams)
+        self.parallel = parallel
+        self.timeout = timeout
+        self.cache = cache
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self._on_error = on_socket_error
+        self._on_rejected = on_rejected
+        self._lock = threading.Lock()  # everything below, shared by the UDP threads and run()
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, tuple[socket.socket, Server, _Pending]] = {}
+        self._idle: dict[Server, list[socket.socket]] = {}
+        self._pending: dict[_Pending, None] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # --- the UDP threads -------------------------------------------------------------------
+
+    def submit(self, fwd: Forward, client: socket.socket, addr: Any, memo: Memo, key: bytes | None) -> None:
+        """Answer from the cache, or send upstream (the reply is relayed by `run`)."""
+        query = fwd.query
+        now = time.monotonic()
+        hit = from_cache(self.cache, query, now, False)
+        if hit is not None:
+            _send(client, hit.reply, addr)
+            _keep(memo, key, fwd, hit, now)
+            return
+        if not self.upstreams:
+            self._finish_failed(fwd, client, addr)
+            return
+        order = list(self.upstreams)
+        if len(order) > 1:
+            random.shuffle(order)
+        pending = _Pending(fwd, upstream_query(query, fwd.raw, False), client, addr, memo, key, order, now)
+        with self._lock:
+            rejected = len(self._pending) >= self.max_inflight
+            if rejected:
+                self.metrics.udp_forward_rejected += 1
+            else:
+                self._pending[pending] = None
+                self.metrics.udp_upstream_requests += 1
+                asked = self._ask_next(pending, now)
+        if rejected:
+            self._on_rejected(len(self._pending))
+            _send(client, servfail(query), addr)
+        elif not asked:
+            self._fail(pending)
+
+    def _ask_next(self, pending: _Pending, now: float) -> bool:
+        """Send to the next upstream (serial) or to all (parallel); False when none could be
+        asked. Holds the lock."""
+        pending.deadline = now + self.timeout
+        while pending.order:
+            batch = pending.order[:] if self.parallel else [pending.order[-1]]
+            del pending.order[len(pending.order) - len(batch):]
+            for server in batch:
+                self._ask(pending, server)
+            if pending.sockets:
+                return True
+        return False
+
+    def _ask(self, pending: _Pending, server: Server) -> None:
+        idle = self._idle.get(server)
+        sock = idle.pop() if idle else self._new_socket(server)
+        if sock is None:
+            return
+        self._by_fd[sock.fileno()] = (sock, server, pending)  # before the reply can come
+        pending.sockets.append((sock, server))
+        try:
+            sock.send(pending.wire)
+        except OSError:  # refused at once (ICMP from an earlier query), or no buffer space
+            self._release(pending, sock, keep=False)
+
+    def _new_socket(self, server: Server) -> socket.socket | None:
+        try:
+            sock = socket.socket(family(server[0]), socket.SOCK_DGRAM)
+        except OSError as err:
+            self._on_error(err)
+            return None
+        try:
+            sock.setblocking(False)
+            sock.connect(server)
+            self._epoll.register(sock.fileno(), _POLL_IN)  # for its lifetime, idle or not
+        except OSError as err:
+            sock.close()
+            self._on_error(err)
+            return None
+        return sock
+
+    # --- the forwarder's thread ------------------------------------------------------------
+
+    def run(self, stopping: Callable[[], bool]) -> None:
+        """Relay replies and enforce deadlines until `stopping()`; then close every socket."""
+        try:
+            while not stopping():
+                for fd, _ in self._epoll.poll(SWEEP):
+                    self._readable(fd)
+                self._sweep(time.monotonic())
+        finally:
+            self.close()
+
+    def _readable(self, fd: int) -> None:
+        found = self._by_fd.get(fd)
+        if found is None:
+            self._drain_idle(fd)
+            return
+        sock, _, pending = found
+        while True:
+            try:
+                data = sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError:  # ICMP port unreachable: this upstream failed, move on at once
+                self._give_up_on(pending, sock)
+                return
+            result = udp_reply(pending.wire, pending.fwd.query, data)
+            if result is not None:
+                self._succeed(pending, result)
+                return
+
+    def _drain_idle(self, fd: int) -> None:
+        """A late reply (or an ICMP error) on a kept socket no query waits on: read it away."""
+        with self._lock:
+            for idle in self._idle.values():
+                for sock in idle:
+                    if sock.fileno() == fd:
+                        try:
+                            while sock.recv(65535):
+                                pass
+                        except OSError:
+                            pass
+                        return
+
+    def _give_up_on(self, pending: _Pending, sock: socket.socket) -> None:
+        with self._lock:
+            if pending not in self._pending:
+                return
+            self._release(pending, sock, keep=False)
+            if pending.sockets or self._ask_next(pending, time.monotonic()):
+                return
+        self._fail(pending)
+
+    def _sweep(self, now: float) -> None:
+        failed = []
+        with self._lock:
+            for pending in [p for p in self._pending if p.deadline <= now]:
+                for sock, _ in list(pending.sockets):
+                    self._release(pending, sock, keep=False)  # a late reply must not wait in it
+                if not self._ask_next(pending, now):
+                    failed.append(pending)
+        for pending in failed:
+            self._fail(pending)
+
+    def _release(self, pending: _Pending, sock: socket.socket, keep: bool) -> None:
+        """Stop waiting on `sock`; keep it for reuse or close it. Holds the lock."""
+        _, server, _ = self._by_fd.pop(sock.fileno())
+        pending.sockets = [(s, srv) for s, srv in pending.sockets if s is not sock]
+        idle = self._idle.setdefault(server, [])
+        if keep and len(idle) < KEPT_SOCKETS:
+            idle.append(sock)
+        else:
+            sock.close()
+
+    def _succeed(self, pending: _Pending, result: Exchange) -> None:
+        """Relay the reply first (the client waits), then tidy up, cache and memoise."""
+        with self._lock:
+            if pending not in self._pending:
+                return  # already answered (another upstream, in parallel mode)
+            del self._pending[pending]
+        query = pending.fwd.query
+        raw, reply = result
+        now = time.monotonic()
+        if reply.flags & RCODE_MASK != SERVFAIL:
+            out = relay(query, raw, reply, False)
+            _send(pending.client, out, pending.addr)
+            resolved = Resolved(out, store(self.cache, query, raw, reply, now))
+        else:  # a stale entry beats the upstream's SERVFAIL
+            resolved, _ = conclude(self.cache, query, result, now, False)
+            _send(pending.client, resolved.reply, pending.addr)
+        with self._lock:
+            for sock, _ in list(pending.sockets):
+                self._release(pending, sock, keep=True)
+        self.metrics.upstream_duration.observe(now - pending.started)
+        _keep(pending.memo, pending.key, pending.fwd, resolved, now)
+
+    def _fail(self, pending: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(pending, None)
+            for sock, _ in list(pending.sockets):
+                self._release(pending, sock, keep=False)
+        self.metrics.upstream_duration.observe(time.monotonic() - pending.started)
+        self._finish_failed(pending.fwd, pending.client, pending.addr)
+
+    def _finish_failed(self, fwd: Forward, client: socket.socket, addr: Any) -> None:
+        """No upstream answered: a stale entry, else SERVFAIL (counted as Istio counts it)."""
+        resolved, failed = conclude(self.cache, fwd.query, None, time.monotonic(), False)
+        if failed:
+            with self._lock:
+                self.metrics.udp_upstream_failures += 1
+        _send(client, resolved.reply, addr)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock, _, _ in self._by_fd.values():
+                sock.close()
+            for idle in self._idle.values():
+                for sock in idle:
+                    sock.close()
+            self._by_fd.clear()
+            self._idle.clear()
+            self._pending.clear()
+            self._epoll.close()
+
+
+def _send(client: socket.socket, reply: bytes, addr: Any) -> None:
+    try:
+        client.sendto(reply, addr)
+    except OSError:
+        pass
+
+
+def _keep(memo: Memo, key: bytes | None, fwd: Forward, resolved: Resolved, now: float) -> None:
+    """After the client has its reply: what later queries with the same key get from the memo
+    (the cache entry rendered without the client's options, TTLs aged from now)."""
+    entry = resolved.entry
+    if key is None or entry is None:
+        return
+    reply = resolved.reply
+    if fwd.query.opt is not None and has_edns_options(reply):
+        # the upstream's options (a cookie echoing this client's) are not for other clients
+        reply = render(fwd.query, entry, now, False)
+    kept = CachedReply(reply, entry.ttl - (now - entry.stored), now)
+    memo.put(key, kept, kept.size)
