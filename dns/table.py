@@ -318,6 +318,17 @@ class LookupTable:
                 return match
         return None
 
+    def same_answer(self, other: LookupTable, labels: Sequence[str]) -> bool:
+        """Whether `other` answers a question for `labels` as this table does. Cheap when the
+        name is a direct entry of both (the common case when a push changed little)."""
+        name = ".".join(labels) + "."
+        mine, theirs = self._get(name), other._get(name)
+        if mine is not None and theirs is not None:
+            return mine == theirs
+        if (mine is None) != (theirs is None):
+            return False
+        return self.lookup(labels) == other.lookup(labels)
+
     def names(self) -> dict[str, Addresses]:
         """Every name the table answers directly, decoded (for tests and debugging: O(size))."""
         return {name: _decode(record) for shard in self._shards for name, record in shard.items()}
