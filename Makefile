@@ -5,7 +5,7 @@ PY        := $(VENV)/bin/python
 APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps iptables libcap2-bin util-linux
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test bench demo protos system-deps venv
+.PHONY: test lint bench demo protos system-deps venv
 
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,7 +22,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: system-deps venv
+PKG_DIRS  := agent common controlplane dns init xds_client
+
+# ruff and mypy before the tests (mypy sees the packages through a symlink tree named pilotfish)
+lint: venv
+	$(VENV)/bin/ruff check .
+	rm -rf .build/mypy && mkdir -p .build/mypy/pilotfish
+	for d in $(PKG_DIRS); do ln -s ../../../$$d .build/mypy/pilotfish/$$d; done
+	cd .build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p pilotfish
+
+test: system-deps venv lint
 	$(VENV)/bin/pytest
 
 bench: system-deps venv

@@ -47,8 +47,8 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "dns"))
 sys.path.insert(0, str(TESTS / "init"))
-import netns
-from mock_upstream import BING_ADDRESS, MockUpstream
+import netns  # noqa: E402 - found through the sys.path entries above
+from mock_upstream import BING_ADDRESS, MockUpstream  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and a veth pair")
 
