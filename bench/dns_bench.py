@@ -1109,7 +1109,7 @@ def table_section(args, report) -> bool:
     if targets:
         print("Targets (table):")
         for n, (met, v) in targets.items():
-            print(f"  [{'MET ' if met else 'MISS'}] {n:,} services built+swapped <= "
+            print(f"  [{verdict(met)}] {n:,} services built+swapped <= "
                   f"{TARGET_BUILD_S[n] * 1e3:.0f} ms: {v * 1e3:.1f} ms")
     return ok
 
