@@ -683,33 +683,56 @@ def test_pilotfish_dns_with_256_descriptors_and_a_silent_upstream(tmp_path: Path
         assert code == 0, proc.text()
 
 
+@contextlib.contextmanager
+def _silent_upstream_udp_and_tcp() -> Iterator[tuple[str, int]]:
+    """A silent UDP socket and, on the same port, a TCP listener that never accepts: the kernel
+    completes connections into its backlog, so a TCP forward holds its socket until it times out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(128)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(tcp.getsockname())
+            yield udp.getsockname()
+
+
 @pytest.mark.timeout(120)
 def test_pilotfish_dns_out_of_descriptors_logs_without_tracebacks(tmp_path: Path) -> None:
-    """A limit so low (soft = hard = 48) that TCP connections and forwards run the process out of
-    descriptors: it keeps serving, and the log has no traceback and at most a few lines about
-    it (once per interval), however many accept() or socket() calls failed."""
-    with _silent_upstream() as silent:
-        proc = _dns_process(tmp_path, 48, 48, silent, "--forward-timeout", "30s")
+    """soft = hard = 32, so low that the smallest bounds (8 connections, 8 forwards of each kind)
+    do not fit beside the dozen descriptors the process starts with: accept() and socket() fail
+    with EMFILE. The proxy keeps serving; the failures are counted, the log has no traceback and
+    at most a few lines about them (once per interval), however many calls failed."""
+    with _silent_upstream_udp_and_tcp() as silent:
+        proc = _dns_process(tmp_path, 32, 32, silent, "--forward-timeout", "5s", "--metrics-addr", "127.0.0.1:0")
         try:
             port = int(proc.wait_for(r"listening udp 127\.0\.0\.1:(\d+)").group(1))
             tcp_port = int(proc.wait_for(r"listening tcp 127\.0\.0\.1:(\d+)").group(1))
+            metrics_port = int(proc.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)").group(1))
+            _flood(("127.0.0.1", port), 100)  # UDP forwards in flight up to their bound
             with contextlib.ExitStack() as stack:
-                for _ in range(60):  # connections held open, each with a query in flight upstream
+                for n in range(30):  # connections held open, each with a TCP forward in flight
                     try:
                         sock = stack.enter_context(socket.create_connection(("127.0.0.1", tcp_port), timeout=5))
-                        sock.sendall(_framed(_query("held.flood.example", 1)))
+                        sock.sendall(_framed(_query(f"held-{n}.flood.example", n + 1)))
                     except OSError as err:
                         if err.errno not in (errno.ECONNRESET, errno.EPIPE):
                             raise
-                _flood(("127.0.0.1", port), 300)
+                _flood(("127.0.0.1", port), 100, first_id=1000)
             with _udp_client(("127.0.0.1", port)) as sock:
                 _assert_mesh_answer(_udp_ask(sock, _query(MESH_NAME, 60001)), 60001)
+            reply = None
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:  # connections of the flood may still be closing
+            while reply is None and time.monotonic() < deadline:  # descriptors free as forwards time out
                 reply = tcp_exchange(("127.0.0.1", tcp_port), _query(MESH_NAME, 60002), 2.0)
-                if reply is not None:
-                    break
             _assert_mesh_answer(reply, 60002)
+            text = ""
+            deadline = time.monotonic() + 20
+            while "pilotfish_dns_resource_exhausted_total" not in text and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
+            exhausted = re.search(r"^pilotfish_dns_resource_exhausted_total ([\d.e+]+)$", text, re.M)
+            assert exhausted is not None and float(exhausted.group(1)) >= 1, (
+                f"premise: the process never ran out of descriptors\n{text}\n{proc.text()}"
+            )
             assert proc.proc.poll() is None
         finally:
             code = proc.stop()
