@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
 import math
 import os
 import re
@@ -36,11 +37,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 from dnslib import EDNS0, RCODE, DNSRecord, EDNSOption
-from proxy_harness import ProxyRunner, running_proxy, tcp_exchange, tcp_read_message
 from procs import PILOTFISH, Process
+from proxy_harness import ProxyRunner, running_proxy, tcp_exchange, tcp_read_message
 
 import pilotfish.dns.server
 from pilotfish.dns.config import DnsConfig
@@ -67,10 +69,10 @@ def _mesh_table() -> NameTable:
 
 
 def _config(upstream: tuple[str, int] | None = None, **kw: object) -> DnsConfig:
-    base: dict[str, object] = dict(
-        listen=(("127.0.0.1", 0),), upstreams=(upstream,) if upstream else (), search=SEARCH,
-        proxy_namespace="ns1", proxy_domain="ns1.svc.cluster.local", forward_timeout=2.0,
-    )
+    base: dict[str, object] = {
+        "listen": (("127.0.0.1", 0),), "upstreams": (upstream,) if upstream else (), "search": SEARCH,
+        "proxy_namespace": "ns1", "proxy_domain": "ns1.svc.cluster.local", "forward_timeout": 2.0,
+    }
     base.update(kw)
     return DnsConfig(**base)  # type: ignore[arg-type]
 
@@ -163,7 +165,7 @@ class BigUpstream:
         self._threads = [threading.Thread(target=self._serve, daemon=True)]
         self._conns: list[socket.socket] = []
 
-    def __enter__(self) -> BigUpstream:
+    def __enter__(self) -> Self:
         self._threads[0].start()
         return self
 
@@ -258,6 +260,26 @@ def _tcp_ask(addr: tuple[str, int], wire: bytes, timeout: float = 10.0) -> DNSRe
 
 # --- 1. reply memo ----------------------------------------------------------------------------
 
+
+class _Traced:
+    grown = 0
+
+
+@contextlib.contextmanager
+def _traced() -> Iterator[_Traced]:
+    """Bytes allocated and still held, by every thread of this process (the proxy's included),
+    between entry and exit: what the proxy kept of the queries sent meanwhile, independently of
+    what its own metrics say."""
+    result = _Traced()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        yield result
+        result.grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 PAD = 32 << 10  # bytes of junk after each question (the parser ignores them)
 
 
@@ -269,9 +291,7 @@ def test_padded_queries_and_fresh_cookies_do_not_grow_the_reply_memo() -> None:
     with running_proxy(_config(), [_mesh_table()]) as proxy, _udp_client(proxy.udp_address) as sock:
         plain = _query(MESH_NAME, 1)
         _assert_mesh_answer(_udp_ask(sock, plain), 1)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
+        with _traced() as traced:
             for i in range(3000):
                 qid = 2 + i
                 junk = (i.to_bytes(4, "big") + b"junk") * (PAD // 8)
@@ -283,10 +303,7 @@ def test_padded_queries_and_fresh_cookies_do_not_grow_the_reply_memo() -> None:
                 if i % 10 == 0:  # some both: an OPT with a cookie, then junk
                     wire += i.to_bytes(4, "big") * 256
                 _assert_mesh_answer(_udp_ask(sock, wire), qid)
-            grown = tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
-        assert grown < 3000 * PAD // 16, f"the proxy kept {grown} bytes for 3,000 padded queries"
+        assert traced.grown < 3000 * PAD // 16, f"the proxy kept {traced.grown} bytes for 3,000 padded queries"
         entries = _metric(proxy, "pilotfish_dns_memo_entries")
         memo_bytes = _metric(proxy, "pilotfish_dns_memo_bytes")
         assert entries is not None and 1 <= entries <= 4, entries
@@ -298,7 +315,7 @@ def test_padded_queries_and_fresh_cookies_do_not_grow_the_reply_memo() -> None:
 def test_padded_queries_over_tcp_do_not_grow_the_reply_memo() -> None:
     """The same over one TCP connection (frames up to 64 KiB, pipelined in batches)."""
     with running_proxy(_config(), [_mesh_table()]) as proxy:
-        with socket.create_connection(proxy.tcp_address, timeout=10) as sock:
+        with socket.create_connection(proxy.tcp_address, timeout=10) as sock, _traced() as traced:
             for batch in range(10):
                 ids = [1 + batch * 30 + i for i in range(30)]
                 sock.sendall(b"".join(
@@ -307,6 +324,7 @@ def test_padded_queries_over_tcp_do_not_grow_the_reply_memo() -> None:
                 deadline = time.monotonic() + 10
                 for qid in ids:
                     _assert_mesh_answer(tcp_read_message(sock, deadline), qid)
+        assert traced.grown < 300 * 60_000 // 16, f"the proxy kept {traced.grown} bytes for 300 padded queries"
         entries = _metric(proxy, "pilotfish_dns_memo_entries")
         memo_bytes = _metric(proxy, "pilotfish_dns_memo_bytes")
         assert entries is not None and entries <= 4, entries
@@ -422,8 +440,8 @@ def test_cache_is_bounded_in_bytes_and_counts_evictions() -> None:
 
 def _dns_files(tmp_path: Path) -> tuple[Path, Path]:
     table = tmp_path / "table.json"
-    table.write_text('{"table": {"web.ns1.svc.cluster.local": {"ips": ["%s"], "registry": "Kubernetes",'
-                     ' "shortname": "web", "namespace": "ns1"}}}' % MESH_IP)
+    entry = {"ips": [MESH_IP], "registry": "Kubernetes", "shortname": "web", "namespace": "ns1"}
+    table.write_text(json.dumps({"table": {MESH_NAME.rstrip("."): entry}}))
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local\n")
     return table, resolv
@@ -443,32 +461,48 @@ def test_bad_cache_max_bytes_exits_2_naming_the_setting(
     tmp_path: Path, args: list[str], env: dict[str, str], named: str
 ) -> None:
     table, resolv = _dns_files(tmp_path)
-    done = subprocess_run(
+    done = _run_to_exit(
         [PILOTFISH, "dns", "--name-table", str(table), "--resolv-conf", str(resolv),
          "--listen", "127.0.0.1:0", *args], env,
     )
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and "listening" not in done.stderr, done.stderr
+    assert "unrecognized arguments" not in done.stderr, done.stderr  # known, and its value refused
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,env", [(["--cache-max-bytes", "65536"], {}),
                                       ([], {"PILOTFISH_DNS_CACHE_MAX_BYTES": "65536"})])
-def test_good_cache_max_bytes_is_accepted(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+def test_cache_max_bytes_setting_bounds_the_cache(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    """`pilotfish dns` with a 64 KiB cache (flag or environment) and 40 cacheable ~3.2 KB replies
+    (128 KB): its metrics show the cache within 64 KiB, with evictions."""
     table, resolv = _dns_files(tmp_path)
-    proc = Process(
-        [PILOTFISH, "dns", "--name-table", str(table), "--resolv-conf", str(resolv),
-         "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", *args],
-        tmp_path / "dns.log", env={**os.environ, **env},
-    )
+    with BigUpstream(200) as upstream:
+        proc = Process(
+            [PILOTFISH, "dns", "--name-table", str(table), "--resolv-conf", str(resolv),
+             "--listen", "127.0.0.1:0", "--upstream", "{}:{}".format(*upstream.address),
+             "--metrics-addr", "127.0.0.1:0", *args],
+            tmp_path / "dns.log", env={**os.environ, **env},
+        )
+        try:
+            tcp_port = int(proc.wait_for(r"listening tcp 127\.0\.0\.1:(\d+)").group(1))
+            metrics_port = int(proc.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)").group(1))
+            for n in range(40):
+                assert len(_tcp_ask(("127.0.0.1", tcp_port), _query(f"n200.c{n}.example", n + 1)).rr) == 200
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        finally:
+            assert proc.stop() == 0, proc.text()
+    values = dict(re.findall(r"^(pilotfish_dns_cache_\w+) ([\d.e+]+)$", text, re.MULTILINE))
+    assert 0 < float(values.get("pilotfish_dns_cache_bytes", "nan")) <= 65536, values
+    assert float(values.get("pilotfish_dns_cache_evictions_total", "nan")) >= 1, values
+
+
+def _run_to_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a command that must exit by itself (a bad setting): one that serves instead fails."""
     try:
-        proc.wait_for(r"listening tcp 127\.0\.0\.1:\d+")
-    finally:
-        assert proc.stop() == 0, proc.text()
-
-
-def subprocess_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+        return subprocess.run(args, check=False, capture_output=True, text=True, timeout=10, env={**os.environ, **env})
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"still running after 10 s instead of refusing its settings: {err.stderr!r}") from None
 
 
 # --- 3. TCP clients that never read -----------------------------------------------------------
@@ -674,7 +708,7 @@ def test_pilotfish_dns_with_256_descriptors_and_a_silent_upstream(tmp_path: Path
                 _assert_mesh_answer(_udp_ask(sock, _query(MESH_NAME, 60002)), 60002)
             metrics_port = int(proc.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)").group(1))
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            rejected = re.search(r"^pilotfish_dns_forward_rejected_total ([\d.e+]+)$", text, re.M)
+            rejected = re.search(r"^pilotfish_dns_forward_rejected_total ([\d.e+]+)$", text, re.MULTILINE)
             assert rejected is not None and float(rejected.group(1)) >= servfails, text
             assert proc.proc.poll() is None
         finally:
@@ -724,12 +758,13 @@ def test_pilotfish_dns_out_of_descriptors_logs_without_tracebacks(tmp_path: Path
             while reply is None and time.monotonic() < deadline:  # descriptors free as forwards time out
                 reply = tcp_exchange(("127.0.0.1", tcp_port), _query(MESH_NAME, 60002), 2.0)
             _assert_mesh_answer(reply, 60002)
+            assert "Traceback" not in proc.text(), proc.text()
             text = ""
             deadline = time.monotonic() + 20
             while "pilotfish_dns_resource_exhausted_total" not in text and time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
-            exhausted = re.search(r"^pilotfish_dns_resource_exhausted_total ([\d.e+]+)$", text, re.M)
+            exhausted = re.search(r"^pilotfish_dns_resource_exhausted_total ([\d.e+]+)$", text, re.MULTILINE)
             assert exhausted is not None and float(exhausted.group(1)) >= 1, (
                 f"premise: the process never ran out of descriptors\n{text}\n{proc.text()}"
             )
