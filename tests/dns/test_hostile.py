@@ -271,13 +271,16 @@ def _traced() -> Iterator[_Traced]:
     between entry and exit: what the proxy kept of the queries sent meanwhile, independently of
     what its own metrics say."""
     result = _Traced()
-    tracemalloc.start()
+    already = tracemalloc.is_tracing()  # e.g. python -X tracemalloc: leave it on
+    if not already:
+        tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         yield result
         result.grown = tracemalloc.get_traced_memory()[0] - before
     finally:
-        tracemalloc.stop()
+        if not already:
+            tracemalloc.stop()
 
 
 PAD = 32 << 10  # bytes of junk after each question (the parser ignores them)
