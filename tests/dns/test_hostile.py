@@ -44,6 +44,7 @@ from dnslib import EDNS0, RCODE, DNSRecord, EDNSOption
 from procs import PILOTFISH, Process
 from proxy_harness import ProxyRunner, running_proxy, tcp_exchange, tcp_read_message
 
+import pilotfish.dns.memo
 import pilotfish.dns.server
 from pilotfish.dns.config import DnsConfig
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -350,7 +351,7 @@ def _wide_table(entries: int, alts: int, ips: int) -> NameTable:
 def test_many_distinct_names_keep_the_memo_within_its_bound() -> None:
     """Distinct mesh names whose replies add up to 1.5 times MEMO_MAX_BYTES (~4 KB each, AAAA
     over UDP with EDNS 4096): every one answered, the memos never hold more than the bound."""
-    bound = pilotfish.dns.server.MEMO_MAX_BYTES
+    bound = pilotfish.dns.memo.MEMO_MAX_BYTES
     if bound > 32 << 20:
         pytest.skip(f"MEMO_MAX_BYTES is {bound}: too many queries to pass it here")
     ips, alts = 140, 100  # 140 AAAA: a ~4 KB reply
