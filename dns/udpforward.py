@@ -171,11 +171,15 @@ class UdpForwarder:
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Relay replies and enforce deadlines until `stopping()`; then close every socket."""
+        next_sweep = 0.0
         try:
             while not stopping():
                 for fd, _ in self._epoll.poll(SWEEP):
                     self._readable(fd)
-                self._sweep(time.monotonic())
+                now = time.monotonic()
+                if now >= next_sweep:  # not after every reply: deadlines are coarser than that
+                    self._sweep(now)
+                    next_sweep = now + SWEEP
         finally:
             self.close()
 
