@@ -88,13 +88,18 @@ def cache_ttl(reply: Message, max_ttl: float, negative_ttl: float) -> float:
         return 0
     rcode = reply.flags & RCODE_MASK
     if rcode == NOERROR and reply.answer:
-        return min(min(rr.ttl for rr in reply.answer), max_ttl)
+        return min(min(_ttl(rr.ttl) for rr in reply.answer), max_ttl)
     if rcode in (NOERROR, NXDOMAIN):
         for rr in reply.authority:
             if rr.rtype == TYPE_SOA and len(rr.rdata) >= 20:
                 minimum = struct.unpack_from("!I", rr.rdata, len(rr.rdata) - 4)[0]
-                return min(rr.ttl, minimum, negative_ttl)
+                return min(_ttl(rr.ttl), _ttl(minimum), negative_ttl)
     return 0
+
+
+def _ttl(value: int) -> int:
+    """RFC 2181 §8: a TTL with the top bit set is read as 0."""
+    return value if value < 1 << 31 else 0
 
 
 class UpstreamCache:

@@ -46,14 +46,12 @@ def family(host: str) -> socket.AddressFamily:
 
 
 def udp_reply(wire: bytes, query: Message, data: bytes) -> Exchange | None:
-    """`data` parsed, if it is a reply to the UDP query `wire`; None for a foreign or unparsable
-    datagram (the exchange keeps waiting for the right one until its deadline)."""
+    """`data` parsed, if it is a reply to the UDP query `wire`; None for a foreign datagram (the
+    exchange keeps waiting for the right one until its deadline). A reply with our ID that does
+    not parse raises WireError: that upstream failed, as in Istio (reference §7.3)."""
     if len(data) < 12 or data[:2] != wire[:2] or not data[2] & (QR >> 8):
         return None
-    try:
-        reply = parse_message(data)
-    except WireError:
-        return None
+    reply = parse_message(data)
     return (data, reply) if _same_question(query, reply) else None
 
 

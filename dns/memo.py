@@ -97,7 +97,8 @@ class CachedReply:
 
     @property
     def size(self) -> int:
-        return len(self._body) + 8 * len(self._offsets)
+        """Bytes held: the reply and its aged copy, two lists of ints, the object."""
+        return 2 * len(self._body) + 80 * len(self._offsets) + 200
 
     def current(self, now: float) -> bytes | None:
         """The reply after the ID with TTLs aged, or None once expired (the caller asks again)."""

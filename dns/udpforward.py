@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pilotfish.common.ratelog import RateLimitedLog
+
 from .answer import Forward, servfail
 from .cache import UpstreamCache, render
 from .forward import Exchange, Resolved, Server, conclude, family, from_cache, store, udp_reply
 from .memo import CachedReply, Memo
 from .metrics import DnsMetrics
 from .relay import relay, upstream_query
-from .wire import RCODE_MASK, SERVFAIL, has_edns_options
+from .wire import RCODE_MASK, SERVFAIL, WireError, has_edns_options
 
 log = logging.getLogger("pilotfish.dns")
 
@@ -57,7 +59,7 @@ class _Pending:
         self.memo = memo
         self.key = key
         self.order = order  # upstreams still to ask (serial mode), last first
-        self.sockets: list[tuple[socket.socket, Server]] = []
+        self.sockets: list[tuple[socket.socket, int]] = []  # with its fd (-1 once closed)
         self.started = now
         self.deadline = now
 
@@ -84,6 +86,7 @@ class UdpForwarder:
         self.max_inflight = max_inflight
         self._on_error = on_socket_error
         self._on_rejected = on_rejected
+        self._bug_log = RateLimitedLog(log)
         self._lock = threading.Lock()  # everything below, shared by the UDP threads and run()
         self._epoll = select.epoll()
         self._by_fd: dict[int, tuple[socket.socket, Server, _Pending]] = {}
@@ -103,7 +106,7 @@ class UdpForwarder:
         hit = from_cache(self.cache, query, now, False)
         if hit is not None:
             _send(client, hit.reply, addr)
-            _keep(memo, key, fwd, hit, now)
+            _keep(memo, key, fwd, hit, fresh=False)
             return
         if not self.upstreams:
             self._finish_failed(fwd, client, addr)
@@ -144,12 +147,13 @@ class UdpForwarder:
         sock = idle.pop() if idle else self._new_socket(server)
         if sock is None:
             return
-        self._by_fd[sock.fileno()] = (sock, server, pending)  # before the reply can come
-        pending.sockets.append((sock, server))
+        fd = sock.fileno()
+        self._by_fd[fd] = (sock, server, pending)  # before the reply can come
+        pending.sockets.append((sock, fd))
         try:
             sock.send(pending.wire)
         except OSError:  # refused at once (ICMP from an earlier query), or no buffer space
-            self._release(pending, sock, keep=False)
+            self._release(pending, sock, fd, keep=False)
 
     def _new_socket(self, server: Server) -> socket.socket | None:
         try:
@@ -170,16 +174,20 @@ class UdpForwarder:
     # --- the forwarder's thread ------------------------------------------------------------
 
     def run(self, stopping: Callable[[], bool]) -> None:
-        """Relay replies and enforce deadlines until `stopping()`; then close every socket."""
+        """Relay replies and enforce deadlines until `stopping()`; then close every socket. A
+        bug costs the replies being handled, never the thread: it alone forwards UDP queries."""
         next_sweep = 0.0
         try:
             while not stopping():
-                for fd, _ in self._epoll.poll(SWEEP):
-                    self._readable(fd)
-                now = time.monotonic()
-                if now >= next_sweep:  # not after every reply: deadlines are coarser than that
-                    self._sweep(now)
-                    next_sweep = now + SWEEP
+                try:
+                    for fd, _ in self._epoll.poll(SWEEP):
+                        self._readable(fd)
+                    now = time.monotonic()
+                    if now >= next_sweep:  # not after every reply: deadlines are coarser
+                        self._sweep(now)
+                        next_sweep = now + SWEEP
+                except Exception:
+                    self._bug_log(logging.ERROR, "dns: error relaying an upstream reply", exc_info=True)
         finally:
             self.close()
 
@@ -194,10 +202,14 @@ class UdpForwarder:
                 data = sock.recv(65535)
             except BlockingIOError:
                 return
-            except OSError:  # ICMP port unreachable: this upstream failed, move on at once
-                self._give_up_on(pending, sock)
+            except OSError:  # ICMP port unreachable (or closed meanwhile): this upstream failed
+                self._give_up_on(pending, sock, fd)
                 return
-            result = udp_reply(pending.wire, pending.fwd.query, data)
+            try:
+                result = udp_reply(pending.wire, pending.fwd.query, data)
+            except WireError:  # our ID, but not a DNS message: this upstream failed
+                self._give_up_on(pending, sock, fd)
+                return
             if result is not None:
                 self._succeed(pending, result)
                 return
@@ -215,11 +227,11 @@ class UdpForwarder:
                             pass
                         return
 
-    def _give_up_on(self, pending: _Pending, sock: socket.socket) -> None:
+    def _give_up_on(self, pending: _Pending, sock: socket.socket, fd: int) -> None:
         with self._lock:
             if pending not in self._pending:
                 return
-            self._release(pending, sock, keep=False)
+            self._release(pending, sock, fd, keep=False)
             if pending.sockets or self._ask_next(pending, time.monotonic()):
                 return
         self._fail(pending)
@@ -228,17 +240,23 @@ class UdpForwarder:
         failed = []
         with self._lock:
             for pending in [p for p in self._pending if p.deadline <= now]:
-                for sock, _ in list(pending.sockets):
-                    self._release(pending, sock, keep=False)  # a late reply must not wait in it
+                for sock, fd in list(pending.sockets):
+                    self._release(pending, sock, fd, keep=False)  # a late reply must not wait in it
                 if not self._ask_next(pending, now):
                     failed.append(pending)
         for pending in failed:
             self._fail(pending)
 
-    def _release(self, pending: _Pending, sock: socket.socket, keep: bool) -> None:
-        """Stop waiting on `sock`; keep it for reuse or close it. Holds the lock."""
-        _, server, _ = self._by_fd.pop(sock.fileno())
-        pending.sockets = [(s, srv) for s, srv in pending.sockets if s is not sock]
+    def _release(self, pending: _Pending, sock: socket.socket, fd: int, keep: bool) -> None:
+        """Stop waiting on `sock` (registered as `fd`); keep it for reuse or close it. Holds the
+        lock. Released twice (the reader and a UDP thread both gave up on it), the second call
+        only forgets it: the fd may already belong to another socket."""
+        pending.sockets = [(s, f) for s, f in pending.sockets if s is not sock]
+        found = self._by_fd.get(fd)
+        if found is None or found[0] is not sock:
+            return
+        del self._by_fd[fd]
+        server = found[1]
         idle = self._idle.setdefault(server, [])
         if keep and len(idle) < KEPT_SOCKETS:
             idle.append(sock)
@@ -262,16 +280,19 @@ class UdpForwarder:
             resolved, _ = conclude(self.cache, query, result, now, False)
             _send(pending.client, resolved.reply, pending.addr)
         with self._lock:
-            for sock, _ in list(pending.sockets):
-                self._release(pending, sock, keep=True)
+            for sock, fd in list(pending.sockets):
+                self._release(pending, sock, fd, keep=True)
         self.metrics.upstream_duration.observe(now - pending.started)
-        _keep(pending.memo, pending.key, pending.fwd, resolved, now)
+        _keep(pending.memo, pending.key, pending.fwd, resolved, fresh=reply.flags & RCODE_MASK != SERVFAIL)
 
     def _fail(self, pending: _Pending) -> None:
+        """No upstream answered in time. Once per query, whoever finds out first."""
         with self._lock:
-            self._pending.pop(pending, None)
-            for sock, _ in list(pending.sockets):
-                self._release(pending, sock, keep=False)
+            if pending not in self._pending:
+                return
+            del self._pending[pending]
+            for sock, fd in list(pending.sockets):
+                self._release(pending, sock, fd, keep=False)
         self.metrics.upstream_duration.observe(time.monotonic() - pending.started)
         self._finish_failed(pending.fwd, pending.client, pending.addr)
 
@@ -303,15 +324,16 @@ def _send(client: socket.socket, reply: bytes, addr: Any) -> None:
         pass
 
 
-def _keep(memo: Memo, key: bytes | None, fwd: Forward, resolved: Resolved, now: float) -> None:
-    """After the client has its reply: what later queries with the same key get from the memo
-    (the cache entry rendered without the client's options, TTLs aged from now)."""
+def _keep(memo: Memo, key: bytes | None, fwd: Forward, resolved: Resolved, fresh: bool) -> None:
+    """After the client has its reply: what later queries with the same key get from the memo,
+    aged from when the entry was stored (so a TTL is never more than the upstream's minus the
+    age). `fresh`: `resolved.reply` is the upstream's reply relayed just now, TTLs untouched."""
     entry = resolved.entry
     if key is None or entry is None:
         return
     reply = resolved.reply
-    if fwd.query.opt is not None and has_edns_options(reply):
+    if not fresh or (fwd.query.opt is not None and has_edns_options(reply)):
         # the upstream's options (a cookie echoing this client's) are not for other clients
-        reply = render(fwd.query, entry, now, False)
-    kept = CachedReply(reply, entry.ttl - (now - entry.stored), now)
+        reply = render(fwd.query, entry, entry.stored, False)
+    kept = CachedReply(reply, entry.ttl, entry.stored)
     memo.put(key, kept, kept.size)
