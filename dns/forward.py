@@ -10,7 +10,9 @@ replies with a foreign ID are ignored until the deadline, a TCP reply with a for
 that server, any reply that parses wins whatever its rcode, serial mode tries the servers in a
 random order. Changes: a UDP reply must also echo our question to be accepted (a cheap guard
 against spoofed replies); parallel mode with no nameservers answers SERVFAIL at once (Istio
-never replies); an upstream SERVFAIL falls back to a stale cache entry when there is one.
+never replies); an upstream SERVFAIL falls back to a stale cache entry when there is one; UDP
+sockets to the upstreams are kept and reused (dns/udpforward.py), where Istio makes one per
+exchange.
 """
 
 from __future__ import annotations
