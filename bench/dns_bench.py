@@ -566,6 +566,16 @@ def run_table_bench(sizes: list[int], builds: int) -> list[dict]:
 # Checks
 
 
+def report_failure(section: dict, what: str, err: Exception, servers: list[Server]) -> bool:
+    """Record and print a load's failure with the log of any server that died; False."""
+    section["error"] = repr(err)
+    print(f"\nERROR{what}: {err}")
+    for s in servers:
+        if s.proc is not None and not s.alive():
+            print(f"{s.name} exited with {s.proc.returncode}; log tail:\n{s.log_text()[-2000:]}")
+    return False
+
+
 def check_answers(servers: list[Server], expected: list[tuple[str, str]],
                   sample_every: int = 10) -> list[str]:
     """Every server must give NOERROR with exactly the expected A record for a sample of names:
@@ -809,12 +819,7 @@ def mesh_load(args, report, workdir: Path, paths, names, make_peer) -> bool:
             section["servers"][s.name]["rss_kib_end"] = tree_rss_kib(s.pids())
             section["servers"][s.name]["hwm_kib_end"] = status_kib(s.pid, "VmHWM")
     except Exception as e:  # report what we have, then fail
-        section["error"] = repr(e)
-        print(f"\nERROR: {e}")
-        for s in servers:
-            if s.proc is not None and not s.alive():
-                print(f"{s.name} exited with {s.proc.returncode}; log tail:\n{s.log_text()[-2000:]}")
-        return False
+        return report_failure(section, "", e, servers)
     finally:
         for s in servers:
             s.stop()
@@ -956,12 +961,7 @@ def forward_load(args, report, workdir: Path, paths, ext, upstream: Server, make
             section["servers"][srv.name]["rss_kib_end"] = tree_rss_kib(srv.pids())
             section["servers"][srv.name]["hwm_kib_end"] = status_kib(srv.pid, "VmHWM")
     except Exception as e:  # noqa: BLE001 -- report what we have, then fail
-        section["error"] = repr(e)
-        print(f"\nERROR (forwarded names): {e}")
-        for srv in started:
-            if srv.proc is not None and not srv.alive():
-                print(f"{srv.name} exited with {srv.proc.returncode}; log tail:\n{srv.log_text()[-2000:]}")
-        return False
+        return report_failure(section, " (forwarded names)", e, started)
     finally:
         for srv in started:
             srv.stop()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import trio
@@ -34,6 +34,15 @@ from .wire import QR, RCODE_MASK, SERVFAIL, Message, WireError, parse_message
 
 Server = tuple[str, int]
 Exchange = tuple[bytes, Message]
+
+
+class Upstreams(NamedTuple):
+    """Where and how to forward: the nameservers, all at once or one at a time, and how long
+    each exchange may take. Shared by the UDP and TCP forwarders."""
+
+    servers: tuple[Server, ...]
+    parallel: bool
+    timeout: float
 
 
 class Resolved(NamedTuple):
@@ -145,16 +154,12 @@ class TcpForwarder:
 
     def __init__(
         self,
-        upstreams: Sequence[Server],
-        parallel: bool,
-        timeout: float,
+        upstreams: Upstreams,
         cache: UpstreamCache | None,
         metrics: DnsMetrics,
         on_socket_error: Callable[[OSError], None],
     ) -> None:
-        self.upstreams = tuple(upstreams)
-        self.parallel = parallel
-        self.timeout = timeout
+        self.upstreams = upstreams
         self.cache = cache
         self.metrics = metrics
         self._on_error = on_socket_error
@@ -166,10 +171,10 @@ class TcpForwarder:
         if hit is not None:
             return hit
         result = None
-        if self.upstreams:
+        if self.upstreams.servers:
             self.metrics.upstream_requests += 1
             started = time.monotonic()
-            if self.parallel:
+            if self.upstreams.parallel:
                 result = await self._parallel(fwd.raw)
             else:
                 result = await self._serial(fwd.raw)
@@ -179,10 +184,10 @@ class TcpForwarder:
         return resolved
 
     async def _serial(self, wire: bytes) -> Exchange | None:
-        order = list(self.upstreams)
+        order = list(self.upstreams.servers)
         random.shuffle(order)
         for server in order:
-            result = await exchange_tcp(server, wire, self.timeout, self._on_error)
+            result = await exchange_tcp(server, wire, self.upstreams.timeout, self._on_error)
             if result is not None:
                 return result
         return None
@@ -191,12 +196,12 @@ class TcpForwarder:
         winner: list[Exchange] = []
 
         async def one(server: Server) -> None:
-            result = await exchange_tcp(server, wire, self.timeout, self._on_error)
+            result = await exchange_tcp(server, wire, self.upstreams.timeout, self._on_error)
             if result is not None and not winner:
                 winner.append(result)
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for server in self.upstreams:
+            for server in self.upstreams.servers:
                 nursery.start_soon(one, server)
         return winner[0] if winner else None

@@ -37,7 +37,7 @@ from pilotfish.common.ratelog import RateLimitedLog
 from .answer import Forward, Reply, respond, servfail
 from .cache import UpstreamCache
 from .config import DnsConfig
-from .forward import TcpForwarder
+from .forward import TcpForwarder, Upstreams
 from .memo import CachedReply, Memo, carry, lookup_reply, stored_key
 from .metrics import DnsMetrics, ThreadStats
 from .rebuild import Pacer, build_beside, free_replaced, table_items
@@ -165,13 +165,10 @@ class DnsProxy:
         self.max_inflight = config.max_inflight or inflight_bound
         self.max_tcp_connections = config.max_tcp_connections or tcp_bound
         self._exhausted_lock = threading.Lock()
-        self.tcp_forwarder = TcpForwarder(
-            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
-            self.metrics, self._exhausted,
-        )
+        upstreams = Upstreams(config.upstreams, config.forward_parallel, config.forward_timeout)
+        self.tcp_forwarder = TcpForwarder(upstreams, self.cache, self.metrics, self._exhausted)
         self.udp_forwarder = UdpForwarder(
-            config.upstreams, config.forward_parallel, config.forward_timeout, self.cache,
-            self.metrics, self.max_inflight, self._exhausted, self._log_rejected,
+            upstreams, self.cache, self.metrics, self.max_inflight, self._exhausted, self._log_rejected
         )
         self._stopping = False
         self._udp: list[socket.socket] = []

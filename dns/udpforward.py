@@ -23,14 +23,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pilotfish.common.ratelog import RateLimitedLog
 
 from .answer import Forward, servfail
 from .cache import UpstreamCache, render
-from .forward import Exchange, Resolved, Server, conclude, family, from_cache, store, udp_reply
+from .forward import Exchange, Resolved, Server, Upstreams, conclude, family, from_cache, store, udp_reply
 from .memo import CachedReply, Memo
 from .metrics import DnsMetrics
 from .relay import relay, upstream_query
@@ -69,18 +69,14 @@ class UdpForwarder:
 
     def __init__(
         self,
-        upstreams: Sequence[Server],
-        parallel: bool,
-        timeout: float,
+        upstreams: Upstreams,
         cache: UpstreamCache | None,
         metrics: DnsMetrics,
         max_inflight: int,
         on_socket_error: Callable[[OSError], None],
         on_rejected: Callable[[int], None],
     ) -> None:
-        self.upstreams = tuple(upstreams)
-        self.parallel = parallel
-        self.timeout = timeout
+        self.upstreams = upstreams
         self.cache = cache
         self.metrics = metrics
         self.max_inflight = max_inflight
@@ -108,10 +104,10 @@ class UdpForwarder:
             _send(client, hit.reply, addr)
             _keep(memo, key, fwd, hit, fresh=False)
             return
-        if not self.upstreams:
+        if not self.upstreams.servers:
             self._finish_failed(fwd, client, addr)
             return
-        order = list(self.upstreams)
+        order = list(self.upstreams.servers)
         if len(order) > 1:
             random.shuffle(order)
         pending = _Pending(fwd, upstream_query(query, fwd.raw, False), client, addr, memo, key, order, now)
@@ -132,9 +128,9 @@ class UdpForwarder:
     def _ask_next(self, pending: _Pending, now: float) -> bool:
         """Send to the next upstream (serial) or to all (parallel); False when none could be
         asked. Holds the lock."""
-        pending.deadline = now + self.timeout
+        pending.deadline = now + self.upstreams.timeout
         while pending.order:
-            batch = pending.order[:] if self.parallel else [pending.order[-1]]
+            batch = pending.order[:] if self.upstreams.parallel else [pending.order[-1]]
             del pending.order[len(pending.order) - len(batch):]
             for server in batch:
                 self._ask(pending, server)
