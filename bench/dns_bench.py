@@ -566,6 +566,18 @@ def run_table_bench(sizes: list[int], builds: int) -> list[dict]:
 # Checks
 
 
+def record_answer_check(section: dict, servers: list[Server], names, what: str) -> None:
+    """Check every 10th name on every server before any timing; record and print the result."""
+    problems = check_answers(servers, names)
+    section["answer_check_problems"] = problems
+    if problems:
+        print("\nANSWER MISMATCHES (figures below are suspect):")
+        for prob in problems:
+            print("  " + prob)
+    else:
+        print(f"answer check: {len(names[::10])} {what}")
+
+
 def report_failure(section: dict, what: str, err: Exception, servers: list[Server]) -> bool:
     """Record and print a load's failure with the log of any server that died; False."""
     section["error"] = repr(err)
@@ -791,14 +803,8 @@ def mesh_load(args, report, workdir: Path, paths, names, make_peer) -> bool:
             cold[s.name] = run_dnsperf(s, paths["queries"], ["-n", "1", "-c", "1", "-q", "1"], timeout)
         section["cold_pass"] = cold
 
-        problems = check_answers(servers, [(fqdn, ip) for fqdn, ip, _, _ in names])
-        section["answer_check_problems"] = problems
-        if problems:
-            print("\nANSWER MISMATCHES (figures below are suspect):")
-            for p in problems:
-                print("  " + p)
-        else:
-            print(f"answer check: {len(names[::10])} names, both servers give NOERROR and the table's address")
+        record_answer_check(section, servers, [(fqdn, ip) for fqdn, ip, _, _ in names],
+                            "names, both servers give NOERROR and the table's address")
 
         # Warm-up, not recorded.
         for s in servers:
@@ -940,15 +946,8 @@ def forward_load(args, report, workdir: Path, paths, ext, upstream: Server, make
         print(f"  {P}: {' '.join(pf.argv)}")
         print(f"  {F}: {' '.join(fw.argv)}")
 
-        problems = check_answers([pf, fw], ext)
-        section["answer_check_problems"] = problems
-        if problems:
-            print("\nANSWER MISMATCHES (figures below are suspect):")
-            for prob in problems:
-                print("  " + prob)
-        else:
-            print(f"answer check: {len(ext[::10])} forwarded names, both servers give NOERROR and the "
-                  "upstream's address")
+        record_answer_check(section, [pf, fw], ext,
+                            "forwarded names, both servers give NOERROR and the upstream's address")
 
         # Warm-up as in the mesh load, not recorded (pilotfish's cache is already warm).
         for srv in (pf, fw):
