@@ -879,7 +879,7 @@ def mesh_load(args, report, workdir: Path, paths, names, make_peer) -> bool:
     print(f"  lost queries at -q 1000: {P} {lost_q1000[P]}, {D} {lost_q1000[D]}")
     if bad_rcodes:
         print(f"  non-NOERROR replies from: {', '.join(sorted(bad_rcodes))}")
-    return not problems
+    return not section["answer_check_problems"]
 
 def forward_load(args, report, workdir: Path, paths, ext, upstream: Server, make_peer) -> bool:
     """The forwarded-name load (issue 7): 1000 names outside the mesh, answered by `upstream`.
@@ -926,7 +926,6 @@ def forward_load(args, report, workdir: Path, paths, ext, upstream: Server, make
     print(f"\nForwarded names: {len(ext)} x ext-N.{EXT_DOMAIN} A, answered by an upstream dnsmasq on "
           f":{upstream.port} from a hosts file (TTL {UPSTREAM_TTL} s)")
     print(f"  upstream: {' '.join(upstream.argv)}")
-    problems: list[str] = []
     try:
         pf: Server | None = None
         fw: Server | None = None
@@ -1064,7 +1063,7 @@ def forward_load(args, report, workdir: Path, paths, ext, upstream: Server, make
           f"{then['mesh_hit_qps'] / 1000:.0f}k mesh ({then['hit_vs_mesh']}x); cold forward "
           f"{then['cold_forward_ms']} ms vs {then['dnsmasq_cache_off_ms']} ms dnsmasq cache off "
           f"({then['cold_vs_dnsmasq']}x).")
-    return not problems
+    return not section["answer_check_problems"]
 
 
 def table_section(args, report) -> bool:
