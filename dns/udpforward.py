@@ -260,7 +260,8 @@ class UdpForwarder:
             sock.close()
 
     def _succeed(self, pending: _Pending, result: Exchange) -> None:
-        """Relay the reply first (the client waits), then tidy up, cache and memoise."""
+        """Cache and relay the reply, then tidy up and memoise (the client is not kept waiting
+        for those)."""
         with self._lock:
             if pending not in self._pending:
                 return  # already answered (another upstream, in parallel mode)
@@ -269,9 +270,10 @@ class UdpForwarder:
         raw, reply = result
         now = time.monotonic()
         if reply.flags & RCODE_MASK != SERVFAIL:
-            out = relay(query, raw, reply, False)
-            _send(pending.client, out, pending.addr)
-            resolved = Resolved(out, store(self.cache, query, raw, reply, now))
+            # cached before the client has it: its next query must find it (a client that
+            # asks again at once would otherwise reach the upstream twice)
+            resolved = Resolved(relay(query, raw, reply, False), store(self.cache, query, raw, reply, now))
+            _send(pending.client, resolved.reply, pending.addr)
         else:  # a stale entry beats the upstream's SERVFAIL
             resolved, _ = conclude(self.cache, query, result, now, False)
             _send(pending.client, resolved.reply, pending.addr)
