@@ -52,6 +52,10 @@ TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
 # no other way to wait for both requests and pushes); beyond this, new streams are refused with
 # RESOURCE_EXHAUSTED instead of queueing silently.
 MAX_STREAMS = 1000
+# An agent opens one ADS stream per connection; more than a few on one connection is a client
+# taking the slots (RPCs) of every other agent. HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS.
+MAX_STREAMS_PER_CONNECTION = 8
+MAX_QUEUED_REQUESTS = 64  # requests of one stream waiting for its thread (ACKs come one a push)
 
 
 @dataclass(frozen=True)
@@ -336,9 +340,16 @@ _CLOSED = object()  # put in a stream's inbox when the call ends, whichever side
 
 
 def _pump(requests: Iterator[DiscoveryRequest], inbox: queue.SimpleQueue[object]) -> None:
-    """Move a stream's requests into its inbox, so one thread can wait for requests and pushes."""
+    """Move a stream's requests into its inbox, so one thread can wait for requests and pushes.
+    A client whose requests pile up unread (it sends while it does not read our pushes, so the
+    stream's thread is stuck sending) is cut off at MAX_QUEUED_REQUESTS: reading on would queue
+    its requests without bound (1 MB requests: 12 GB in 30 s)."""
     try:
         for request in requests:
+            if inbox.qsize() >= MAX_QUEUED_REQUESTS:
+                log.warning("controlplane: a stream queued %d requests unanswered; closing it",
+                            MAX_QUEUED_REQUESTS)
+                return
             inbox.put(request)
     except grpc.RpcError:
         pass  # the client went away; the call's callback says so too
@@ -455,7 +466,11 @@ def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCre
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="ads"),
         # Without SO_REUSEPORT: two control planes on one port would each get half the connections.
-        options=[("grpc.so_reuseport", 0), *keepalive.options()],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            *keepalive.options(),
+        ],
         maximum_concurrent_rpcs=MAX_STREAMS,
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)

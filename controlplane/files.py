@@ -21,6 +21,8 @@ def check_output_path(path: str, directory: bool) -> str | None:
             return "not a directory"
         if not directory and os.path.isdir(full):
             return "is a directory, not a file"
+        if not directory and not os.path.isfile(full):
+            return "exists and is not a regular file (a device, a FIFO, a socket): not replaced"
         return None
     parent = os.path.dirname(full)
     while not os.path.lexists(parent):

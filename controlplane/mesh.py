@@ -128,10 +128,23 @@ def parse_mesh(text: str, source: str = "<mesh>") -> Mesh:
         raise MeshError(f"{source}: {where}not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise MeshError(f"{source}: not valid YAML: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is a rejected file
+        raise MeshError(f"{source}: cannot read: {_short(e)}") from None
     try:
         return _mesh(document)
     except _Invalid as e:
         raise MeshError(f"{source}: {e.path}: {e.message}" if e.path else f"{source}: {e.message}") from None
+    except Exception as e:  # noqa: BLE001 - a value the model cannot take is a rejected file
+        raise MeshError(f"{source}: cannot use: {_short(e)}") from None
+
+
+def _short(err: Exception) -> str:
+    """An error's kind and the start of its message: a scalar's constructor (an impossible date,
+    `!!int abc`, a 5,000-digit integer) fails with ValueError and the like, and a running control
+    plane must reject that file, not die of it (PyYAML's own messages can quote the whole
+    scalar, so they are cut)."""
+    text = str(err) if not isinstance(err, MemoryError) else "out of memory"
+    return f"{type(err).__name__}: {text[:200]}"
 
 
 def mesh_version(mesh: Mesh) -> str:
@@ -186,8 +199,9 @@ def _mesh(document: Any) -> Mesh:
         name, namespace, se_services, eps = _service_entry(item, path, cluster)
         _unique(seen, (namespace, name), path, "serviceEntry")
         services += se_services
-        for svc in se_services:
-            endpoints.setdefault(svc.hostname, []).extend(eps)
+        for hostname in dict.fromkeys(svc.hostname for svc in se_services):
+            # once per host: a host has a Service per address, its endpoints are the entry's
+            endpoints.setdefault(hostname, []).extend(eps)
     return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()})
 
 

@@ -27,6 +27,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 from google.rpc.status_pb2 import Status
 
+import pilotfish.controlplane.ads as ads_module
 from pilotfish.controlplane.ads import (
     NAME_TABLE_TYPE,
     Acked,
@@ -495,3 +496,57 @@ def test_delta_is_unimplemented(served: Served) -> None:
         assert "state-of-the-world" in err.value.details()  # type: ignore[attr-defined]
     finally:
         channel.close()
+
+
+def test_a_stream_whose_requests_pile_up_unread_is_cut_off() -> None:
+    """A client that sends while it does not read our pushes (the stream's thread stuck sending)
+    had every request queued: 1 MB requests grew the server by 12 GB in 30 s. The pump stops
+    reading at the bound (gRPC's flow control then holds the client back) and ends the stream."""
+    pulled = 0
+    bound = getattr(ads_module, "MAX_QUEUED_REQUESTS", 64)  # getattr: the test also runs on code without it
+
+    def requests() -> Iterator[DiscoveryRequest]:
+        nonlocal pulled
+        for _ in range(10 * bound):
+            pulled += 1
+            yield request(node())
+
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    ads_module._pump(requests(), inbox)
+    assert pulled == bound + 1
+    assert inbox.qsize() == bound + 1  # and the end of the stream
+
+
+def test_one_connection_cannot_take_every_stream_slot(
+    tls: tuple[bytes, grpc.ServerCredentials], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 idle streams on one connection used every RPC slot: the next agent got
+    RESOURCE_EXHAUSTED. Streams per connection are bounded (HTTP/2 MAX_CONCURRENT_STREAMS)."""
+    monkeypatch.setattr(ads_module, "MAX_STREAMS", 20)
+    root_pem, credentials = tls
+    servicer = AdsServicer(MeshHub(snapshot("v1")))
+    server, port = start_server(servicer, "127.0.0.1:0", credentials)
+    address = f"127.0.0.1:{port}"
+    release = threading.Event()
+
+    def silent() -> Iterator[DiscoveryRequest]:
+        release.wait(30)
+        return
+        yield  # a generator that sends nothing until released
+
+    hog = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_pem),
+                              options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(hog)
+    calls = [stub.StreamAggregatedResources(silent()) for _ in range(30)]
+    honest = AdsClient(address, root_pem)
+    try:
+        wait_for(lambda: servicer.counters.streams >= getattr(ads_module, "MAX_STREAMS_PER_CONNECTION", 8))
+        honest.send(request(node()))
+        assert honest.receive(timeout=10).version_info == "v1"
+    finally:
+        release.set()
+        honest.close()
+        for call in calls:
+            call.cancel()
+        hog.close()
+        server.stop(None)

@@ -337,6 +337,8 @@ FILE_FLAGS = [
     pytest.param("--token-file", lambda t: _made(t / "token", b" \n"), "empty", id="token-empty"),
     pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "not UTF-8 text", id="token-binary"),
     pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: is not a regular file", id="token-fifo"),
+    pytest.param("--root-cert-out", lambda t: _fifo(t / "root.fifo"),
+                 "exists and is not a regular file (a device, a FIFO, a socket): not replaced", id="cert-out-fifo"),
     pytest.param("--mesh", lambda t: _made(t / "meshes"), "cannot read: is a directory", id="mesh-dir"),
     pytest.param("--mesh", lambda t: _fifo(t / "mesh.fifo"), "cannot read: is not a regular file", id="mesh-fifo"),
 ]
@@ -361,6 +363,30 @@ def test_files_named_by_flags_are_checked_at_start(
     assert f"controlplane: {flag} {bad}: {reason.format(tmp=tmp_path)}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r.pem").exists()  # refused before anything was written
+    if flag == "--root-cert-out" and bad.name.endswith(".fifo"):
+        assert stat.S_ISFIFO(bad.lstat().st_mode)  # a FIFO (or /dev/null) is never replaced
+
+
+def test_a_value_that_cannot_be_made_on_reload_is_rejected_and_the_old_mesh_serves(
+    tmp_path: Path, controlplanes: list[ControlPlane]
+) -> None:
+    """An impossible date (PyYAML raises ValueError, not YAMLError) killed a running control
+    plane with a traceback (hostile review of issue 7)."""
+    cp = ControlPlane(tmp_path)
+    controlplanes.append(cp)
+    stream = Stream(cp.address(), cp.root_out.read_bytes())
+    try:
+        stream.send(with_node=True)
+        first, _ = stream.receive()
+        write(cp.mesh, MESH + "clusterName: 2020-13-45\n")
+        cp.wait_for(r"rejected mesh file \(file change\): .*month must be in 1\.\.12; still serving version "
+                    + first.version_info)
+        stream.send(nonce="")
+        again, _ = stream.receive()
+        assert again.version_info == first.version_info
+    finally:
+        stream.close()
+    assert "Traceback" not in cp.log.read_text()
 
 
 def test_port_in_use_exits_1(tmp_path: Path) -> None:

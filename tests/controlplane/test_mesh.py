@@ -399,3 +399,36 @@ def test_a_file_nested_1000_deep_is_one_error(text: str, libyaml: bool, monkeypa
     message = _error(text)
     assert message.startswith("mesh.yaml: ")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("text", "fault"), [
+    ("clusterName: 2020-13-45\n", "ValueError: month must be in 1..12"),
+    ("clusterName: !!int abc\n", "ValueError"),
+    ("clusterName: !!timestamp abc\n", "AttributeError"),
+    ("clusterName: " + "9" * 5000 + "\n", "ValueError: Exceeds the limit"),
+    ('{"clusterName": ' + "9" * 5000 + "}", "ValueError: Exceeds the limit"),
+])
+def test_a_scalar_its_constructor_cannot_make_is_a_mesh_error(text: str, fault: str) -> None:
+    """PyYAML's constructors fail with ValueError and the like, not YAMLError: that was a traceback
+    at start and a dead control plane on reload (hostile review of issue 7)."""
+    message = _error(text)
+    assert message.startswith("mesh.yaml: cannot read: ") and fault in message
+    assert len(message) < 300
+
+
+def test_service_entry_endpoints_are_listed_once_per_host_whatever_its_addresses() -> None:
+    """A host's endpoints were added once per address: 5 endpoints x 4 addresses listed 20 times,
+    and 300 hosts x 300 addresses x 300 endpoints (11.7 KB of YAML) took 40 s and 5.6 GB."""
+    text = """
+serviceEntries:
+  - name: vms
+    namespace: ops
+    hosts: [a.example, b.example]
+    addresses: [10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4]
+    resolution: STATIC
+    ports: [{number: 80, name: http}]
+    endpoints: [{address: 192.168.0.1}, {address: 192.168.0.2}, {address: 192.168.0.3}]
+"""
+    mesh = parse_mesh(text)
+    for host in ("a.example", "b.example"):
+        assert [e.addresses for e in mesh.endpoints[host]] == [("192.168.0.1",), ("192.168.0.2",), ("192.168.0.3",)]
