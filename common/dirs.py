@@ -46,18 +46,29 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
 
 def check_private_path(path: str) -> None:
     """Raise UnsafeDirectoryError when `path` or a parent is writable by group or others and not
-    sticky, or is owned by a user other than us or root: such a directory can be swapped."""
+    sticky, or is owned by a user other than us or root: such a directory can be swapped. Both
+    the path as written and the path it resolves to are checked, and a symlink on the way counts
+    by its own owner: a link owned by another user can be re-pointed (at a directory holding a
+    planted root CA) between this check and the read."""
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        _check_chain(start)
+
+
+def _check_chain(current: str) -> None:
     uid = os.geteuid()
-    current = os.path.abspath(path)
     while True:
         try:
-            st = os.stat(current)
+            st = os.lstat(current)
         except FileNotFoundError:
             st = None
         if st is not None:
             if st.st_uid not in (uid, 0):
-                raise UnsafeDirectoryError(f"{current} is owned by uid {st.st_uid}, not by us or root")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else ""
+                raise UnsafeDirectoryError(
+                    f"{current} is {kind + ' ' if kind else ''}owned by uid {st.st_uid}, not by us or root"
+                )
+            if (not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                    and not st.st_mode & stat.S_ISVTX):
                 raise UnsafeDirectoryError(
                     f"{current} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
                 )
