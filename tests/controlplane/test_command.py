@@ -38,11 +38,13 @@ from pilotfish.controlplane.ca import (
 from pilotfish.controlplane.command import (
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
+    load_snapshot,
     parse_listen,
     probe_listen,
     root_ca,
     write_atomic,
 )
+from pilotfish.controlplane.nametable import ProxyInfo
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from procs import PILOTFISH, Process
 
@@ -586,3 +588,15 @@ def test_open_files_soft_limit_raised_at_start(tmp_path: Path) -> None:
         assert re.search(r"Max open files\s+4096\s+4096", limits), limits
     finally:
         assert cp.stop() == 0
+
+
+def test_a_proxy_asking_again_for_the_same_version_gets_the_table_built_once(tmp_path: Path) -> None:
+    """Each request without a nonce rebuilt the proxy's whole table: streams re-requesting in a
+    loop held the CPU an honest agent's push needed (hostile review of issue 7)."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    snapshot = load_snapshot(str(mesh))
+    proxy = ProxyInfo(ips=("10.244.1.9",), cluster="Kubernetes")
+    first = snapshot.table_for(proxy)
+    assert snapshot.table_for(ProxyInfo(ips=("10.244.1.9",), cluster="Kubernetes")) is first
+    assert snapshot.table_for(ProxyInfo(ips=("10.244.1.10",), cluster="Kubernetes")) == first
