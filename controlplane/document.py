@@ -17,6 +17,8 @@ and raises RecursionError, and such a file is then read as YAML, which says wher
 The values are the ones `yaml.safe_load` gives (YAML 1.1 scalars, anchors and aliases, merge
 keys `<<`); tags other than the scalar ones (`!!set`, `!!omap`, custom tags) are refused, as
 nothing in a mesh file uses them. Redefining an anchor is allowed (YAML 1.2); the later one wins.
+A key given twice in one mapping is an error (YAML 1.2 §3.2.1.1: keys are unique), where
+safe_load keeps the last: a second `services:` block silently dropped the first.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def load_document(text: str) -> Any:
     start = _LEADING_SPACE.match(text).end()  # type: ignore[union-attr]  # \s* always matches
     if text[start:start + 1] == "{":
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):
             pass  # YAML flow style, comments, or nested too deep: YAML reads it, or says why not
     # libyaml's parser when PyYAML was built with it (the wheels are), else PyYAML's own.
@@ -74,6 +76,14 @@ def load_document(text: str) -> Any:
         return _build(parser.get_event)
     finally:
         parser.dispose()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a duplicate key sends the text to the YAML path, which says where it is."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("duplicate key")
+    return value
 
 
 class _Open:
@@ -180,6 +190,9 @@ def _add(parent: _Open, value: Any, event: Event) -> None:
         parent.merges.append(value)
         parent.key = _NO_KEY
     else:
+        if parent.key in parent.value:  # type: ignore[operator]
+            raise ConstructorError("while constructing a mapping", parent.mark,
+                                   f"found duplicate key {parent.key!r}", event.start_mark)
         parent.value[parent.key] = value
         parent.key = _NO_KEY
 

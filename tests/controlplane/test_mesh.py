@@ -432,3 +432,14 @@ serviceEntries:
     mesh = parse_mesh(text)
     for host in ("a.example", "b.example"):
         assert [e.addresses for e in mesh.endpoints[host]] == [("192.168.0.1",), ("192.168.0.2",), ("192.168.0.3",)]
+
+
+@pytest.mark.parametrize("text", [
+    "services: [{name: a, namespace: n, clusterIP: 10.96.0.1, ports: [80]}]\nservices: []\n",
+    '{"services": [], "services": []}',
+    "services:\n  - name: a\n    name: b\n    namespace: n\n    clusterIP: 10.96.0.1\n    ports: [80]\n",
+])
+def test_a_key_given_twice_is_an_error_not_last_wins(text: str) -> None:
+    """safe_load keeps the last value: a second `services:` block dropped the first silently."""
+    message = _error(text)
+    assert "found duplicate key" in message and "line " in message
