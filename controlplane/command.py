@@ -112,6 +112,8 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
     if args.root_cert_out:
         outputs.append(("--root-cert-out", args.root_cert_out, False))
     for flag, value, directory in outputs:
+        if not value.strip():  # '' is the working directory to os.path: never meant
+            raise ValueError(f"{flag}: empty path")
         problem = check_output_path(value, directory)
         if problem is None:
             # Whoever can write to a directory on the way can swap what is below it: the root

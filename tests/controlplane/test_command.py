@@ -346,6 +346,21 @@ FILE_FLAGS = [
 ]
 
 
+@pytest.mark.parametrize("flag", ["--state-dir"])  # an empty --root-cert-out writes none
+def test_an_empty_output_path_is_refused(tmp_path: Path, flag: str) -> None:
+    """`--state-dir ''` wrote the root key into the working directory."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    flags = {"--mesh": str(mesh), "--state-dir": str(tmp_path / "s"), "--root-cert-out": str(tmp_path / "r.pem"),
+             flag: ""}
+    done = subprocess.run([PILOTFISH, "controlplane", "--listen", "127.0.0.1:0",
+                           *(item for pair in flags.items() for item in pair)],
+                          capture_output=True, text=True, timeout=20, check=False, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"controlplane: {flag}: empty path" in done.stderr
+    assert not (tmp_path / "root-key.pem").exists()
+
+
 @pytest.mark.parametrize(("flag", "make", "reason"), FILE_FLAGS)
 def test_files_named_by_flags_are_checked_at_start(
     tmp_path: Path, flag: str, make: Callable[[Path], Path], reason: str
