@@ -51,6 +51,11 @@ _STR, _MAP, _SEQ, _MERGE = _TAG + "str", _TAG + "map", _TAG + "seq", _TAG + "mer
 # The scalar types safe_load builds; each constructor is a plain function of one node.
 _SCALARS = {tag: SafeConstructor.yaml_constructors[tag]
             for tag in (_TAG + t for t in ("null", "bool", "int", "float", "binary", "timestamp"))}
+_NUMBERS = frozenset((_TAG + "int", _TAG + "float"))
+MAX_NUMBER = 100  # characters of an int or float scalar
+# Entries merge keys (`<<`) may copy in one file: a chain of mappings each merging the last
+# copies quadratically (107 KB of them took 1.2 GB); a real file merges a few small mappings.
+MAX_MERGED = 1_000_000
 _RESOLVER = Resolver()
 # The first characters a plain scalar that is not a string can start with (digits, signs, `.`,
 # `~`, `<`, `=`, y/n/t/f/o): any other plain scalar, and every quoted one, is a string without
@@ -111,6 +116,7 @@ def _build(next_event: Callable[[], Event]) -> Any:
     document_mark = event.start_mark  # DocumentStartEvent
     anchors: dict[str, Any] = {}
     stack: list[_Open] = []
+    merge_budget = [MAX_MERGED]
     root: Any = None
     while True:
         event = next_event()
@@ -124,7 +130,7 @@ def _build(next_event: Callable[[], Event]) -> Any:
                 anchors[event.anchor] = stack[-1].value  # type: ignore[attr-defined]
             continue
         elif kind is MappingEndEvent or kind is SequenceEndEvent:
-            value = _end(stack.pop())
+            value = _end(stack.pop(), merge_budget)
         elif kind is AliasEvent:
             if event.anchor not in anchors:  # type: ignore[attr-defined]
                 raise ComposerError(None, None, f"found undefined alias {event.anchor!r}",  # type: ignore[attr-defined]
@@ -163,6 +169,11 @@ def _scalar(event: ScalarEvent, key_position: bool) -> Any:
     if construct is None:
         raise ConstructorError(None, None, f"could not determine a constructor for the tag {tag!r}",
                                event.start_mark)
+    if tag in _NUMBERS and len(event.value) > MAX_NUMBER:
+        # PyYAML reads a YAML 1.1 base-60 integer (1:59:59:...) in quadratic time: 600 KB of one
+        # took 11 s. No number in a mesh file (a port, a weight) is longer than a few digits.
+        raise ConstructorError(None, None, f"a number of {len(event.value)} characters (at most {MAX_NUMBER})",
+                               event.start_mark)
     return construct(_CONSTRUCTOR, ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style))
 
 
@@ -197,7 +208,7 @@ def _add(parent: _Open, value: Any, event: Event) -> None:
         parent.key = _NO_KEY
 
 
-def _end(done: _Open) -> dict[Any, Any] | list[Any]:
+def _end(done: _Open, budget: list[int]) -> dict[Any, Any] | list[Any]:
     """The finished collection. A mapping with `<<` keys gets the merged keys first, in order;
     among merged mappings the first to have a key wins, and the mapping's own keys win over all
     (safe_load's result)."""
@@ -207,6 +218,10 @@ def _end(done: _Open) -> dict[Any, Any] | list[Any]:
         merged: dict[Any, Any] = {}
         for item in done.merges:
             for source in item if isinstance(item, list) else (item,):
+                budget[0] -= len(source)
+                if budget[0] < 0:
+                    raise ConstructorError("while constructing a mapping", done.mark,
+                                           f"merge keys copy more than {MAX_MERGED} entries in all", None)
                 for key, val in source.items():
                     merged.setdefault(key, val)
         own = dict(value)
