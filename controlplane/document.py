@@ -53,6 +53,9 @@ _SCALARS = {tag: SafeConstructor.yaml_constructors[tag]
             for tag in (_TAG + t for t in ("null", "bool", "int", "float", "binary", "timestamp"))}
 _NUMBERS = frozenset((_TAG + "int", _TAG + "float"))
 MAX_NUMBER = 100  # characters of an int or float scalar
+# json.loads reads a file in one C call that holds the GIL (SIGTERM waits): ~28 MiB a second of
+# a mesh here. Larger JSON goes through the event path, slower but stoppable between events.
+JSON_AT_ONCE = 24 << 20
 # Entries merge keys (`<<`) may copy in one file: a chain of mappings each merging the last
 # copies quadratically (107 KB of them took 1.2 GB); a real file merges a few small mappings.
 MAX_MERGED = 1_000_000
@@ -70,7 +73,7 @@ def load_document(text: str) -> Any:
     """The one document in `text`; None for an empty one. yaml.YAMLError (most with a mark)
     when the text is not valid YAML or uses what a mesh file cannot hold."""
     start = _LEADING_SPACE.match(text).end()  # type: ignore[union-attr]  # \s* always matches
-    if text[start:start + 1] == "{":
+    if text[start:start + 1] == "{" and len(text) <= JSON_AT_ONCE:
         try:
             return json.loads(text, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):

@@ -104,9 +104,11 @@ class Mesh:
         return build_name_table(self.services, self.endpoints, proxy)
 
 
-# A mesh of 100,000 services is ~20 MB of YAML or JSON (bench/controlplane_bench.py); 1 GiB is
-# the bound dns/tablefile.py puts on a name-table file, past any mesh this control plane can load.
-MESH_FILE_LIMIT = 1 << 30
+# A mesh of 100,000 services is ~20 MB of YAML or JSON (bench/controlplane_bench.py); 64 MiB
+# leaves three times that. Not more: libyaml scans one scalar, and json.loads a whole file, in
+# one C call that holds the GIL, so SIGTERM waits for it (a 300 MB JSON file: 15 s; a 600 MB
+# scalar: 5.7 s); at 64 MiB the worst is about a second (docs/controlplane.md).
+MESH_FILE_LIMIT = 64 << 20
 
 
 def load_mesh(path: str | Path) -> Mesh:

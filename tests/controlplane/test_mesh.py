@@ -457,3 +457,23 @@ def test_merge_keys_that_copy_without_end_are_refused() -> None:
     lines += [f"x{n}: &a{n} {{<<: *a{n - 1}, m{n}: 1}}" for n in range(1, 5000)]
     message = _error("\n".join(lines) + "\n")
     assert "merge keys copy more than 1000000 entries in all" in message
+
+
+def test_a_mesh_file_over_64_mib_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """libyaml (one scalar) and json.loads (one file) hold the GIL for their whole input, so
+    SIGTERM waited 15 s on a 300 MB file: the bound keeps the worst near a second."""
+    path = tmp_path / "mesh.json"
+    with path.open("wb") as f:
+        f.truncate((64 << 20) + 1)  # sparse: its size is what is checked first
+    with pytest.raises(MeshError, match="cannot read"):
+        load_mesh(path)
+
+
+def test_json_too_large_to_read_at_once_goes_through_the_stoppable_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pilotfish.controlplane.document as document
+
+    text = '{"clusterName": "c1", "services": [{"name": "a", "namespace": "n", "clusterIP": "10.96.0.1", "ports": [80]}]}'
+    at_once = parse_mesh(text)
+    monkeypatch.setattr(document, "JSON_AT_ONCE", 10)
+    monkeypatch.setattr(document.json, "loads", None)  # must not be called
+    assert parse_mesh(text) == at_once
