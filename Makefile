@@ -39,6 +39,7 @@ bench: system-deps venv
 	$(SUDO) $(PY) bench/init_bench.py
 	$(PY) bench/agent_bench.py
 	$(PY) bench/controlplane_bench.py
+	$(PY) bench/startup_bench.py
 
 demo: system-deps venv
 	demo/mesh.sh

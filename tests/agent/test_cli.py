@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,34 @@ def test_status_port_in_use_is_one_error_line(tmp_path: Path) -> None:
                                     "PILOTFISH_NAMETABLE_CACHE": ""}, "--status-listen", f"127.0.0.1:{port}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"agent: status server cannot listen on port {port}: Address already in use" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], []])
+def test_version_and_help_import_no_subcommand(argv: list[str]) -> None:
+    """`pilotfish --version` imported every subcommand (trio, grpc, cryptography: ~0.5-0.7 s and
+    54 MiB); with no subcommand chosen none is imported (issue 8)."""
+    probe = (
+        "import sys\n"
+        "from pilotfish.agent import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = [m for m in cli.SUBCOMMANDS.values() if m in sys.modules]\n"
+        "heavy = [m for m in ('trio', 'grpc', 'cryptography') if m in sys.modules]\n"
+        "print(loaded, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False)
+    assert done.stdout.strip().splitlines()[-1] == "[] []", done.stdout + done.stderr
+
+
+def test_help_summaries_are_the_subcommands_own() -> None:
+    import argparse
+
+    from pilotfish.agent import cli
+
+    for name in cli.SUBCOMMANDS:
+        parser = cli.build_parser(name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {choice.dest: choice.help for choice in sub._choices_actions}
+        assert helps[name] == cli.SUMMARIES[name], name
