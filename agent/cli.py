@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from pilotfish.agent.logs import setup_logging
+from pilotfish.common.logs import setup_logging
 
 SUBCOMMANDS = {
     "dns": "pilotfish.dns.command",

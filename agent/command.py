@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.command import add_dns_arguments, dns_config
-from pilotfish.dns.config import ConfigError
+from pilotfish.common.settings import ConfigError
 from pilotfish.dns.server import DnsProxy
 from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.metrics import XdsMetrics
@@ -84,7 +84,7 @@ def proxy_type(words: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pilotfish.init.detect import local_addresses
+    from pilotfish.common.netfacts import local_addresses
 
     # First: the status port, the DNS proxy and the xDS stream all draw from this table, and a
     # container's soft limit (often 1024) is far below its hard one (as Go's runtime does).

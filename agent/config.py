@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pilotfish.dns.config import ConfigError, parse_bool, split_host_port
+from pilotfish.common.settings import ConfigError, parse_bool, split_host_port
 
 from .files import MISSING, root_cert_problem, saved_table_problem
 

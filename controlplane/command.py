@@ -34,7 +34,7 @@ from cryptography import x509
 from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
-from pilotfish.dns.tablefile import file_signature
+from pilotfish.common.files import file_signature
 from pilotfish.xds_client.persist import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 

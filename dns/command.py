@@ -18,28 +18,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
-from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.files import UnreadableFile, file_signature, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
 from prometheus_client import start_http_server
 
 from .cache import DEFAULT_MAX_BYTES, MAX_CACHED_REPLY
+from pilotfish.common.resolv import parse_resolv_conf
+from pilotfish.common.settings import ConfigError, parse_bool, parse_duration, split_host_port
+
 from .config import (
     ISTIO_RESOLV_CONF,
     RESOLV_CONF_MAX,
-    ConfigError,
     DnsConfig,
     listen_addresses,
-    parse_bool,
-    parse_duration,
-    parse_resolv_conf,
     parse_upstream,
-    split_host_port,
     upstreams_from_resolv,
 )
 from .rebuild import Pacer, build_beside
 from .server import DnsProxy
 from .table import LookupTable, TableError
-from .tablefile import TableFileError, file_signature, table_entries
+from .tablefile import TableFileError, table_entries
 
 log = logging.getLogger("pilotfish.dns")
 

@@ -8,18 +8,16 @@ before it binds or forwards anything.
 from __future__ import annotations
 
 import ipaddress
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pilotfish.common.resolv import ResolvConf
+from pilotfish.common.settings import ConfigError, split_host_port
 
 DEFAULT_PROXY_ADDR = "localhost:15053"
 ISTIO_RESOLV_CONF = "/var/lib/istio/resolv.conf"  # used by root on :53, as Istio does
 # The most of resolv.conf that is read: kubelet's own bound on the node's resolv.conf it builds
 # pods' from (maxResolvConfLength, pkg/kubelet/network/dns/dns.go). A real one is a few lines.
 RESOLV_CONF_MAX = 10 << 20
-
-
-class ConfigError(ValueError):
-    """A setting has a bad value; the message names both."""
 
 
 @dataclass(frozen=True)
@@ -41,74 +39,6 @@ class DnsConfig:
     cache_max_bytes: int = 4 << 20  # dns/cache.py DEFAULT_MAX_BYTES
     max_inflight: int | None = None  # forwards in flight; None: sized by the open-files limit
     max_tcp_connections: int | None = None  # None: sized by the open-files limit
-
-
-@dataclass(frozen=True)
-class ResolvConf:
-    """The parts of resolv.conf Istio uses (miekg's ClientConfigFromReader)."""
-
-    nameservers: tuple[str, ...] = ()
-    search: tuple[str, ...] = field(default_factory=tuple)
-
-
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def parse_duration(text: str, setting: str) -> float:
-    """Seconds from Go's time.ParseDuration syntax (`300ms`, `5s`, `1m30s`); `0` alone is 0."""
-    value = text.strip()
-    sign = -1.0 if value.startswith("-") else 1.0
-    body = value.lstrip("+-")
-    if body == "0":
-        return 0.0
-    total, pos = 0.0, 0
-    for m in _DURATION_PART.finditer(body):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not body or pos != len(body):
-        raise ConfigError(f"{setting}: invalid duration {text!r} (Go syntax, e.g. 300ms, 5s)")
-    return sign * total
-
-
-def parse_bool(text: str, setting: str) -> bool:
-    """Go's strconv.ParseBool."""
-    if text in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if text in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise ConfigError(f"{setting}: invalid boolean {text!r} (true or false)")
-
-
-def parse_resolv_conf(text: str) -> ResolvConf:
-    """Nameservers in order, as written; `search` replaces the list, `domain X` makes it [X]."""
-    servers: list[str] = []
-    search: list[str] = []
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0][0] in "#;":
-            continue
-        if words[0] == "nameserver" and len(words) > 1:
-            servers.append(words[1])
-        elif words[0] == "search":
-            search = words[1:]
-        elif words[0] == "domain" and len(words) > 1:
-            search = [words[1]]
-    return ResolvConf(tuple(servers), tuple(search))
-
-
-def split_host_port(text: str, setting: str) -> tuple[str, int]:
-    """Go's net.SplitHostPort plus a port range check: `host:port`, `[v6]:port`."""
-    m = re.fullmatch(r"\[([^\]]*)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
-    if not m:
-        raise ConfigError(f"{setting}: invalid address {text!r} (want host:port or [ipv6]:port)")
-    host = m.group(1) if m.group(1) is not None else m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ConfigError(f"{setting}: port out of range in {text!r}")
-    return host, port
 
 
 def parse_upstream(text: str, setting: str) -> tuple[str, int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from json.scanner import make_scanner
@@ -327,12 +326,3 @@ def _shown(value: Any) -> str:
     """A bad value as JSON, cut to 40 characters."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when the file is replaced or rewritten (None while it is missing)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino

@@ -47,7 +47,7 @@ def log_level(config: CaptureConfig) -> str:
 
 
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    from pilotfish.agent.logs import setup_logging
+    from pilotfish.common.logs import setup_logging
 
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)

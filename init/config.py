@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from pilotfish.dns.config import ConfigError, parse_bool, parse_duration
+from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
 
 __all__ = ["ConfigError", "CaptureConfig", "parse_args", "validate"]
 

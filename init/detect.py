@@ -4,21 +4,18 @@ detection, so tests and unusual pods can say what they want."""
 
 from __future__ import annotations
 
-import array
-import fcntl
 import grp
 import ipaddress
 import pwd
 import socket
-import struct
 
-from pilotfish.dns.config import parse_resolv_conf
+from pilotfish.common.netfacts import local_addresses
+from pilotfish.common.resolv import parse_resolv_conf
 
 from .config import CaptureConfig, ConfigError, split_list
 from .planner import Detected
 
 DEFAULT_PROXY_UID = "1337"
-SIOCGIFCONF = 0x8912
 
 
 def detect(config: CaptureConfig) -> Detected:
@@ -71,53 +68,6 @@ def ipv6_enabled(config: CaptureConfig) -> bool:
     if config.dual_stack:
         return any(a.version == 6 for a in addresses)
     return addresses[0].version == 6
-
-
-def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Global addresses of the namespace's interfaces, by interface index (Go's order).
-
-    Read with SIOCGIFCONF (IPv4) and /proc/net/if_inet6 (IPv6) rather than netlink, so detection
-    costs no pyroute2 import.
-    """
-    found: list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
-    for name, address in _ipv4_addresses():
-        found.append((_index(name), address))
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                fields = line.split()
-                found.append((int(fields[1], 16), ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
-    except OSError:
-        pass
-    out = []
-    for _, ip in sorted(found, key=lambda item: item[0]):
-        mapped = getattr(ip, "ipv4_mapped", None)
-        ip = mapped or ip
-        if not (ip.is_loopback or ip.is_link_local):
-            out.append(ip)
-    return out
-
-
-def _index(name: str) -> int:
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return 1 << 30
-
-
-def _ipv4_addresses() -> list[tuple[str, ipaddress.IPv4Address]]:
-    """(interface, address) pairs from the SIOCGIFCONF ioctl."""
-    size = 40  # struct ifreq on 64-bit Linux
-    buf = array.array("B", bytes(size * 256))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        ifconf = struct.pack("iL", len(buf), buf.buffer_info()[0])
-        length = struct.unpack("iL", fcntl.ioctl(sock.fileno(), SIOCGIFCONF, ifconf))[0]
-    data = buf.tobytes()[:length]
-    out = []
-    for off in range(0, length, size):
-        name = data[off : off + 16].split(b"\0", 1)[0].decode()
-        out.append((name, ipaddress.IPv4Address(data[off + 20 : off + 24])))
-    return out
 
 
 def user_id(name: str) -> str:

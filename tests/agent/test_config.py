@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from pilotfish.agent.config import agent_config, server_name, xds_root
 from pilotfish.agent.files import MISSING
 from pilotfish.agent.status import DNS_NOT_READY, StatusSources, handle
-from pilotfish.dns.config import ConfigError
+from pilotfish.common.settings import ConfigError
 
 ROOT = "./var/run/secrets/istio/root-cert.pem"
 BASE = {"POD_NAME": "productpage-v1-abc", "POD_NAMESPACE": "bookinfo", "INSTANCE_IP": "10.244.1.5",

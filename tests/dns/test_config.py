@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pilotfish.dns.config import (
-    ConfigError,
-    listen_addresses,
-    parse_bool,
-    parse_duration,
-    parse_resolv_conf,
-    upstreams_from_resolv,
-)
+from pilotfish.common.resolv import parse_resolv_conf
+from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
+from pilotfish.dns.config import listen_addresses, upstreams_from_resolv
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_the_agent_reads_resolv_conf_the_same_way(paths: dict[str, str]) -> None
     import argparse
 
     from pilotfish.dns.command import add_dns_arguments, dns_config
-    from pilotfish.dns.config import ConfigError
+    from pilotfish.common.settings import ConfigError
 
     parser = argparse.ArgumentParser()
     add_dns_arguments(parser)
