@@ -1,5 +1,7 @@
-"""Configuration of the DNS proxy, and the pure parsers for Istio's settings: Go durations and
-booleans, resolv.conf, DNS_PROXY_ADDR with its loopback-family rule (reference §1, §2, §7.1).
+"""Configuration of the DNS proxy, and the pure parsers of its own settings: upstreams, and
+DNS_PROXY_ADDR with its loopback-family rule (reference §1, §2, §7.1). The parsers every command
+shares (Go durations and booleans, host:port, resolv.conf) are in common/settings.py and
+common/resolv.py.
 
 Every parser raises ConfigError naming the setting and the bad value, so the command can exit
 before it binds or forwards anything.
