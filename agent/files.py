@@ -14,13 +14,13 @@ import os
 import re
 import stat
 
+from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.common.files import UnreadableFile, read_regular_file
 
 MISSING = "does not exist"
 # Bounds on what is read at start: a CA bundle is tens to hundreds of KiB (Debian's whole system
 # bundle is ~220 KiB), a service-account token 1-2 KiB; anything past these is not one.
 ROOT_CERT_LIMIT = 10 << 20
-TOKEN_LIMIT = 1 << 20
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -120,15 +120,10 @@ def token_problem(path: str) -> str | None:
     """Why the bearer-token file cannot be used, or None when it can, is absent or is empty:
     Istio treats those two as "no token" (the header is left out, mTLS alone may authenticate),
     and kubelet writes a projected token after the containers started."""
-    data, problem = _read(path, TOKEN_LIMIT)
-    if problem == MISSING:
-        return None
-    if data is None:
-        return problem
     try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "is not UTF-8 text"
+        token = read_token_file(path)
+    except TokenFileError as err:
+        return None if err.missing else str(err)
     if not token.isascii() or not token.isprintable():
         return "holds characters a header cannot carry (control characters or non-ASCII)"
     return None

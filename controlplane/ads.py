@@ -38,6 +38,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryResponse,
 )
 from google.protobuf import any_pb2
+from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .nametable import ProxyInfo, is_ip
@@ -361,11 +362,9 @@ def read_token(path: str) -> str:
     """The expected token, trimmed; '' if the file cannot be read or is empty (then every stream
     is refused: an empty expected token must not let an empty bearer in)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        log.error("controlplane: cannot read token file %s: %s; refusing streams", path,
-                  getattr(err, "strerror", None) or err)
+        token = read_token_file(path)
+    except TokenFileError as err:
+        log.error("controlplane: cannot read token file %s: %s; refusing streams", path, err)
         return ""
     if not token:
         log.error("controlplane: token file %s is empty; refusing streams", path)

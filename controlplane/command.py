@@ -31,6 +31,7 @@ from types import FrameType
 
 import grpc
 from cryptography import x509
+from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
@@ -60,7 +61,6 @@ DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_STATE_DIR = "./var/lib/pilotfish/controlplane"
 ROOT_KEY_FILE = "root-key.pem"
 ROOT_FILE_LIMIT = 1 << 20  # a PEM key or certificate is 1-3 KiB
-TOKEN_FILE_LIMIT = 1 << 20  # a bearer token is 1-2 KiB
 ROOT_CERT_FILE = "root-cert.pem"
 MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed well within 1 s
 STOP_CHECK = 0.05  # seconds between looks at the stop signal while a mesh loads
@@ -135,13 +135,9 @@ def _token_file_problem(path: str) -> str | None:
     """Why the token file cannot give a token now (it is read again for every stream; an empty
     one there refuses them all, which at start can only be a mistake)."""
     try:
-        data = read_regular_file(path, TOKEN_FILE_LIMIT)
-    except UnreadableFile as err:
+        token = read_token_file(path)
+    except TokenFileError as err:
         return f"cannot read: {err}"
-    try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "not UTF-8 text"
     return None if token else "empty"
 
 

@@ -30,7 +30,7 @@ import trio
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
-from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.tokens import TokenFileError, read_token_file
 
 from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
 from .outcome import connection_made, termination
@@ -68,16 +68,14 @@ class ConnectionState:
     types: dict[str, TypeState] = field(default_factory=dict)
 
 
-TOKEN_LIMIT = 1 << 20  # a service-account token is 1-2 KiB
 
 
 def read_token(path: str) -> str:
-    """The bearer token, trimmed; '' when the file is missing, unreadable, not a regular file
-    (a FIFO would block the stream thread), over 1 MiB or not UTF-8, so a bad token file costs a
-    refused stream (and a retry) instead of the stream thread."""
+    """The bearer token, trimmed; '' when the file cannot give one (common/tokens.py), so a bad
+    token file costs a refused stream (and a retry) instead of the stream thread."""
     try:
-        return read_regular_file(path, TOKEN_LIMIT).decode("utf-8").strip()
-    except (UnreadableFile, UnicodeDecodeError):
+        return read_token_file(path)
+    except TokenFileError:
         return ""
 
 

@@ -7,6 +7,7 @@ the proxy's own IPs, so a test sees both which version it got and that it was bu
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -550,3 +551,14 @@ def test_one_connection_cannot_take_every_stream_slot(
             call.cancel()
         hog.close()
         server.stop(None)
+
+
+def test_the_expected_token_is_read_without_blocking_on_a_fifo(tmp_path: Path) -> None:
+    """The token file is read again for every stream; opened plainly, a FIFO put in its place
+    blocked the stream's thread for good. It is read as common/tokens.py reads every token."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    assert ads_module.read_token(str(fifo)) == ""
+    plain = tmp_path / "plain"
+    plain.write_text("  s3cret\n")
+    assert ads_module.read_token(str(plain)) == "s3cret"

@@ -343,7 +343,7 @@ FILE_FLAGS = [
                  "root key: not an unencrypted PEM private key", id="state-key-not-pem"),
     pytest.param("--token-file", lambda t: _made(t / "tokens"), "cannot read: is a directory", id="token-dir"),
     pytest.param("--token-file", lambda t: _made(t / "token", b" \n"), "empty", id="token-empty"),
-    pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "not UTF-8 text", id="token-binary"),
+    pytest.param("--token-file", lambda t: _made(t / "token", b"\xff\xfe"), "cannot read: is not UTF-8 text", id="token-binary"),
     pytest.param("--token-file", lambda t: _fifo(t / "token"), "cannot read: is not a regular file", id="token-fifo"),
     pytest.param("--root-cert-out", lambda t: _fifo(t / "root.fifo"),
                  "exists and is not a regular file (a device, a FIFO, a socket): not replaced", id="cert-out-fifo"),
