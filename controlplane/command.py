@@ -36,7 +36,7 @@ from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.common.files import file_signature
-from pilotfish.xds_client.persist import write_atomic
+from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, Snapshot, start_server

@@ -11,10 +11,11 @@ validation probe was not redirected.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+
+from pilotfish.common.atomic import write_atomic
 
 from .apply import ApplyError, Result, run_tables
 from .backends import Backend, BackendError, choose
@@ -70,7 +71,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         text = dry_run_text(the_plan)
         sys.stdout.write(text)
         if config.dry_run_file_path:
-            _write_atomically(config.dry_run_file_path, text)
+            write_atomic(config.dry_run_file_path, text.encode(), 0o644)
         return 0
     if not config.skip_rule_apply:
         code = _apply(config, the_plan, detected)
@@ -172,9 +173,3 @@ def _install_routes(spec: RouteSpec) -> Callable[[], None]:
 
     return undo
 
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

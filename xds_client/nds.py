@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from google.protobuf.any_pb2 import Any
 
-from . import persist
+from pilotfish.common import atomic as persist
 from .proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from .stream import ResourceError, first_value
 

@@ -3,6 +3,8 @@ checks pilotfish adds before anything is touched."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pilotfish.init.config import ConfigError, cidr_text, parse_args, parse_cidrs, validate
@@ -133,3 +135,17 @@ def test_interface_names_checked_as_the_kernel_and_iptables_read_them(name: str,
 @pytest.mark.parametrize("name", ["eth0", "abcdefghijklmno", "abcdefghijklmn+", "veth+", "a.b", "br-1_x", "a!b"])
 def test_good_interface_names(name: str) -> None:
     validate(parse_args(["-c", name, "-k", name], {})[0])
+
+
+def test_dry_run_file_is_written_whole_with_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """DRY_RUN_FILE_PATH gets what --dry-run prints, written atomically (common/atomic.py):
+    a temp file beside it, fsynced and renamed, so a reader never sees half a plan."""
+    from pilotfish.init import command
+
+    out = tmp_path / "plan" / "rules.txt"
+    code = command.main(["-p", "15001", "-u", "1337", "--dry-run", "--ipv6=off"],
+                        {"DRY_RUN_FILE_PATH": str(out)})
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ISTIO_OUTPUT" in printed and out.read_text() == printed
+    assert [p.name for p in out.parent.iterdir()] == ["rules.txt"]

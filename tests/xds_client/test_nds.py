@@ -13,7 +13,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
 from google.protobuf.any_pb2 import Any
 
-from pilotfish.xds_client import persist
+from pilotfish.common import atomic as persist
 from pilotfish.xds_client.nds import TYPE_URL, NameTableHolder
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from pilotfish.xds_client.stream import AdsStream

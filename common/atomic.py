@@ -1,8 +1,10 @@
-"""The last good resource on disk, so that an agent restarted while the control plane is away
-serves what it had (Istio's agent starts empty and answers SERVFAIL until istiod is back).
+"""Files written whole or not at all: the agent's last good resource (so that an agent restarted
+while the control plane is away serves what it had), the control plane's root CA, `init`'s
+dry-run output.
 
-Written to a temp file in the same directory and renamed over the old one (never a half-written
-file), mode 0600 by default (the table lists every service and address in the mesh). A save
+Written to a temp file in the same directory, fsynced and renamed over the old one (never a
+half-written file), mode 0600 by default (the saved table lists every service and address in
+the mesh). A save
 killed between the two (SIGKILL, the OOM killer during a large update) leaves its temp file, a
 full-size copy; `remove_stale_temps` at start removes those, and only those.
 """
@@ -14,7 +16,7 @@ import re
 import stat
 import tempfile
 
-from pilotfish.common.dirs import make_dirs
+from .dirs import make_dirs
 
 
 def _temp_prefix(path: str) -> str:
