@@ -166,7 +166,8 @@ def lookup_reply(memo: Memo, data: bytes, now: Callable[[], float] = time.monoto
     if type(value) is CachedReply:
         body = value.current(now())
         return None if body is None else data[:2] + body
-    return data[:2] + next(value)
+    rotated: bytes = next(value)
+    return data[:2] + rotated
 
 
 def _key_labels(key: bytes) -> tuple[int, list[str]]:

@@ -308,7 +308,7 @@ def has_edns_options(buf: bytes) -> bool:
         off = _skip_name(buf, off)
         rtype, _, _, rdlen = _RR_FIXED.unpack_from(buf, off)
         if rtype == TYPE_OPT and i >= an + ns:
-            return rdlen > 0
+            return bool(rdlen)
         off += 10 + rdlen
     return False
 

@@ -29,4 +29,4 @@ class Backoff:
         The caller waits a uniform random fraction of it (full jitter).
         """
         self.failures = 0 if delivered else self.failures + 1
-        return min(self.cap, self.base * 2 ** max(0, self.failures - 1))
+        return min(self.cap, self.base * 2.0 ** max(0, self.failures - 1))
