@@ -99,13 +99,8 @@ def conclude(
     if result is None:
         return Resolved(servfail(query), None), True
     raw, reply = result
-    return Resolved(relay(query, raw, reply, tcp), store(cache, query, raw, reply, now)), False
-
-
-def store(cache: UpstreamCache | None, query: Message, raw: bytes, reply: Message, now: float) -> Entry | None:
-    """Cache an upstream reply (if the cache and RFC 2308 allow); the entry stored, or None."""
-    key = cache_mod.cache_key(query) if cache is not None else None
-    return cache.put(key, raw, reply, now) if cache is not None and key is not None else None
+    stored = cache.put(key, raw, reply, now) if cache is not None and key is not None else None
+    return Resolved(relay(query, raw, reply, tcp), stored), False
 
 
 async def _read_exactly(stream: trio.SocketStream, n: int) -> bytes | None:

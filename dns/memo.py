@@ -158,7 +158,7 @@ class Memo(dict[bytes, Any]):
 
 def lookup_reply(memo: Memo, data: bytes, now: Callable[[], float] = time.monotonic) -> bytes | None:
     """The memoised reply to a query packet (its ID in place), or None."""
-    value = memo.get(data[2 : data.find(b"\0", 12) + 14])
+    value = memo.get(memo_key(data))
     if value is None:
         return None
     if type(value) is bytes:

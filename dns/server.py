@@ -6,7 +6,8 @@ this machine, that loop keeps up with dnsmasq while the same loop on trio reache
 (design.md). Its hot path is a dict lookup in a memo of finished replies, keyed by what decides
 the answer (dns/memo.py), then an ID patch: mesh answers and forwarded answers still fresh in the
 cache alike. A miss runs the pure engine in the same thread; a query that must go upstream is
-handed to the trio loop, which owns forwarding, the cache and TCP.
+sent by that thread and relayed by the UDP forwarder's thread (dns/udpforward.py). TCP, and the
+TCP clients' forwards, run on the trio loop.
 
 A new NameTable is built into a new LookupTable aside and installed with one reference
 assignment, together with new memos, so a reader sees either the old table or the new one; the
@@ -183,7 +184,6 @@ class DnsProxy:
             raise
         self.udp_addresses = [s.getsockname()[:2] for s in self._udp]
         self.tcp_addresses = [s.getsockname()[:2] for s in self._tcp]
-        self._nursery: trio.Nursery | None = None
         self._inflight = 0
         self._connections: dict[_Connection, None] = {}  # oldest first
         self._trio_stats: ThreadStats = self.metrics.thread_stats()
@@ -256,7 +256,6 @@ class DnsProxy:
         ))
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 for thread in threads:
                     thread.start()
                 for sock in self._tcp:
@@ -267,7 +266,6 @@ class DnsProxy:
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._nursery = None
             self._stopping = True
             for sock in self._udp:
                 try:
@@ -389,9 +387,10 @@ class DnsProxy:
             nursery.start_soon(self._tcp_connection, trio.SocketStream(conn))
 
     def _make_room(self) -> None:
-        """At the connection bound, close the connection stuck in a send longest (a client that
-        does not read), else the oldest (idle or slow): honest clients keep getting in while
-        the bound is under attack, an attacker's connections live only until the next arrivals."""
+        """At the connection bound, close the oldest connection stuck in a send (a client that
+        does not read), else the oldest of all (idle or slow): honest clients keep getting in
+        while the bound is under attack, an attacker's connections live only until the next
+        arrivals."""
         victim = next((c for c in self._connections if c.sending), None)
         if victim is None:
             victim = next(iter(self._connections))

@@ -30,11 +30,11 @@ from pilotfish.common.ratelog import RateLimitedLog
 
 from .answer import Forward, servfail
 from .cache import UpstreamCache, render
-from .forward import Exchange, Resolved, Server, Upstreams, conclude, family, from_cache, store, udp_reply
+from .forward import Exchange, Resolved, Server, Upstreams, conclude, family, from_cache, udp_reply
 from .memo import CachedReply, Memo
 from .metrics import DnsMetrics
-from .relay import relay, upstream_query
-from .wire import RCODE_MASK, SERVFAIL, WireError, has_edns_options
+from .relay import upstream_query
+from .wire import WireError, has_edns_options
 
 log = logging.getLogger("pilotfish.dns")
 
@@ -87,11 +87,7 @@ class UdpForwarder:
         self._epoll = select.epoll()
         self._by_fd: dict[int, tuple[socket.socket, Server, _Pending]] = {}
         self._idle: dict[Server, list[socket.socket]] = {}
-        self._pending: dict[_Pending, None] = {}
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
+        self._pending: set[_Pending] = set()
 
     # --- the UDP threads -------------------------------------------------------------------
 
@@ -116,7 +112,7 @@ class UdpForwarder:
             if rejected:
                 self.metrics.udp_forward_rejected += 1
             else:
-                self._pending[pending] = None
+                self._pending.add(pending)
                 self.metrics.udp_upstream_requests += 1
                 asked = self._ask_next(pending, now)
         if rejected:
@@ -265,30 +261,25 @@ class UdpForwarder:
         with self._lock:
             if pending not in self._pending:
                 return  # already answered (another upstream, in parallel mode)
-            del self._pending[pending]
-        query = pending.fwd.query
-        raw, reply = result
+            self._pending.remove(pending)
         now = time.monotonic()
-        if reply.flags & RCODE_MASK != SERVFAIL:
-            # cached before the client has it: its next query must find it (a client that
-            # asks again at once would otherwise reach the upstream twice)
-            resolved = Resolved(relay(query, raw, reply, False), store(self.cache, query, raw, reply, now))
-            _send(pending.client, resolved.reply, pending.addr)
-        else:  # a stale entry beats the upstream's SERVFAIL
-            resolved, _ = conclude(self.cache, query, result, now, False)
-            _send(pending.client, resolved.reply, pending.addr)
+        # cached before the client has it: its next query must find it (a client that asks
+        # again at once would otherwise reach the upstream twice); a stale entry beats an
+        # upstream SERVFAIL, and is not kept in the memo (its entry is None)
+        resolved, _ = conclude(self.cache, pending.fwd.query, result, now, False)
+        _send(pending.client, resolved.reply, pending.addr)
         with self._lock:
             for sock, fd in list(pending.sockets):
                 self._release(pending, sock, fd, keep=True)
         self.metrics.upstream_duration.observe(now - pending.started)
-        _keep(pending.memo, pending.key, pending.fwd, resolved, fresh=reply.flags & RCODE_MASK != SERVFAIL)
+        _keep(pending.memo, pending.key, pending.fwd, resolved, fresh=True)
 
     def _fail(self, pending: _Pending) -> None:
         """No upstream answered in time. Once per query, whoever finds out first."""
         with self._lock:
             if pending not in self._pending:
                 return
-            del self._pending[pending]
+            self._pending.remove(pending)
             for sock, fd in list(pending.sockets):
                 self._release(pending, sock, fd, keep=False)
         self.metrics.upstream_duration.observe(time.monotonic() - pending.started)
