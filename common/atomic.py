@@ -4,9 +4,8 @@ dry-run output.
 
 Written to a temp file in the same directory, fsynced and renamed over the old one (never a
 half-written file), mode 0600 by default (the saved table lists every service and address in
-the mesh). A save
-killed between the two (SIGKILL, the OOM killer during a large update) leaves its temp file, a
-full-size copy; `remove_stale_temps` at start removes those, and only those.
+the mesh). A save killed between the two (SIGKILL, the OOM killer during a large update) leaves
+its temp file, a full-size copy; `remove_stale_temps` at start removes those, and only those.
 """
 
 from __future__ import annotations
