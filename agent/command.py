@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 from collections.abc import Mapping
 
@@ -32,15 +31,17 @@ from pilotfish.common.settings import ConfigError
 from pilotfish.dns.server import DnsProxy
 from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.metrics import XdsMetrics
-from pilotfish.xds_client.nds import TYPE_URL as NDS_TYPE
-from pilotfish.xds_client.nds import NameTableHolder
-from pilotfish.xds_client.stream import Handler
+from pilotfish.xds_client.nds import NameTableType
+from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config
 from .files import token_problem
+from .components import Component, Shutdown, Signals, readiness, run_components
 from .listeners import open_listeners
-from .status import DNS_NOT_READY, StatusServer, StatusSources
+from .parts import DnsPart, StatusPart, XdsPart
+from .status import StatusServer, StatusSources
 
 log = logging.getLogger("pilotfish.agent")
 
@@ -131,49 +132,34 @@ def node(config: AgentConfig) -> Node:
 
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket]) -> None:
+    """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
-    holder = NameTableHolder(proxy.set_table if proxy is not None else (lambda serialized: None), config.nametable_cache)
-    if proxy is not None:
-        holder.load_cached()
-    handlers: dict[str, Handler] = {NDS_TYPE: holder.on_response} if proxy is not None else {}
+    cache = ResourceCache()
+    subscriptions: list[SavedCopy] = []
+    dns = DnsPart(proxy) if proxy is not None else None
+    nds = NameTableType(proxy.build_table) if proxy is not None else None
+    if dns is not None and nds is not None:
+        dns.watch(cache, nds)
+        subscriptions.append(SavedCopy(nds, config.nametable_cache))
     settings = XdsSettings(
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
     )
-    client = XdsClient(settings, node(config), handlers)
+    client = XdsClient(settings, node(config), cache, subscriptions)
     registry.register(XdsMetrics(lambda: client.state))
-    stopping: list[str] = []
 
-    def readiness() -> str | None:
-        if stopping:
-            return f"server is terminated: {stopping[0]}"
-        if config.dns_enabled and proxy is not None and proxy.table is None:
-            return DNS_NOT_READY
-        return None
+    shutdown = Shutdown()
+    parts: list[Component] = [Signals(shutdown), XdsPart(client)]  # identity (SDS) will start after xDS
+    if dns is not None:
+        parts.append(dns)
+    # Envoy and the xDS proxy for it will start last: they need identity and the name table.
 
     def ndsz() -> Mapping[str, object] | None:
-        table = holder.table
-        return None if table is None else debug_view(table.table, config.pod_namespace, config.domain)
+        served = cache.get(nds) if nds is not None else None
+        return None if served is None else debug_view(served.value.message().table, config.pod_namespace, config.domain)
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-
-            def stop(reason: str) -> None:
-                """Readiness fails from this moment; then every task is cancelled."""
-                if not stopping:
-                    stopping.append(reason)
-                    log.info("agent: %s, shutting down", reason)
-                nursery.cancel_scope.cancel()
-
-            sources = StatusSources(readiness, registry, ndsz, lambda: trio.from_thread.run_sync(stop, "quitquitquit"))
-            if listeners:
-                await nursery.start(StatusServer(listeners, sources).serve)
-            if proxy is not None:
-                await nursery.start(proxy.serve)
-            if handlers:
-                nursery.start_soon(client.run)
-            else:
-                log.info("agent: no DNS proxy: nothing to subscribe to yet")
-            async for signum in signals:
-                stop(f"received signal: {signal.Signals(signum).name}")
-                break
+    if listeners:
+        sources = StatusSources(readiness(shutdown, parts), registry, ndsz,
+                                lambda: trio.from_thread.run_sync(shutdown.stop, "quitquitquit"))
+        parts.insert(1, StatusPart(StatusServer(listeners, sources)))  # probes are answered from the start
+    await run_components(parts, shutdown)

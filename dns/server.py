@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -76,6 +77,14 @@ def fd_bounds(soft_limit: int, sockets_per_forward: int) -> tuple[int, int]:
     tcp = max(8, min(MAX_TCP_CONNECTIONS, spare // 4))
     inflight = max(8, min(MAX_INFLIGHT, spare // 2 // max(1, sockets_per_forward)))
     return inflight, tcp
+
+
+@dataclass(frozen=True)
+class BuiltLookup:
+    """A lookup table built aside, and how long it took (logged when it is swapped in)."""
+
+    lookup: LookupTable
+    build_seconds: float
 
 
 class ServingState:
@@ -197,16 +206,21 @@ class DnsProxy:
         """The lookup table being served (None before the first NameTable)."""
         return self._state.table
 
-    def set_table(self, table: Mapping[str, NameInfo] | Any) -> LookupTable:
-        """Build a lookup table from a NameTable (its serialized bytes, the proto message, its
-        `table` map, or (host, NameInfo) pairs) and swap it in. Safe from any thread; serving goes on with the old
-        table while this builds, paced so that it keeps the GIL (dns/rebuild.py). A table that
-        does not build raises TableError and changes nothing."""
+    def build_table(self, table: Mapping[str, NameInfo] | Any) -> BuiltLookup:
+        """Build a lookup table, with this proxy's namespace, domain and search, from a
+        NameTable (its serialized bytes, the proto message, its `table` map, or (host, NameInfo)
+        pairs), without serving it. Safe from any thread; serving goes on meanwhile, paced so
+        that it keeps the GIL (dns/rebuild.py). Raises TableError on a table that does not build."""
         cfg = self.config
         started = time.perf_counter()
         lookup = build_beside(table_items(table), cfg.proxy_namespace, cfg.proxy_domain, cfg.search)
-        self.install(lookup, time.perf_counter() - started)
-        return lookup
+        return BuiltLookup(lookup, time.perf_counter() - started)
+
+    def set_table(self, table: Mapping[str, NameInfo] | Any) -> LookupTable:
+        """Build a lookup table (build_table) and swap it in; one that does not build changes nothing."""
+        built = self.build_table(table)
+        self.install(built.lookup, built.build_seconds)
+        return built.lookup
 
     def install(self, lookup: LookupTable, build_seconds: float) -> None:
         """Swap in a lookup table built aside (with this proxy's namespace, domain and search),

@@ -2,8 +2,9 @@
 
 grpcio's streaming API is blocking and thread-based, so each stream runs in a worker thread
 (`trio.to_thread`) while the trio task owns its lifetime: cancelling the task cancels the call,
-which ends the thread. What the stream means lives in AdsStream (stream.py); this module only
-moves bytes, handles credentials and retries.
+which ends the thread. What a response means is decided by the core (core.py) and the resource
+types (resources.py); this module moves bytes, handles credentials and retries, and acts on the
+core's events in one order for every type (`settle`): swap the value in, save it, then ACK.
 
 As istiod expects (reference/istio-agent.md §2.1): TLS to the discovery address with the server
 name `istiod.istio-system.svc` unless the address names another host (or ISTIOD_SAN says so), a
@@ -29,12 +30,14 @@ import grpc
 import trio
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from pilotfish.common.memory import release_freed_memory
 from pilotfish.common.tokens import TokenFileError, read_token_file
 
 from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
+from .core import Accepted, DeltaCore, Rejected, Request, SotwCore, TypeState
 from .outcome import connection_made, termination
-from .stream import AdsStream, Handler, TypeState
+from .resources import ResourceCache
+from .saved import SavedCopy
 
 log = logging.getLogger("pilotfish.xds")
 
@@ -53,6 +56,7 @@ class XdsSettings:
     headers: tuple[tuple[str, str], ...] = ()
     backoff_base: float = BACKOFF_BASE
     backoff_cap: float = BACKOFF_CAP
+    delta: bool = False  # DeltaAggregatedResources instead of the state of the world
 
 
 @dataclass
@@ -68,6 +72,20 @@ class ConnectionState:
     types: dict[str, TypeState] = field(default_factory=dict)
 
 
+def settle(core: SotwCore | DeltaCore, event: Accepted[object] | Rejected, cache: ResourceCache,
+           saved: SavedCopy | None) -> Request:
+    """Act on one event of the core and return the request to send: a rejection's NACK; for an
+    accepted value, in this order, swap it in (it serves from now on), give the replaced one's
+    memory back, save it, and only then the ACK. A value is never ACKed before it serves."""
+    if isinstance(event, Rejected):
+        log.warning("xds: rejected %s version %r: %s", event.type_url, event.version, event.reason)
+        return event.request
+    cache.swap(event.type_url, event.version, event.value)
+    release_freed_memory()
+    if saved is not None:
+        saved.save(event.value)
+    log.info("xds: accepted %s version %r", event.type_url, event.version)
+    return core.ack(event)
 
 
 def read_token(path: str) -> str:
@@ -104,10 +122,11 @@ def keepalive_options() -> list[tuple[str, int]]:
 class XdsClient:
     """Keeps one ADS stream open to the control plane, for as long as `run` runs."""
 
-    def __init__(self, settings: XdsSettings, node: Node, handlers: dict[str, Handler]) -> None:
+    def __init__(self, settings: XdsSettings, node: Node, cache: ResourceCache, subscriptions: list[SavedCopy]) -> None:
         self.settings = settings
         self.node = node
-        self.handlers = handlers
+        self.cache = cache
+        self.subscriptions = {s.rtype.type_url: s for s in subscriptions}  # each type with its copy on disk
         self.state = ConnectionState()
         self._call: grpc.Future | None = None
         self._lock = threading.Lock()
@@ -149,20 +168,21 @@ class XdsClient:
         """One stream, start to end (runs in a worker thread); `answered` is set at its first
         response."""
         channel = self._channel()
-        outbox: queue.Queue[DiscoveryRequest | None] = queue.Queue()
-        stream = AdsStream(self.node, self.handlers, self.state.types)
-        self.state.types = stream.types  # live: metrics read the counters while the stream runs
-        for request in stream.initial_requests():
+        outbox: queue.Queue[Request | None] = queue.Queue()
+        types = [s.rtype for s in self.subscriptions.values()]
+        core = (DeltaCore if self.settings.delta else SotwCore)(self.node, types, self.state.types)
+        self.state.types = core.states  # live: metrics read the counters while the stream runs
+        for request in core.initial_requests():
             outbox.put(request)
 
-        def requests() -> Iterator[DiscoveryRequest]:
+        def requests() -> Iterator[Request]:
             while (item := outbox.get()) is not None:
                 yield item
 
         try:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
-                requests(), metadata=self._metadata()
-            )
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            method = stub.DeltaAggregatedResources if self.settings.delta else stub.StreamAggregatedResources
+            call = method(requests(), metadata=self._metadata())
             with self._lock:
                 self._call = call
             for response in call:
@@ -171,17 +191,13 @@ class XdsClient:
                     self.state.connected = True
                     self.state.connects += 1
                     log.info("xds: connected to %s", self.settings.address)
-                reply = stream.on_response(response)
-                type_state = stream.types.get(response.type_url)
-                if reply is not None and type_state is not None:
-                    if reply.HasField("error_detail"):
-                        log.warning("xds: rejected %s version %r: %s", response.type_url, response.version_info,
-                                    reply.error_detail.message)
-                    else:
-                        self.state.last_update = time.time()
-                        log.info("xds: accepted %s version %r", response.type_url, response.version_info)
-                    outbox.put(reply)
+                event = core.on_response(response)
                 del response  # not held while idle: a NameTable response is its wire size and more
+                if event is not None:
+                    outbox.put(settle(core, event, self.cache, self.subscriptions.get(event.type_url)))
+                    if isinstance(event, Accepted):
+                        self.state.last_update = time.time()
+                    del event
         finally:
             outbox.put(None)
             self.state.connected = False
@@ -197,6 +213,17 @@ class XdsClient:
     def _accepted(self) -> int:
         """Resources accepted so far, over all streams (the counts carry over a reconnect)."""
         return sum(t.accepted for t in self.state.types.values())
+
+    def load_saved(self) -> int:
+        """At start, before the control plane answers: serve the copies saved by an earlier run
+        (those that load; the others are moved aside). Returns how many serve."""
+        loaded = 0
+        for url, subscription in self.subscriptions.items():
+            value = subscription.load()
+            if value is not None:
+                self.cache.swap(url, "saved", value)
+                loaded += 1
+        return loaded
 
     async def run(self) -> None:
         """Stream forever; when a stream ends, wait (backoff with jitter) and reconnect."""

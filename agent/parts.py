@@ -1,0 +1,77 @@
+"""The components the agent is made of (agent/components.py says what a component is): each
+wraps one server of another package and adds its part of readiness."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from pilotfish.dns.server import BuiltLookup, DnsProxy
+from pilotfish.xds_client.nds import BuiltTable, NameTableType
+from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.transport import XdsClient
+
+from .status import DNS_NOT_READY, StatusServer
+
+log = logging.getLogger("pilotfish.agent")
+
+
+@dataclass
+class DnsPart:
+    """The DNS proxy, serving the name table the cache holds (pushed, or saved by a run before).
+
+    Not ready until it has a table: a pod whose DNS capture answers nothing for mesh names must
+    not get traffic (Istio's readiness says the same)."""
+
+    proxy: DnsProxy
+    name: str = "dns"
+
+    def watch(self, cache: ResourceCache, nds: NameTableType[BuiltLookup]) -> None:
+        def serve_table(table: BuiltTable[BuiltLookup]) -> None:
+            self.proxy.install(table.built.lookup, table.built.build_seconds)
+
+        cache.watch(nds, serve_table)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.proxy.serve(task_status=task_status)
+
+    def ready(self) -> str | None:
+        return DNS_NOT_READY if self.proxy.table is None else None
+
+
+@dataclass
+class XdsPart:
+    """The ADS stream to the control plane. Started once the copies saved by an earlier run
+    serve (so a restart without a control plane serves at once); the stream itself never makes
+    the pod unready: what it feeds says so (a DNS proxy without a table)."""
+
+    client: XdsClient
+    name: str = "xds"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self.client.subscriptions:
+            log.info("agent: no DNS proxy: nothing to subscribe to yet")
+            task_status.started()
+            return
+        await trio.to_thread.run_sync(self.client.load_saved)
+        task_status.started()
+        await self.client.run()
+
+    def ready(self) -> str | None:
+        return None
+
+
+@dataclass
+class StatusPart:
+    """The status server on 15020: readiness, metrics, /debug/ndsz, /quitquitquit."""
+
+    server: StatusServer
+    name: str = "status"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.server.serve(task_status=task_status)
+
+    def ready(self) -> str | None:
+        return None
