@@ -6,6 +6,7 @@ from pathlib import Path
 
 from envoy.config.core.v3.base_pb2 import Node
 
+from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 
@@ -16,6 +17,6 @@ def test_headers_and_binary_headers_as_bytes(tmp_path: Path) -> None:
     token.write_text("abc\n")
     settings = XdsSettings("a:1", "a", None, str(token), cluster_id="Kubernetes",
                            headers=(("X-Team", "blue"), ("Trace-Bin", "\udcff\x00")))
-    metadata = XdsClient(settings, Node(), {})._metadata()
+    metadata = XdsClient(settings, Node(), ResourceCache(), [])._metadata()
     assert metadata == [("clusterid", "Kubernetes"), ("x-team", "blue"), ("trace-bin", b"\xff\x00"),
                         ("authorization", "Bearer abc")]

@@ -20,11 +20,13 @@ from google.protobuf.any_pb2 import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pilotfish.xds_client.metrics import XdsMetrics
+from pilotfish.xds_client.nds import TYPE_URL as NDS
+from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.outcome import CANCELLED, ERROR, connection_made, termination
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import ConnectionState, XdsClient, XdsSettings
-
-NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 
 
 @pytest.mark.parametrize("code,details,kind", [
@@ -65,7 +67,7 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 def run_client(address: str, until: Callable[[ConnectionState], bool]) -> ConnectionState:
     """A client with a quick backoff against `address`, until `until(state)` (within 20 s)."""
     client = XdsClient(XdsSettings(address, "x", None, "/nonexistent", backoff_base=0.01, backoff_cap=0.02),
-                       Node(id="n"), {NDS: lambda version, resources: None})
+                       Node(id="n"), ResourceCache(), [SavedCopy(NameTableType(bytes), "")])
 
     async def main() -> None:
         with trio.fail_after(20):
