@@ -96,39 +96,48 @@ class _Running:
 
 
 class _Started:
-    """Relays a component's `started()` to the runner with what it needs to stop it."""
+    """Relays a component's `started()`, remembering that it came."""
 
-    def __init__(self, task_status: trio.TaskStatus[_Running], running: _Running) -> None:
-        self._task_status = task_status
-        self._running = running
+    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
+        self.task_status = task_status
+        self.came = False
 
-    def started(self, value: object = None) -> None:
-        self._task_status.started(self._running)
+    def started(self, value: None = None) -> None:
+        self.came = True
+        self.task_status.started()
 
 
-async def _supervise(component: Component, *, task_status: trio.TaskStatus[_Running]) -> None:
-    running = _Running(component)
+async def _supervise(component: Component, running: list[_Running], *, task_status: trio.TaskStatus[None]) -> None:
+    """Run one component in its own cancel scope, listed in `running` from its first moment
+    (so that a shutdown while it starts stops it too, first)."""
+    this = _Running(component)
+    running.append(this)
+    relay = _Started(task_status)
     try:
-        with running.scope:
-            await component.serve(task_status=_Started(task_status, running))  # type: ignore[arg-type]
+        with this.scope:
+            await component.serve(task_status=relay)  # type: ignore[arg-type]
     finally:
-        running.ended.set()
+        if not relay.came and this.scope.cancelled_caught:
+            relay.started()  # stopped while starting: the start loop ends quietly (shutdown)
+        this.ended.set()
 
 
 async def run_components(components: Sequence[Component], shutdown: Shutdown) -> None:
     """Start `components` in order, then, once `shutdown` is requested (even mid-start), stop
-    the started ones in reverse order and return. A component that fails ends the agent."""
+    them in reverse order and return. A component that fails ends the agent."""
     async with trio.open_nursery() as nursery:
-        started: list[_Running] = []
+        running: list[_Running] = []
 
         async def stop_in_reverse() -> None:
             await shutdown.wait()
-            for running in reversed(started):
-                running.scope.cancel()
-                await running.ended.wait()
-                log.debug("agent: %s stopped", running.component.name)
-            nursery.cancel_scope.cancel()  # one still starting, if any
+            for this in reversed(running):
+                this.scope.cancel()
+                await this.ended.wait()
+                log.debug("agent: %s stopped", this.component.name)
+            nursery.cancel_scope.cancel()  # the start loop, if it is still going
 
         nursery.start_soon(stop_in_reverse)
         for component in components:
-            started.append(await nursery.start(_supervise, component))
+            if shutdown.reason is not None:
+                break
+            await nursery.start(_supervise, component, running)
