@@ -1,8 +1,8 @@
 """`pilotfish agent`: the long-running agent next to Envoy (first form).
 
-One trio nursery runs the xDS client (ADS to the control plane, NameTable subscription), the DNS
-proxy it feeds, and the status server on 15020. The last good name table is saved to disk and
-served at start, before the control plane answers.
+Components under one trio nursery (agent/components.py): the status server on 15020, the xDS
+client (ADS to the control plane, NameTable subscription) and the DNS proxy it feeds. The last
+good name table is saved to disk and served at start, before the control plane answers.
 
     pilotfish agent [proxy [sidecar|router|waypoint]] [--discovery-address HOST:PORT]
                     [--status-port N] [--nametable-cache PATH] [--log-format text|json]
@@ -18,7 +18,7 @@ import argparse
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from functools import partial
 
 import trio
 from envoy.config.core.v3.base_pb2 import Node
@@ -29,11 +29,8 @@ from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.command import add_dns_arguments, dns_config
 from pilotfish.common.settings import ConfigError
 from pilotfish.dns.server import DnsProxy
-from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.metrics import XdsMetrics
-from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.resources import ResourceCache
-from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config
@@ -134,32 +131,23 @@ def node(config: AgentConfig) -> Node:
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket]) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
-    cache = ResourceCache()
-    subscriptions: list[SavedCopy] = []
-    dns = DnsPart(proxy) if proxy is not None else None
-    nds = NameTableType(proxy.build_table) if proxy is not None else None
-    if dns is not None and nds is not None:
-        dns.watch(cache, nds)
-        subscriptions.append(SavedCopy(nds, config.nametable_cache))
+    cache = ResourceCache()  # what the xDS client received, watched by the parts that serve it
+    dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
     settings = XdsSettings(
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
     )
-    client = XdsClient(settings, node(config), cache, subscriptions)
+    client = XdsClient(settings, node(config), cache, [dns.subscription] if dns else [])
     registry.register(XdsMetrics(lambda: client.state))
 
     shutdown = Shutdown()
-    parts: list[Component] = [Signals(shutdown), XdsPart(client)]  # identity (SDS) will start after xDS
-    if dns is not None:
+    parts: list[Component] = [Signals(shutdown)]
+    if listeners:  # probes are answered from the start: 503 until every part is ready
+        quit_agent = partial(trio.from_thread.run_sync, shutdown.stop, "quitquitquit")
+        sources = StatusSources(readiness(shutdown, parts), registry, dns.ndsz if dns else lambda: None, quit_agent)
+        parts.append(StatusPart(StatusServer(listeners, sources)))
+    parts.append(XdsPart(client))  # serves the saved copies first; identity (SDS) will start after it
+    if dns:
         parts.append(dns)
     # Envoy and the xDS proxy for it will start last: they need identity and the name table.
-
-    def ndsz() -> Mapping[str, object] | None:
-        served = cache.get(nds) if nds is not None else None
-        return None if served is None else debug_view(served.value.message().table, config.pod_namespace, config.domain)
-
-    if listeners:
-        sources = StatusSources(readiness(shutdown, parts), registry, ndsz,
-                                lambda: trio.from_thread.run_sync(shutdown.stop, "quitquitquit"))
-        parts.insert(1, StatusPart(StatusServer(listeners, sources)))  # probes are answered from the start
     await run_components(parts, shutdown)

@@ -4,13 +4,16 @@ wraps one server of another package and adds its part of readiness."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
 
 from pilotfish.dns.server import BuiltLookup, DnsProxy
+from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.nds import BuiltTable, NameTableType
 from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient
 
 from .status import DNS_NOT_READY, StatusServer
@@ -18,21 +21,29 @@ from .status import DNS_NOT_READY, StatusServer
 log = logging.getLogger("pilotfish.agent")
 
 
-@dataclass
 class DnsPart:
     """The DNS proxy, serving the name table the cache holds (pushed, or saved by a run before).
 
     Not ready until it has a table: a pod whose DNS capture answers nothing for mesh names must
     not get traffic (Istio's readiness says the same)."""
 
-    proxy: DnsProxy
-    name: str = "dns"
+    name = "dns"
 
-    def watch(self, cache: ResourceCache, nds: NameTableType[BuiltLookup]) -> None:
-        def serve_table(table: BuiltTable[BuiltLookup]) -> None:
-            self.proxy.install(table.built.lookup, table.built.build_seconds)
+    def __init__(self, proxy: DnsProxy, cache: ResourceCache, saved_path: str, namespace: str, domain: str) -> None:
+        self.proxy = proxy
+        self.cache = cache
+        self.nds = NameTableType(proxy.build_table)
+        self.subscription = SavedCopy(self.nds, saved_path)  # what the xDS client subscribes to for it
+        self._view = (namespace, domain)
+        cache.watch(self.nds, self._serve_table)
 
-        cache.watch(nds, serve_table)
+    def _serve_table(self, table: BuiltTable[BuiltLookup]) -> None:
+        self.proxy.install(table.built.lookup, table.built.build_seconds)
+
+    def ndsz(self) -> Mapping[str, object] | None:
+        """The /debug/ndsz view of the table being served (None before one)."""
+        served = self.cache.get(self.nds)
+        return None if served is None else debug_view(served.value.message().table, *self._view)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.proxy.serve(task_status=task_status)
