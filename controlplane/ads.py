@@ -40,12 +40,12 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 from google.protobuf import any_pb2
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from pilotfish.xds_client.nds import TYPE_URL as NAME_TABLE_TYPE
 
 from .nametable import ProxyInfo, is_ip
 
 log = logging.getLogger("pilotfish.controlplane")
 
-NAME_TABLE_TYPE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel")  # istiod's valid node types
 TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
 

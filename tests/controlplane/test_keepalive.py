@@ -15,7 +15,6 @@ import trio
 from envoy.config.core.v3.base_pb2 import Node
 from pilotfish.controlplane.ads import (
     ISTIOD_KEEPALIVE,
-    NAME_TABLE_TYPE,
     AdsServicer,
     Keepalive,
     MeshHub,
@@ -32,6 +31,9 @@ from pilotfish.controlplane.ca import (
 )
 from pilotfish.xds_client import transport
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from pilotfish.xds_client.nds import NameTableType
+from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 # grpc core sends a client's pings at least 1 s apart, whatever its keepalive time: the agent's
@@ -71,7 +73,7 @@ def link(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     settings = XdsSettings(address=f"127.0.0.1:{port}", server_name="istiod.istio-system.svc",
                            root_cert=str(root), token_file=str(tmp_path / "no-token"))
     node = Node(id="sidecar~10.1.1.5~app.default~default.svc.cluster.local")
-    yield Link(servicer, XdsClient(settings, node, {NAME_TABLE_TYPE: lambda version, resources: None}))
+    yield Link(servicer, XdsClient(settings, node, ResourceCache(), [SavedCopy(NameTableType(bytes), "")]))
     server.stop(grace=None).wait()
 
 
