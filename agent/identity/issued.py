@@ -17,6 +17,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from .keys import PrivateKey
 
@@ -46,9 +47,8 @@ def _spiffe_ids(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+def _public_der(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
