@@ -44,7 +44,10 @@ bench: system-deps venv
 demo: system-deps venv
 	demo/mesh.sh
 
-# Regenerate the committed protobuf modules (Istio's NDS NameTable) with grpcio-tools.
+# Regenerate the committed protobuf modules (Istio's NDS NameTable, Istio's CA service) with
+# grpcio-tools. Messages only: the gRPC methods are bound by name (agent/identity/caclient.py,
+# controlplane/casvc.py), as generated stubs would import the modules by a path outside the package.
 protos: venv
-	$(PY) -m grpc_tools.protoc -I xds_client/proto --python_out=xds_client/proto \
-	  --pyi_out=xds_client/proto xds_client/proto/istio/networking/nds/v1/nds.proto
+	$(PY) -m grpc_tools.protoc -I xds_client/proto -I $$($(PY) -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
+	  --python_out=xds_client/proto --pyi_out=xds_client/proto \
+	  xds_client/proto/istio/networking/nds/v1/nds.proto xds_client/proto/istio/v1/auth/ca.proto
