@@ -5,6 +5,10 @@ TOKEN_LIMIT bytes, UTF-8, trimmed."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+
 from .files import UnreadableFile, read_regular_file
 
 TOKEN_LIMIT = 1 << 20  # a service-account token is 1-2 KiB
@@ -29,3 +33,18 @@ def read_token_file(path: str) -> str:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise TokenFileError("is not UTF-8 text") from None
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim (Unix seconds) of a JWT, read without verifying it (the issuer checks
+    that); None when the token is not a JWT with one. Used to tell a token that can no longer
+    authenticate from one that can, before sending it."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > 64 * 1024:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None

@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pilotfish.agent.identity.issued import IssueError, check_response, join_chain
 from pilotfish.agent.identity.keys import KeySpec, csr_pem, key_pem, new_key, spiffe_id
+from pilotfish.agent.identity.renewal import failure_delay, life_left, present_current, token_usable
 from pilotfish.agent.identity.rotation import grace_ratio, renew_at, renewal_delay
+from pilotfish.common.tokens import token_expiry
 from pilotfish.controlplane.ca import cert_pem, new_key as ca_key, new_root, sign_leaf
 
 ID = spiffe_id("cluster.local", "default", "productpage")
@@ -138,3 +140,34 @@ def test_a_bad_response_is_an_error(ca: CA, case: str) -> None:
              "two-sans": "want spiffe://", "wrong-root": "no root of the response signed",
              "unconfigured-root": "not a configured root", "garbage": "does not parse", "expired": "not now"}
     assert words[case] in str(err.value)
+
+
+def test_the_current_certificate_is_presented_only_when_the_token_cannot_authenticate() -> None:
+    assert token_usable("t", None, 100.0) and token_usable("t", 101.0, 100.0)
+    assert not token_usable("", None, 100.0) and not token_usable("t", 100.0, 100.0)
+    assert present_current(token_ok=False, prov_cert_valid=False, current_valid=True)
+    assert not present_current(token_ok=True, prov_cert_valid=False, current_valid=True)
+    assert not present_current(token_ok=False, prov_cert_valid=True, current_valid=True)  # PROV_CERT's first
+    assert not present_current(token_ok=False, prov_cert_valid=False, current_valid=False)
+
+
+def test_failures_back_off_to_two_minutes_and_life_left_is_a_share() -> None:
+    assert failure_delay(1, 0.999) == pytest.approx(0.999)
+    assert failure_delay(3, 0.5) == pytest.approx(2.0)
+    assert failure_delay(100, 0.999) == pytest.approx(119.88)
+    assert life_left(50.0, 0.0, 100.0) == 0.5 and life_left(150.0, 0.0, 100.0) == 0.0
+    assert life_left(0.0, 10.0, 10.0) == 0.0
+
+
+def test_a_jwt_expiry_is_read_without_verifying_and_anything_else_has_none() -> None:
+    import base64
+    import json
+
+    def jwt(claims: object) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"eyJhbGciOiJSUzI1NiJ9.{body}.c2ln"
+
+    assert token_expiry(jwt({"exp": 1700000000})) == 1700000000.0
+    assert token_expiry(jwt({"sub": "x"})) is None and token_expiry(jwt({"exp": True})) is None
+    assert token_expiry(jwt([1])) is None and token_expiry("opaque-token") is None
+    assert token_expiry("a.!!!.c") is None

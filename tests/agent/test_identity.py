@@ -1,0 +1,137 @@
+"""The identity component against the control plane's certificate service over real TLS gRPC:
+the first certificate, its renewal before expiry, OUTPUT_CERTS, the CA away (the certificate in
+use stays), and bad settings named."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+from cryptography import x509
+
+from pilotfish.agent.identity.caclient import CaClient
+from pilotfish.agent.identity.settings import identity_config
+from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE, Identity
+from pilotfish.common.settings import ConfigError
+from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.casvc import CertificateService
+from pilotfish.xds_client.resources import ResourceCache
+
+pytestmark = pytest.mark.timeout(60)
+NOW = datetime.now(UTC)
+ID = "spiffe://cluster.local/ns/default/sa/productpage"
+
+
+class Ca:
+    def __init__(self, tmp: Path, max_ttl: timedelta) -> None:
+        self.root = new_root(new_key(), NOW - timedelta(days=1))
+        self.root_file = tmp / "root-cert.pem"
+        self.root_file.write_bytes(cert_pem(self.root.cert))
+        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl)
+        serving_key = new_key()
+        credentials = grpc.ssl_server_credentials(
+            [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), NOW)))])
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
+        self.port = self.server.add_secure_port("localhost:0", credentials)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+@pytest.fixture
+def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca]:
+    authority = Ca(tmp_path, getattr(request, "param", timedelta(hours=24)))
+    yield authority
+    authority.stop()
+
+
+def identity(tmp_path: Path, ca: Ca, token: str = "good-token", **env: str) -> Identity:
+    token_file = tmp_path / "istio-token"
+    token_file.write_text(token)
+    environment = {"CA_ADDR": f"localhost:{ca.port}", "CA_ROOT_CA": str(ca.root_file),
+                   "ECC_SIGNATURE_ALGORITHM": "ECDSA", **env}
+    config = identity_config(environment, "default", "productpage", "istiod.istio-system.svc:15012",
+                             "istiod.istio-system.svc")
+    return Identity(config, CaClient(config, "Kubernetes", str(token_file)), ResourceCache())
+
+
+def run_until(component: Identity, done) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(component.serve)
+                while not done():
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_first_certificate_is_held_served_from_the_cache_and_written_out(tmp_path: Path, ca: Ca) -> None:
+    out = tmp_path / "out"
+    component = identity(tmp_path, ca, OUTPUT_CERTS=str(out))
+    assert component.ready() == "no workload certificate yet"
+    run_until(component, lambda: component.current is not None)
+    assert component.ready() is None
+    served = component.cache.get(WORKLOAD_CERTIFICATE)
+    assert served is not None and served.value is component.current
+    leaf = x509.load_pem_x509_certificate(component.current.chain_pem)
+    assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier) == [ID]
+    assert (out / "cert-chain.pem").read_bytes() == component.current.chain_pem
+    assert (out / "root-cert.pem").read_bytes() == cert_pem(ca.root.cert)
+    assert (out / "key.pem").read_bytes().startswith(b"-----BEGIN EC PRIVATE KEY-----")
+    assert {(p.name, p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        ("key.pem", 0o600), ("cert-chain.pem", 0o600), ("root-cert.pem", 0o600)}
+    assert "istio_agent_cert_expiry_seconds" in {m.name for m in component.collect()}
+
+
+@pytest.mark.parametrize("ca", [timedelta(seconds=2)], indirect=True)
+def test_a_short_lived_certificate_is_renewed_with_a_new_key(tmp_path: Path, ca: Ca) -> None:
+    """The CA caps the TTL at 2 s (the leaf is backdated 5 min): renewed at about half its life."""
+    component = identity(tmp_path, ca)
+    seen: list[int] = []
+    component.cache.watch(WORKLOAD_CERTIFICATE, lambda issued: seen.append(issued.serial))
+    keys: set[bytes] = set()
+    component.cache.watch(WORKLOAD_CERTIFICATE, lambda issued: keys.add(issued.key_pem))
+    run_until(component, lambda: len(seen) >= 3)
+    assert len(set(seen)) == len(seen) and len(keys) == len(seen)
+    assert component.renewals >= 2 and component.failures == 0
+
+
+def test_the_ca_away_keeps_the_certificate_and_counts_failures(tmp_path: Path, ca: Ca) -> None:
+    component = identity(tmp_path, ca)
+    run_until(component, lambda: component.current is not None)
+    held = component.current
+    ca.stop()
+    run_until(component, lambda: component.failures >= 1)  # serving again: the first attempt fails
+    served = component.cache.get(WORKLOAD_CERTIFICATE)
+    assert component.current is held and served is not None and served.value is held
+
+
+def test_a_wrong_token_is_refused_and_nothing_is_held(tmp_path: Path, ca: Ca, caplog: pytest.LogCaptureFixture) -> None:
+    component = identity(tmp_path, ca, token="wrong")
+    run_until(component, lambda: component.failures >= 1)
+    assert component.current is None and component.ready() is not None
+    assert "UNAUTHENTICATED" in caplog.text
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"SECRET_TTL": "soon"}, "SECRET_TTL: invalid duration 'soon'"),
+    ({"SECRET_GRACE_PERIOD_RATIO": "2"}, "SECRET_GRACE_PERIOD_RATIO: '2' is out of range"),
+    ({"WORKLOAD_RSA_KEY_SIZE": "big"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits, got 'big'"),
+    ({"CA_ROOT_CA": "/nonexistent/root.pem"}, "CA_ROOT_CA: root CA file for the CA does not exist"),
+    ({"PROV_CERT": "/etc", "FILE_MOUNTED_CERTS": "true"}, "PROV_CERT and FILE_MOUNTED_CERTS"),
+    ({"PKCS8_KEY": "yes"}, "PKCS8_KEY: invalid boolean 'yes'"),
+])
+def test_bad_settings_are_named(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        identity_config({"CA_ROOT_CA": "SYSTEM", **env}, "default", "sa", "istiod:15012", "istiod")
+    assert words in str(err.value)
