@@ -40,6 +40,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 from google.protobuf import any_pb2
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from pilotfish.xds_client.inbox import CLOSED, open_inbox
 from pilotfish.xds_client.nds import TYPE_URL as NAME_TABLE_TYPE
 
 from .nametable import ProxyInfo, is_ip
@@ -56,7 +57,6 @@ MAX_STREAMS = 1000
 # An agent opens one ADS stream per connection; more than a few on one connection is a client
 # taking the slots (RPCs) of every other agent. HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS.
 MAX_STREAMS_PER_CONNECTION = 8
-MAX_QUEUED_REQUESTS = 64  # requests of one stream waiting for its thread (ACKs come one a push)
 
 
 @dataclass(frozen=True)
@@ -337,27 +337,6 @@ class Counters:
     nacks: int = 0
 
 
-_CLOSED = object()  # put in a stream's inbox when the call ends, whichever side ended it
-
-
-def _pump(requests: Iterator[DiscoveryRequest], inbox: queue.SimpleQueue[object]) -> None:
-    """Move a stream's requests into its inbox, so one thread can wait for requests and pushes.
-    A client whose requests pile up unread (it sends while it does not read our pushes, so the
-    stream's thread is stuck sending) is cut off at MAX_QUEUED_REQUESTS: reading on would queue
-    its requests without bound (1 MB requests: 12 GB in 30 s)."""
-    try:
-        for request in requests:
-            if inbox.qsize() >= MAX_QUEUED_REQUESTS:
-                log.warning("controlplane: a stream queued %d requests unanswered; closing it",
-                            MAX_QUEUED_REQUESTS)
-                return
-            inbox.put(request)
-    except grpc.RpcError:
-        pass  # the client went away; the call's callback says so too
-    finally:
-        inbox.put(_CLOSED)
-
-
 def read_token(path: str) -> str:
     """The expected token, trimmed; '' if the file cannot be read or is empty (then every stream
     is refused: an empty expected token must not let an empty bearer in)."""
@@ -394,16 +373,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     ) -> Iterator[DiscoveryResponse]:
         self._authenticate(context)
         peer = context.peer()
-        inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        context.add_callback(lambda: inbox.put(_CLOSED))
         state = StreamState(secrets.token_hex(4))
+        inbox = open_inbox(request_iterator, context, "ads-requests", f"controlplane: the stream from {peer}")
         self.hub.subscribe(inbox)
-        threading.Thread(target=_pump, args=(request_iterator, inbox), name="ads-requests",
-                         daemon=True).start()
         with self._lock:
             self.counters.streams += 1
         try:
-            while (item := inbox.get()) is not _CLOSED:
+            while (item := inbox.get()) is not CLOSED:
                 try:
                     if isinstance(item, DiscoveryRequest):
                         outcome = state.on_request(item, self.hub.current)

@@ -29,6 +29,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.rpc.status_pb2 import Status
 
 import pilotfish.controlplane.ads as ads_module
+from pilotfish.xds_client.inbox import MAX_QUEUED_REQUESTS, pump
 from pilotfish.controlplane.ads import (
     NAME_TABLE_TYPE,
     Acked,
@@ -504,7 +505,7 @@ def test_a_stream_whose_requests_pile_up_unread_is_cut_off() -> None:
     had every request queued: 1 MB requests grew the server by 12 GB in 30 s. The pump stops
     reading at the bound (gRPC's flow control then holds the client back) and ends the stream."""
     pulled = 0
-    bound = getattr(ads_module, "MAX_QUEUED_REQUESTS", 64)  # getattr: the test also runs on code without it
+    bound = MAX_QUEUED_REQUESTS
 
     def requests() -> Iterator[DiscoveryRequest]:
         nonlocal pulled
@@ -513,7 +514,7 @@ def test_a_stream_whose_requests_pile_up_unread_is_cut_off() -> None:
             yield request(node())
 
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-    ads_module._pump(requests(), inbox)
+    pump(requests(), inbox)
     assert pulled == bound + 1
     assert inbox.qsize() == bound + 1  # and the end of the stream
 
