@@ -12,7 +12,7 @@ import trio
 from pilotfish.dns.server import BuiltLookup, DnsProxy
 from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.nds import BuiltTable, NameTableType
-from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.resources import ResourceCache, Served
 from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient
 
@@ -42,7 +42,7 @@ class DnsPart:
 
     def ndsz(self) -> Mapping[str, object] | None:
         """The /debug/ndsz view of the table being served (None before one)."""
-        served = self.cache.get(self.nds)
+        served: Served[BuiltTable[BuiltLookup]] | None = self.cache.get(self.nds)
         return None if served is None else debug_view(served.value.message().table, *self._view)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

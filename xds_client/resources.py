@@ -30,11 +30,16 @@ class ResourceError(ValueError):
     """Resources that cannot be used; the message goes back to the server in the NACK."""
 
 
-class ResourceType(Protocol[V]):
-    """How one xDS type becomes a value the agent serves."""
+class CacheKey(Protocol[V_co]):
+    """What a value is kept under in the ResourceCache, typed by the value: an xDS type, or a
+    value the agent makes itself (the workload certificate)."""
 
     @property
     def type_url(self) -> str: ...
+
+
+class ResourceType(CacheKey[V], Protocol[V]):
+    """How one xDS type becomes a value the agent serves."""
 
     @property
     def name(self) -> str:
@@ -94,11 +99,11 @@ class ResourceCache:
         self._watchers: dict[str, list[Callable[[object], None]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, rtype: ResourceType[V]) -> Served[V] | None:
-        return cast("Served[V] | None", self._served.get(rtype.type_url))
+    def get(self, key: CacheKey[V]) -> Served[V] | None:
+        return cast("Served[V] | None", self._served.get(key.type_url))
 
-    def watch(self, rtype: ResourceType[V], watcher: Watcher[V]) -> None:
-        self._watchers.setdefault(rtype.type_url, []).append(cast("Callable[[object], None]", watcher))
+    def watch(self, key: CacheKey[V], watcher: Watcher[V]) -> None:
+        self._watchers.setdefault(key.type_url, []).append(cast("Callable[[object], None]", watcher))
 
     def swap(self, type_url: str, version: str, value: object) -> None:
         """Serve `value` from now on and tell the watchers."""

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pilotfish.common import atomic
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.tokens import token_expiry
-from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.resources import CacheKey, ResourceCache
 
 from .caclient import CaCallError, CaClient, ClientCertificate
 from .issued import IssueError, Issued, check_response
@@ -37,7 +37,7 @@ log = logging.getLogger("pilotfish.identity")
 PEM_LIMIT = 1 << 20
 
 
-class WorkloadCertificate:
+class WorkloadCertificate(CacheKey[Issued]):
     """The key of the workload certificate in the resource cache (what SDS serves as `default`
     and, from its root, `ROOTCA`)."""
 
