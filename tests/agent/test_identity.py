@@ -5,44 +5,21 @@ use stays), and bad settings named."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 import trio
 from cryptography import x509
 
-from pilotfish.agent.identity.caclient import CaClient
 from pilotfish.agent.identity.settings import identity_config
 from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE, Identity
 from pilotfish.common.settings import ConfigError
-from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
-from pilotfish.controlplane.casvc import CertificateService
-from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.controlplane.ca import cert_pem
+
+from ca_harness import ID, Ca, identity
 
 pytestmark = pytest.mark.timeout(60)
-NOW = datetime.now(UTC)
-ID = "spiffe://cluster.local/ns/default/sa/productpage"
-
-
-class Ca:
-    def __init__(self, tmp: Path, max_ttl: timedelta) -> None:
-        self.root = new_root(new_key(), NOW - timedelta(days=1))
-        self.root_file = tmp / "root-cert.pem"
-        self.root_file.write_bytes(cert_pem(self.root.cert))
-        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl)
-        serving_key = new_key()
-        credentials = grpc.ssl_server_credentials(
-            [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), NOW)))])
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        self.server.add_generic_rpc_handlers((self.service.handler(),))
-        self.port = self.server.add_secure_port("localhost:0", credentials)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop(None)
 
 
 @pytest.fixture
@@ -50,16 +27,6 @@ def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca]:
     authority = Ca(tmp_path, getattr(request, "param", timedelta(hours=24)))
     yield authority
     authority.stop()
-
-
-def identity(tmp_path: Path, ca: Ca, token: str = "good-token", **env: str) -> Identity:
-    token_file = tmp_path / "istio-token"
-    token_file.write_text(token)
-    environment = {"CA_ADDR": f"localhost:{ca.port}", "CA_ROOT_CA": str(ca.root_file),
-                   "ECC_SIGNATURE_ALGORITHM": "ECDSA", **env}
-    config = identity_config(environment, "default", "productpage", "istiod.istio-system.svc:15012",
-                             "istiod.istio-system.svc")
-    return Identity(config, CaClient(config, "Kubernetes", str(token_file)), ResourceCache())
 
 
 def run_until(component: Identity, done) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,78 @@
+"""The control plane's certificate service on a real TLS gRPC port, and the agent's identity and
+SDS server running on trio in a thread beside it: what the identity tests drive."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import trio
+
+from pilotfish.agent.identity.caclient import CaClient
+from pilotfish.agent.identity.sds import SdsService, SecretStore, start_sds
+from pilotfish.agent.identity.settings import identity_config
+from pilotfish.agent.identity.workload import Identity
+from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.casvc import CertificateService
+from pilotfish.xds_client.resources import ResourceCache
+
+ID = "spiffe://cluster.local/ns/default/sa/productpage"
+
+
+class Ca:
+    """istiod's CreateCertificate, as the control plane serves it, for the token `good-token`."""
+
+    def __init__(self, tmp: Path, max_ttl: timedelta) -> None:
+        now = datetime.now(UTC)
+        self.root = new_root(new_key(), now - timedelta(days=1))
+        self.root_file = tmp / "root-cert.pem"
+        self.root_file.write_bytes(cert_pem(self.root.cert))
+        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl)
+        serving_key = new_key()
+        credentials = grpc.ssl_server_credentials(
+            [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), now)))])
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
+        self.port = self.server.add_secure_port("localhost:0", credentials)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def identity(tmp_path: Path, ca: Ca, token: str = "good-token", **env: str) -> Identity:
+    token_file = tmp_path / "istio-token"
+    token_file.write_text(token)
+    environment = {"CA_ADDR": f"localhost:{ca.port}", "CA_ROOT_CA": str(ca.root_file),
+                   "ECC_SIGNATURE_ALGORITHM": "ECDSA", **env}
+    config = identity_config(environment, "default", "productpage", "istiod.istio-system.svc:15012",
+                             "istiod.istio-system.svc")
+    return Identity(config, CaClient(config, "Kubernetes", str(token_file)), ResourceCache())
+
+
+class AgentSide:
+    """The identity component on trio in a thread, and the SDS server on its socket."""
+
+    def __init__(self, component: Identity, sds_socket: str) -> None:
+        self.identity = component
+        self.sds = SdsService(SecretStore(component.cache))
+        server = start_sds(self.sds, sds_socket)
+        assert server is not None
+        self.server = server
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.identity.serve)
+            await trio.to_thread.run_sync(self._stop.wait)
+            nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.server.stop(None)

