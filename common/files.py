@@ -67,11 +67,3 @@ def _size(n: int) -> str:
             return f"{n // scale} {unit}"
     return f"{n} bytes"
 
-
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when the file is replaced or rewritten (None while it is missing)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino

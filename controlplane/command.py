@@ -6,10 +6,11 @@ An agent connects to it exactly as to istiod (reference/istio-agent.md §2.1): g
 optionally with a bearer token. It serves each proxy its NameTable from a mesh file.
 
 The root CA lives in --state-dir so that restarts keep the root agents already trust; the serving
-certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled)
-and on SIGHUP; a bad file is rejected with a log line and the previous mesh keeps being served.
-gRPC runs on grpcio's threads; the main thread polls the file and waits for a signal, and a mesh
-loads on a worker thread so that a stop signal is acted on while a large mesh is still loading.
+certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled,
+common/watch.py) and on SIGHUP; a bad file is rejected with a log line and the previous mesh keeps
+being served. gRPC runs on grpcio's threads; trio's loop on the main thread receives the signals
+and watches the file, and a mesh loads on a worker thread so that a stop signal is acted on while
+a large mesh is still loading.
 """
 
 from __future__ import annotations
@@ -21,21 +22,20 @@ import logging
 import os
 import signal
 import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from types import FrameType
+from typing import TypeVar
 
 import grpc
+import trio
 from cryptography import x509
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
-from pilotfish.common.files import file_signature
+from pilotfish.common.watch import file_signature, watch_file
 from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
@@ -63,7 +63,8 @@ ROOT_KEY_FILE = "root-key.pem"
 ROOT_FILE_LIMIT = 1 << 20  # a PEM key or certificate is 1-3 KiB
 ROOT_CERT_FILE = "root-cert.pem"
 MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed well within 1 s
-STOP_CHECK = 0.05  # seconds between looks at the stop signal while a mesh loads
+
+T = TypeVar("T")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -233,51 +234,44 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class _Signals:
-    """Signal handlers that only set attributes: the main loop acts on them (no locks taken in a
-    handler, so a signal cannot deadlock the thread it interrupts)."""
+@dataclass(frozen=True)
+class _Stopped:
+    """A stop signal (SIGTERM or SIGINT) came first; `name` is its name."""
 
-    def __init__(self) -> None:
-        self.stop: str | None = None
-        self.hup = False
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop = signal.Signals(signum).name
-
-    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
-        self.hup = True
+    name: str
 
 
-def _load_unless_stopped(path: str, dual_stack: bool, signals: _Signals) -> Snapshot | MeshError | None:
-    """The mesh loaded on a worker thread while this thread, the one Python runs signal handlers
-    on, watches for a stop signal; None if one came first.
+async def _until_stopped(stops: AsyncIterator[int], work: Callable[[], Awaitable[T]]) -> T | _Stopped:
+    """What `work()` returns, or _Stopped if a signal arrives on `stops` first (the work is then
+    cancelled). An exception of the work comes out of the nursery, in an ExceptionGroup."""
+    stopped: list[_Stopped] = []
+    done: list[T] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for_stop() -> None:
+            async for signum in stops:
+                stopped.append(_Stopped(signal.Signals(signum).name))
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(wait_for_stop)
+        done.append(await work())
+        nursery.cancel_scope.cancel()
+    return done[0] if done else stopped[0]
+
+
+async def _load(path: str, dual_stack: bool) -> Snapshot | MeshError:
+    """The mesh loaded on a worker thread, or the MeshError saying why it is bad.
 
     A load cannot be interrupted (most of it is in libyaml or the json module), but waiting for
-    it can: the worker is a daemon thread, left to finish or to end with the process, so a
-    SIGTERM during a load of 100,000 services (seconds) still exits at once. Errors other than
-    MeshError are raised here, as if the load had run on this thread.
+    it can: on cancellation (a stop signal) the worker is abandoned, left to finish or to end
+    with the process (trio's workers are daemon threads), so a SIGTERM during a load of 100,000
+    services (seconds) still exits at once.
     """
-    outcome: list[Snapshot | Exception] = []
-
-    def load() -> None:
-        try:
-            outcome.append(load_snapshot(path, dual_stack))
-        except Exception as err:  # noqa: BLE001  # handed to the waiting thread, which raises it
-            outcome.append(err)
-
-    worker = threading.Thread(target=load, name="mesh-load", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        if signals.stop is not None:
-            return None
-        worker.join(STOP_CHECK)
-    result = outcome[0]
-    if isinstance(result, Exception) and not isinstance(result, MeshError):
-        raise result
-    return result
+    try:
+        return await trio.to_thread.run_sync(load_snapshot, path, dual_stack, abandon_on_cancel=True)
+    except MeshError as err:
+        return err
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,18 +281,45 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         log.error("controlplane: %s", err)
         return 2
-    signals = _Signals()  # before the load: a stop signal during a long load is honoured
-    # one thread and one connection per agent stream (up to 1000): far past a soft limit of 1024
-    log.info("controlplane: open files limit %d", raise_open_files_limit())
-    signature = file_signature(args.mesh)  # before loading: a change while loading is seen
-    log.info("controlplane: loading mesh file %s", args.mesh)
-    snapshot = _load_unless_stopped(args.mesh, args.dual_stack, signals)
-    if snapshot is None:
-        log.info("controlplane: %s while loading the mesh, stopped", signals.stop)
-        return 0
-    if isinstance(snapshot, MeshError):
-        log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
-        return 2
+    return trio.run(_run, args, host, port, names)
+
+
+async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.GeneralName]) -> int:
+    # the signals are received before the load: a stop signal during a long load is honoured, and
+    # a SIGHUP then is a reload once serving (instead of the default action, exit)
+    with (trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops,
+          trio.open_signal_receiver(signal.SIGHUP) as hups):
+        # one thread and one connection per agent stream (up to 1000): far past a soft limit of 1024
+        log.info("controlplane: open files limit %d", raise_open_files_limit())
+        signature = file_signature(args.mesh)  # before loading: a change while loading is seen
+        log.info("controlplane: loading mesh file %s", args.mesh)
+        snapshot = await _until_stopped(stops, functools.partial(_load, args.mesh, args.dual_stack))
+        if isinstance(snapshot, _Stopped):
+            log.info("controlplane: %s while loading the mesh, stopped", snapshot.name)
+            return 0
+        if isinstance(snapshot, MeshError):
+            log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
+            return 2
+        hub = MeshHub(snapshot)
+        server = _start(args, host, port, names, hub)
+        if isinstance(server, int):
+            return server
+        log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
+        reload = functools.partial(_reload, args.mesh, hub, args.dual_stack)
+        stopped = await _until_stopped(
+            stops, functools.partial(watch_file, args.mesh, signature, MESH_POLL, reload, hups))
+        log.info("controlplane: %s, shutting down", stopped.name)
+        # still inside the receivers: a second SIGTERM meanwhile is not the default action (exit)
+        await trio.to_thread.run_sync(lambda: server.stop(grace=None).wait())
+    log.info("controlplane: stopped")
+    return 0
+
+
+def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.GeneralName],
+           hub: MeshHub) -> grpc.Server | int:
+    """The gRPC server started on grpcio's threads (with the root CA and the serving certificate
+    it needs), or the exit status of what failed, logged. Each step takes milliseconds, so a
+    stop signal meanwhile is acted on when it is done."""
     try:
         probe_listen(host, port)
     except OSError as err:
@@ -323,7 +344,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()
     credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, names, now)))])
-    hub = MeshHub(snapshot)
     try:
         server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials)
     except OSError as err:  # the port was taken since the probe
@@ -331,38 +351,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     log.info("controlplane: listening on %s:%d (TLS as %s)", host, bound,
              ", ".join(str(n.value) for n in names))
-    log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
-    _watch_mesh(args.mesh, signature, hub, signals, args.dual_stack)
-    log.info("controlplane: %s, shutting down", signals.stop)
-    server.stop(grace=None).wait()
-    log.info("controlplane: stopped")
-    return 0
+    return server
 
 
-def _watch_mesh(path: str, seen: tuple[int, int, int] | None, hub: MeshHub, signals: _Signals,
-                dual_stack: bool) -> None:
-    """Until a stop signal: reload on SIGHUP and when the file's signature changes."""
-    while signals.stop is None:
-        time.sleep(MESH_POLL)
-        if signals.stop is not None:
-            return
-        current = file_signature(path)
-        if signals.hup:
-            signals.hup = False
-            why = "SIGHUP"
-        elif current != seen:
-            why = "file change"
-        else:
-            continue
-        seen = current
-        _reload(path, hub, why, dual_stack, signals)
-
-
-def _reload(path: str, hub: MeshHub, why: str, dual_stack: bool, signals: _Signals) -> None:
+async def _reload(path: str, hub: MeshHub, dual_stack: bool, why: str) -> None:
+    """Load the mesh file again and push it if its version changed; a bad file is one ERROR line
+    and the mesh in use keeps being served."""
     log.info("controlplane: loading mesh file %s (%s)", path, why)
-    snapshot = _load_unless_stopped(path, dual_stack, signals)
-    if snapshot is None:
-        return  # stopping; the caller's loop ends
+    snapshot = await _load(path, dual_stack)
     if isinstance(snapshot, MeshError):
         log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
                   why, snapshot, hub.current.version)

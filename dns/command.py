@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
-from pilotfish.common.files import UnreadableFile, file_signature, read_regular_file
+from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.limits import raise_open_files_limit
+from pilotfish.common.watch import Signature, file_signature, watch_file
 from prometheus_client import start_http_server
 
 from .cache import DEFAULT_MAX_BYTES, MAX_CACHED_REPLY
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmd = resolve_command(args, os.environ, os.geteuid() == 0)
         started = time.perf_counter()
+        seen = file_signature(cmd.table_path)  # before the build: a change made meanwhile is seen
         lookup = _build(cmd.table_path, cmd.config, _no_pause)
     except (ConfigError, TableFileError, TableError) as err:
         log.error("dns: %s", err)
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         log.info("dns: metrics on http://%s:%d/metrics", host, metrics_server.server_port)
     try:
-        trio.run(_serve, proxy, cmd.table_path)
+        trio.run(_serve, proxy, cmd.table_path, seen)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -228,35 +230,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(proxy: DnsProxy, table_path: str) -> None:
+async def _serve(proxy: DnsProxy, table_path: str, seen: Signature | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops:
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
-            nursery.start_soon(_watch_table, proxy, table_path)
+            nursery.start_soon(_watch_table, proxy, table_path, seen)
             async for signum in stops:
                 log.info("dns: %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
-async def _watch_table(proxy: DnsProxy, path: str) -> None:
-    """Reload on SIGHUP, and when the file's signature changes (polled every second)."""
-    seen = file_signature(path)
+async def _watch_table(proxy: DnsProxy, path: str, seen: Signature | None) -> None:
+    """Reload on SIGHUP, and when the file changes (common/watch.py; looked at every second)."""
+
+    async def reload(why: str) -> None:
+        # abandoned on shutdown: a build is paced and takes seconds for a large table (a
+        # million services: ~20 s), it only ever ends in one reference assignment
+        await trio.to_thread.run_sync(_reload, proxy, path, why, abandon_on_cancel=True)
+
     with trio.open_signal_receiver(signal.SIGHUP) as hups:
-        while True:
-            hup = False
-            with trio.move_on_after(TABLE_POLL):
-                await hups.__anext__()
-                hup = True
-            current = file_signature(path)
-            if not hup and current == seen:
-                continue
-            seen = current
-            # abandoned on shutdown: a build is paced and takes seconds for a large table (a
-            # million services: ~20 s), it only ever ends in one reference assignment
-            await trio.to_thread.run_sync(
-                _reload, proxy, path, "SIGHUP" if hup else "file change", abandon_on_cancel=True
-            )
+        await watch_file(path, seen, TABLE_POLL, reload, hups)
 
 
 def _build(path: str, config: DnsConfig, pause: Callable[[], None]) -> LookupTable:
