@@ -24,7 +24,7 @@ import logging
 import queue
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -433,8 +433,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials,
-                 keepalive: Keepalive = ISTIOD_KEEPALIVE) -> tuple[grpc.Server, int]:
+                 keepalive: Keepalive = ISTIOD_KEEPALIVE,
+                 handlers: Sequence[grpc.GenericRpcHandler] = ()) -> tuple[grpc.Server, int]:
     """Bind `listen` (host:port, port 0 for any) with TLS and start; returns the server and port.
+    `handlers` serve more services on the same port (the certificate service, as istiod's 15012).
 
     OSError if the address cannot be bound (in use, not local, no permission).
     """
@@ -449,6 +451,7 @@ def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCre
         maximum_concurrent_rpcs=MAX_STREAMS,
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(tuple(handlers))
     try:
         port = server.add_secure_port(listen, credentials)
     except RuntimeError as err:  # grpcio >= 1.60 raises instead of returning 0

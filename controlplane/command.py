@@ -25,12 +25,13 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import grpc
 import trio
 from cryptography import x509
+from pilotfish.common.settings import ConfigError, parse_duration
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.common.dirs import check_private_path, make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
@@ -40,6 +41,7 @@ from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, Snapshot, start_server
+from .casvc import CertificateService, read_identities
 from .ca import (
     CAError,
     CertificateAuthority,
@@ -91,6 +93,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                         "(istiod's ISTIO_DUAL_STACK; off by default, as in istiod)")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="extra DNS name or IP for the serving certificate, repeatable")
+    p.add_argument("--identities", metavar="PATH",
+                   help="workload certificates (istiod's CreateCertificate) for the tokens this file lists, "
+                        "one `TOKEN NAMESPACE/SERVICEACCOUNT` per line (re-read for each request); "
+                        "without it, only renewals with a certificate this CA issued")
+    p.add_argument("--trust-domain", default="cluster.local", metavar="DOMAIN",
+                   help="the SPIFFE trust domain of workload certificates (default cluster.local)")
+    p.add_argument("--max-cert-ttl", default="24h", metavar="DURATION",
+                   help="the longest workload certificate issued, whatever is asked (default 24h)")
     p.set_defaults(run=run)
 
 
@@ -129,6 +139,13 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
         problem = _token_file_problem(args.token_file)
         if problem:
             raise ValueError(f"--token-file {args.token_file}: {problem}")
+    if args.identities is not None:
+        read_identities(args.identities, args.trust_domain)  # ValueError naming the file and line
+    try:
+        if parse_duration(args.max_cert_ttl, "--max-cert-ttl") < 1:
+            raise ConfigError(f"--max-cert-ttl: want a second or more, got {args.max_cert_ttl!r}")
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
     return host, port, names
 
 
@@ -344,8 +361,13 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()
     credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, names, now)))])
+    identities = args.identities
+    certificates = CertificateService(
+        ca, (lambda: read_identities(identities, args.trust_domain)) if identities else dict,
+        timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")))
     try:
-        server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials)
+        server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials,
+                                     handlers=[certificates.handler()])
     except OSError as err:  # the port was taken since the probe
         log.error("controlplane: %s", err)
         return 1
