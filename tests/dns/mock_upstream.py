@@ -186,11 +186,13 @@ def answer(raw: bytes, behaviour: str = "normal") -> bytes | None:
     elif _below(name, GIANT_TC):
         compress = True
         reply.header.tc = 1
-        for address in GIANT_ADDRESSES:
-            reply.add_answer(RR(GIANT_OWNER, QTYPE.A, CLASS.IN, TTL, A(address)))
-            if len(reply.pack()) > TRUNCATE_TO:
-                reply.rr.pop()
-                break
+        records = [RR(GIANT_OWNER, QTYPE.A, CLASS.IN, TTL, A(address)) for address in GIANT_ADDRESSES]
+        fit, over = 0, len(records) + 1  # the most records that fit TRUNCATE_TO: a bisection
+        while over - fit > 1:
+            mid = (fit + over) // 2
+            reply.rr = records[:mid]
+            fit, over = (mid, over) if len(reply.pack()) <= TRUNCATE_TO else (fit, mid)
+        reply.rr = records[:fit]
     else:
         reply.header.rcode = RCODE.NXDOMAIN
 
