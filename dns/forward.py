@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import trio
@@ -103,7 +103,7 @@ def conclude(
     return Resolved(relay(query, raw, reply, tcp), stored), False
 
 
-async def _read_exactly(stream: trio.SocketStream, n: int) -> bytes | None:
+async def _read_exactly(stream: trio.abc.Stream, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = await stream.receive_some(n - len(buf))
@@ -127,15 +127,7 @@ async def exchange_tcp(
         try:
             await sock.connect(server)
             async with trio.SocketStream(sock) as stream:
-                await stream.send_all(len(wire).to_bytes(2, "big") + wire)
-                prefix = await _read_exactly(stream, 2)
-                data = await _read_exactly(stream, int.from_bytes(prefix, "big")) if prefix else None
-                if data is None or len(data) < 12 or data[:2] != wire[:2]:
-                    return None
-                try:
-                    return data, parse_message(data)
-                except WireError:
-                    return None
+                return await exchange_on(stream, wire)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         finally:
@@ -144,8 +136,29 @@ async def exchange_tcp(
     return None
 
 
+async def exchange_on(stream: trio.abc.Stream, wire: bytes) -> Exchange | None:
+    """The query `wire` and its reply on a connected stream (DNS over TCP framing); None when the
+    stream ends early or the reply has another ID or does not parse. Raises the stream's errors."""
+    await stream.send_all(len(wire).to_bytes(2, "big") + wire)
+    prefix = await _read_exactly(stream, 2)
+    data = await _read_exactly(stream, int.from_bytes(prefix, "big")) if prefix else None
+    if data is None or len(data) < 12 or data[:2] != wire[:2]:
+        return None
+    try:
+        return data, parse_message(data)
+    except WireError:
+        return None
+
+
+TcpExchange = Callable[[Server, bytes, float, Callable[[OSError], None]], Awaitable[Exchange | None]]
+
+
 class TcpForwarder:
-    """Resolves TCP clients' forwarded queries through the cache and the upstreams (trio)."""
+    """Resolves TCP clients' forwarded queries through the cache and the upstreams (trio).
+
+    `exchange` (one exchange with one server) and `clock` (monotonic seconds, for the cache and
+    the duration metric) are parameters so that tests can run the forwarder without sockets and
+    on trio's virtual clock (tests/dns/engine.py)."""
 
     def __init__(
         self,
@@ -153,28 +166,32 @@ class TcpForwarder:
         cache: UpstreamCache | None,
         metrics: DnsMetrics,
         on_socket_error: Callable[[OSError], None],
+        exchange: TcpExchange = exchange_tcp,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstreams = upstreams
         self.cache = cache
         self.metrics = metrics
         self._on_error = on_socket_error
+        self._exchange = exchange
+        self._clock = clock
 
     async def resolve(self, fwd: Forward) -> Resolved:
         """The reply for the client (never raises for upstream trouble)."""
         query = fwd.query
-        hit = from_cache(self.cache, query, time.monotonic(), True)
+        hit = from_cache(self.cache, query, self._clock(), True)
         if hit is not None:
             return hit
         result = None
         if self.upstreams.servers:
             self.metrics.upstream_requests += 1
-            started = time.monotonic()
+            started = self._clock()
             if self.upstreams.parallel:
                 result = await self._parallel(fwd.raw)
             else:
                 result = await self._serial(fwd.raw)
-            self.metrics.upstream_duration.observe(time.monotonic() - started)
-        resolved, failed = conclude(self.cache, query, result, time.monotonic(), True)
+            self.metrics.upstream_duration.observe(self._clock() - started)
+        resolved, failed = conclude(self.cache, query, result, self._clock(), True)
         self.metrics.upstream_failures += failed
         return resolved
 
@@ -182,7 +199,7 @@ class TcpForwarder:
         order = list(self.upstreams.servers)
         random.shuffle(order)
         for server in order:
-            result = await exchange_tcp(server, wire, self.upstreams.timeout, self._on_error)
+            result = await self._exchange(server, wire, self.upstreams.timeout, self._on_error)
             if result is not None:
                 return result
         return None
@@ -191,7 +208,7 @@ class TcpForwarder:
         winner: list[Exchange] = []
 
         async def one(server: Server) -> None:
-            result = await exchange_tcp(server, wire, self.upstreams.timeout, self._on_error)
+            result = await self._exchange(server, wire, self.upstreams.timeout, self._on_error)
             if result is not None and not winner:
                 winner.append(result)
                 nursery.cancel_scope.cancel()

@@ -64,8 +64,24 @@ class _Pending:
         self.deadline = now
 
 
+def connected_udp(server: Server) -> socket.socket:
+    """A non-blocking UDP socket connected to `server`, on a port the kernel picks."""
+    sock = socket.socket(family(server[0]), socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(server)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class UdpForwarder:
-    """Forwards UDP clients' queries; `submit` from the UDP threads, `run` in a thread of its own."""
+    """Forwards UDP clients' queries; `submit` from the UDP threads, `run` in a thread of its own.
+
+    `connect` (a socket to one upstream) and `clock` (monotonic seconds: deadlines, the cache,
+    the duration metric) are parameters so that tests can stand in for the upstreams in-process
+    and move time on instead of waiting for it (tests/dns/engine.py)."""
 
     def __init__(
         self,
@@ -75,6 +91,8 @@ class UdpForwarder:
         max_inflight: int,
         on_socket_error: Callable[[OSError], None],
         on_rejected: Callable[[int], None],
+        connect: Callable[[Server], socket.socket] = connected_udp,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstreams = upstreams
         self.cache = cache
@@ -82,6 +100,8 @@ class UdpForwarder:
         self.max_inflight = max_inflight
         self._on_error = on_socket_error
         self._on_rejected = on_rejected
+        self._connect = connect
+        self._clock = clock
         self._bug_log = RateLimitedLog(log)
         self._lock = threading.Lock()  # everything below, shared by the UDP threads and run()
         self._epoll = select.epoll()
@@ -94,7 +114,7 @@ class UdpForwarder:
     def submit(self, fwd: Forward, client: socket.socket, addr: Any, memo: Memo, key: bytes | None) -> None:
         """Answer from the cache, or send upstream (the reply is relayed by `run`)."""
         query = fwd.query
-        now = time.monotonic()
+        now = self._clock()
         hit = from_cache(self.cache, query, now, False)
         if hit is not None:
             _send(client, hit.reply, addr)
@@ -149,13 +169,11 @@ class UdpForwarder:
 
     def _new_socket(self, server: Server) -> socket.socket | None:
         try:
-            sock = socket.socket(family(server[0]), socket.SOCK_DGRAM)
+            sock = self._connect(server)
         except OSError as err:
             self._on_error(err)
             return None
         try:
-            sock.setblocking(False)
-            sock.connect(server)
             self._epoll.register(sock.fileno(), _POLL_IN)  # for its lifetime, idle or not
         except OSError as err:
             sock.close()
@@ -174,7 +192,7 @@ class UdpForwarder:
                 try:
                     for fd, _ in self._epoll.poll(SWEEP):
                         self._readable(fd)
-                    now = time.monotonic()
+                    now = self._clock()
                     if now >= next_sweep:  # not after every reply: deadlines are coarser
                         self._sweep(now)
                         next_sweep = now + SWEEP
@@ -224,7 +242,7 @@ class UdpForwarder:
             if pending not in self._pending:
                 return
             self._release(pending, sock, fd, keep=False)
-            if pending.sockets or self._ask_next(pending, time.monotonic()):
+            if pending.sockets or self._ask_next(pending, self._clock()):
                 return
         self._fail(pending)
 
@@ -262,7 +280,7 @@ class UdpForwarder:
             if pending not in self._pending:
                 return  # already answered (another upstream, in parallel mode)
             self._pending.remove(pending)
-        now = time.monotonic()
+        now = self._clock()
         # cached before the client has it: its next query must find it (a client that asks
         # again at once would otherwise reach the upstream twice); a stale entry beats an
         # upstream SERVFAIL, and is not kept in the memo (its entry is None)
@@ -282,12 +300,12 @@ class UdpForwarder:
             self._pending.remove(pending)
             for sock, fd in list(pending.sockets):
                 self._release(pending, sock, fd, keep=False)
-        self.metrics.upstream_duration.observe(time.monotonic() - pending.started)
+        self.metrics.upstream_duration.observe(self._clock() - pending.started)
         self._finish_failed(pending.fwd, pending.client, pending.addr)
 
     def _finish_failed(self, fwd: Forward, client: socket.socket, addr: Any) -> None:
         """No upstream answered: a stale entry, else SERVFAIL (counted as Istio counts it)."""
-        resolved, failed = conclude(self.cache, fwd.query, None, time.monotonic(), False)
+        resolved, failed = conclude(self.cache, fwd.query, None, self._clock(), False)
         if failed:
             with self._lock:
                 self.metrics.udp_upstream_failures += 1

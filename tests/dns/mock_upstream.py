@@ -36,7 +36,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dnslib import CLASS, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord
@@ -187,11 +186,13 @@ def answer(raw: bytes, behaviour: str = "normal") -> bytes | None:
     elif _below(name, GIANT_TC):
         compress = True
         reply.header.tc = 1
-        for address in GIANT_ADDRESSES:
-            reply.add_answer(RR(GIANT_OWNER, QTYPE.A, CLASS.IN, TTL, A(address)))
-            if len(reply.pack()) > TRUNCATE_TO:
-                reply.rr.pop()
-                break
+        records = [RR(GIANT_OWNER, QTYPE.A, CLASS.IN, TTL, A(address)) for address in GIANT_ADDRESSES]
+        fit, over = 0, len(records) + 1  # the most records that fit TRUNCATE_TO: a bisection
+        while over - fit > 1:
+            mid = (fit + over) // 2
+            reply.rr = records[:mid]
+            fit, over = (mid, over) if len(reply.pack()) <= TRUNCATE_TO else (fit, mid)
+        reply.rr = records[:fit]
     else:
         reply.header.rcode = RCODE.NXDOMAIN
 
@@ -415,19 +416,3 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
         data += chunk
     return bytes(data)
 
-
-@contextlib.contextmanager
-def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
-    """A port on ``host`` where no nameserver runs: TCP connects are refused, UDP gets ICMP
-    port-unreachable (connection refused on a connected socket).
-
-    A bound but non-listening TCP socket is held for the duration, so no other program can start
-    listening on that TCP port meanwhile and connects keep being refused; the UDP side was checked
-    free when the port was chosen.
-    """
-    udp, tcp = _bind_udp_tcp(host)
-    udp.close()
-    try:
-        yield tcp.getsockname()[1]
-    finally:
-        tcp.close()

@@ -12,7 +12,7 @@ import socket
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
-from mock_upstream import BEHAVIOURS, GIANT_ADDRESSES, MockUpstream, answer, closed_port
+from mock_upstream import BEHAVIOURS, GIANT_ADDRESSES, MockUpstream, answer
 
 
 def _ask(mock: MockUpstream, name: str, tcp: bool, edns: int | None = None, qtype: str = "A") -> DNSRecord:
@@ -100,15 +100,3 @@ def test_stop_is_prompt(behaviour: str) -> None:
         conn = socket.create_connection(mock.address)  # an idle TCP client must not block stop()
     conn.close()
 
-
-def test_closed_port_refuses() -> None:
-    with closed_port() as port:
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=1)
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.settimeout(1)
-        udp.connect(("127.0.0.1", port))
-        udp.send(b"\x00" * 12)
-        with pytest.raises(ConnectionRefusedError):
-            udp.recv(512)
-        udp.close()
