@@ -1,7 +1,7 @@
 """The agent's configuration from pilot-agent's environment, PROXY_CONFIG and flags. Pure: the
 environment and the checks of the files it names (root certificate, saved-table path) are passed in.
 
-Names and defaults are pilot-agent's (reference/istio-agent.md §1.2, §1.4, §2.1, §10). Unlike
+Names and defaults are pilot-agent's (docs/istio-compat.md "Agent settings and defaults"). Unlike
 pilot-agent, a value that does not parse is an error naming the variable (Istio falls back to
 the default with a warning, which hides typos).
 """
@@ -147,7 +147,8 @@ def server_name(address: str, env: Mapping[str, str]) -> str:
 
 def xds_root(env: Mapping[str, str], pc: Mapping[str, object],
              problem: Callable[[str], str | None] = root_cert_problem) -> str | None:
-    """The root certificate for the control-plane connection, in Istio's order (§2.1).
+    """The root certificate for the control-plane connection, in Istio's order (docs/istio-compat.md
+    "Agent settings and defaults").
 
     Where Istio requires the file to exist, it must also be usable (`problem` says why not):
     a directory, an empty file or one without a PEM certificate would otherwise fail every TLS

@@ -1,7 +1,7 @@
 """The status server on 15020: readiness, metrics, the DNS debug view, quitquitquit.
 
 A small HTTP/1.1 server on trio (one request per connection, answered and closed), as pilot-agent
-serves it (reference/istio-agent.md §6): `/healthz/ready` 200 or 503, `/stats/prometheus` and
+serves it (docs/istio-compat.md "Status server"): `/healthz/ready` 200 or 503, `/stats/prometheus` and
 `/metrics` in Prometheus text, `/debug/*` and `POST /quitquitquit` from loopback peers only (403
 otherwise, pilot-agent's answer). A 503 carries its reason in the body; pilot-agent only logs it.
 

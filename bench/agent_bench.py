@@ -43,7 +43,8 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 SERVICES_PER_NS = 100
 TARGET_10K_S = 0.300
 TARGET_RSS_MIB = 60
-ISTIO_BUILD = {1000: (0.0054, 10.2), 10000: (0.113, 33.6), 100000: (1.23, 218.0)}  # s, MiB (measurements.md)
+# Istio's table build, s and MiB (docs/istio-compat.md "Measured figures").
+ISTIO_BUILD = {1000: (0.0054, 10.2), 10000: (0.113, 33.6), 100000: (1.23, 218.0)}
 
 
 def table(n: int, extra: int = 0) -> NameTable:

@@ -32,7 +32,7 @@ Run as `make bench` (that is `.venv/bin/python bench/dns_bench.py`). What it doe
 4. Table build: the time to build and swap a NameTable of 1,000 / 10,000 / 100,000 Kubernetes
    services in pilotfish (median of 5, each size in a fresh subprocess) and the RSS after the first
    build. Istio cannot run here, so its figures are the ones measured earlier on this machine
-   (shared/reference/measurements.md): that ratio is NOT from the same run.
+   (docs/istio-compat.md "Measured figures"): that ratio is NOT from the same run.
 
 `--json PATH` writes every raw figure. `--quick` shortens everything (a smoke run, not figures).
 """
@@ -64,7 +64,7 @@ PROXY_NS = "ns-0"
 SEARCH = ("ns-0.svc.cluster.local", "svc.cluster.local", "cluster.local")
 TTL = 30  # pilotfish (like Istio) answers with TTL 30; dnsmasq is told the same with --local-ttl
 
-# Istio's pkg/dns/client UpdateLookupTable, measured earlier on this machine (measurements.md).
+# Istio's UpdateLookupTable, measured earlier on this machine (docs/istio-compat.md "Measured figures").
 ISTIO_TABLE = {1000: (0.0054, 10.2), 10000: (0.113, 33.6), 100000: (1.23, 218.0)}
 # Targets for pilotfish (from the project brief).
 TARGET_QPS_RATIO = 1.0
@@ -1073,7 +1073,7 @@ def table_section(args, report) -> bool:
     res = run_table_bench(sizes, args.builds)
     report["table_build"] = {"results": res, "istio_measured_earlier": {
         str(k): {"build_s": v[0], "rss_mib": v[1]} for k, v in ISTIO_TABLE.items()},
-        "note": "Istio figures are from shared/reference/measurements.md (measured earlier on this "
+        "note": "Istio figures are from docs/istio-compat.md, Measured figures (measured earlier on this "
                 "machine); the ratios are NOT from the same run."}
     hdr = (f"  {'services':>9}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'RSS MiB':>9}{'(base)':>8}"
            f"   | Istio*: {'ms':>7}{'MiB':>7} | ratio: {'time':>6}{'RSS':>6}")
@@ -1101,7 +1101,7 @@ def table_section(args, report) -> bool:
             targets[n] = (r["median_s"] <= TARGET_BUILD_S[n], r["median_s"])
     print("  RSS: the process's VmRSS after the first build; (base): before it (interpreter, imports,")
     print("  the NameTable message, the proxy object).")
-    print("  * Istio (measured earlier on this machine, measurements.md): NOT the same run; indicative only.")
+    print("  * Istio (measured earlier on this machine, docs/istio-compat.md): NOT the same run; indicative only.")
     report["table_build"]["targets"] = {
         str(n): {"met": m, "median_s": v, "target_s": TARGET_BUILD_S[n]} for n, (m, v) in targets.items()}
     if targets:

@@ -6,7 +6,7 @@ the same run.
 Run as `make bench` (after the DNS benchmark) or `.venv/bin/python bench/init_bench.py`. Needs root
 (`ip netns`). What it does:
 
-1. The configuration is the injector's default (reference/istio-iptables.md §11):
+1. The configuration is the injector's default (docs/istio-compat.md "istio-iptables configuration"):
    `pilotfish init -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020
    --ipv6 off --iptables-backend nft|legacy`, plus two variants: `--redirect-dns --resolv-conf F`
    (nameserver 10.77.0.1) and `--ipv6 on`. For each, `pilotfish init ... --dry-run` gives the exact

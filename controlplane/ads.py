@@ -4,7 +4,7 @@ Two halves. `StreamState` is the protocol of one stream without I/O: requests an
 go in, responses and events come out, so every rule below is tested without gRPC. `AdsServicer`
 is the thin gRPC shell around it: authentication, one queue per stream, log lines and counters.
 
-The rules are istiod's (reference/istio-dns-proxy.md §4.2, istio-agent.md §2.1):
+The rules are istiod's (docs/istio-compat.md "ADS stream to istiod", "istiod: NDS generation"):
 - the first request carries the node; its id (`sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local`) and
   metadata say who the proxy is, and the table is computed for that proxy;
 - a request for a served type without a nonce, or with a nonce this stream never sent (a client
@@ -63,9 +63,9 @@ MAX_STREAMS_PER_CONNECTION = 8
 class Keepalive:
     """The server's keepalive and its policy for the clients' pings: istiod's.
 
-    istiod (pkg/keepalive/options.go, pilot/pkg/grpc/grpc.go ServerOptions) pings a connection
-    idle for 30 s (GRPC_KEEPALIVE_INTERVAL) and closes it when the ping is not answered within
-    10 s (GRPC_KEEPALIVE_TIMEOUT); it lets clients ping every 15 s (EnforcementPolicy.MinTime =
+    istiod (docs/istio-compat.md "istiod: TLS and keepalive") pings a connection idle for 30 s
+    (GRPC_KEEPALIVE_INTERVAL) and closes it when the ping is not answered within 10 s
+    (GRPC_KEEPALIVE_TIMEOUT); it lets clients ping every 15 s (EnforcementPolicy.MinTime =
     Time / 2) while they have a stream, and no more than once in 2 hours without one
     (PermitWithoutStream false). A third ping too early (grpc-go's maxPingStrikes, 2) gets GOAWAY
     ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed. pilot-agent, and this

@@ -3,8 +3,8 @@
 Pure functions over `cryptography`: keys, certificates and the current time (an aware UTC
 datetime) go in, keys and certificates come out; the disk is the command's business. The root is ECDSA P-256 for ten years,
 like the self-signed root istiod makes for itself; the serving certificate carries the names an
-agent checks when it dials istiod (reference/istio-agent.md §2.1: `istiod.istio-system.svc`, or
-`localhost` rewritten to it). `sign_leaf` is the one signing path, so that issuing workload
+agent checks when it dials istiod (`istiod.istio-system.svc`, or `localhost` rewritten to it:
+docs/istio-compat.md "ADS stream to istiod"). `sign_leaf` is the one signing path, so that issuing workload
 certificates (a SPIFFE URI SAN instead of DNS names) later is a new caller, not a new signer.
 """
 

@@ -1,9 +1,10 @@
 """istiod's `BuildNameTable`: the DNS NameTable (NDS) one proxy is sent, from services and endpoints.
 
 The agent answers DNS from this table alone, so every rule here decides whether a name resolves
-in the pod or goes upstream. The rules are istiod's (reference/istio-dns-proxy.md §10, pinned
-down by the `name_table_build` vectors), including the ones that look odd, because an agent fed
-by pilotfish must resolve exactly what it would resolve when fed by istiod:
+in the pod or goes upstream. The rules are istiod's (docs/istio-compat.md
+"istiod: NDS generation", pinned down by the `name_table_build` vectors), including the ones that
+look odd, because an agent fed by pilotfish must resolve exactly what it would resolve when fed by
+istiod:
 
 - a service's addresses are the proxy's cluster's VIPs, else the auto-allocated ServiceEntry
   addresses (only for proxies that capture DNS), filtered to the proxy's IP families unless

@@ -1,12 +1,12 @@
 """The answer engine: a query's bytes in, what to do with them out. Pure: no sockets, no clock.
 
-It reproduces what a client of Istio's agent sees (reference/istio-dns-proxy.md §3, §6): the
+It reproduces what a client of Istio's agent sees (docs/istio-compat.md "DNS answers"): the
 miekg/dns library's filtering of bad packets, then Istio's handler (table lookup, wildcard,
 search-domain CNAME, A/AAAA, NODATA, TTL 30, AA, truncation). Differences, all deliberate:
 - UDP queries up to 4096 bytes are read whole (Istio's 512-byte buffer turns a padded EDNS
   query into FORMERR);
 - a reply the proxy makes itself carries an OPT record when the query had one (RFC 6891 §7);
-  an EDNS version other than 0 gets BADVERS (§6.1.3);
+  an EDNS version other than 0 gets BADVERS (RFC 6891 §6.1.3);
 - UPDATE is forwarded upstream instead of NOTIMP (external-dns and nsupdate behind a sidecar);
 - a question cut short after its name (no QTYPE, or no QCLASS) is FORMERR, header only: miekg
   reads it as type/class 0 and Istio forwards that (or answers a QCLASS-less A query), but

@@ -1,7 +1,7 @@
 """Configuration of the DNS proxy, and the pure parsers of its own settings: upstreams, and
-DNS_PROXY_ADDR with its loopback-family rule (reference §1, §2, §7.1). The parsers every command
-shares (Go durations and booleans, host:port, resolv.conf) are in common/settings.py and
-common/resolv.py.
+DNS_PROXY_ADDR with its loopback-family rule (docs/istio-compat.md
+"DNS proxy settings and sockets"). The parsers every command shares (Go durations and booleans,
+host:port, resolv.conf) are in common/settings.py and common/resolv.py.
 
 Every parser raises ConfigError naming the setting and the bad value, so the command can exit
 before it binds or forwards anything.
@@ -18,7 +18,7 @@ from pilotfish.common.settings import ConfigError, split_host_port
 DEFAULT_PROXY_ADDR = "localhost:15053"
 ISTIO_RESOLV_CONF = "/var/lib/istio/resolv.conf"  # used by root on :53, as Istio does
 # The most of resolv.conf that is read: kubelet's own bound on the node's resolv.conf it builds
-# pods' from (maxResolvConfLength, pkg/kubelet/network/dns/dns.go). A real one is a few lines.
+# pods' from (docs/istio-compat.md "resolv.conf"). A real one is a few lines.
 RESOLV_CONF_MAX = 10 << 20
 
 
@@ -65,7 +65,7 @@ def upstreams_from_resolv(conf: ResolvConf) -> tuple[tuple[str, int], ...]:
 def listen_addresses(
     addr: str, nameservers: tuple[str, ...], is_root: bool, setting: str = "DNS_PROXY_ADDR"
 ) -> tuple[tuple[tuple[str, int], ...], bool, str | None]:
-    """Where to listen, per Istio's rules (reference §2).
+    """Where to listen, per Istio's rules (docs/istio-compat.md "DNS proxy settings and sockets").
 
     Returns (addresses, forward_before_table, warning). An empty value means localhost:15053.
     Port 53 needs root: then queries are forwarded even before the first table (Istio's

@@ -5,13 +5,13 @@ UDP clients' queries are forwarded on plain threads (dns/udpforward.py); TCP cli
 rare (the retry after a truncated reply) and already on the trio loop, are forwarded here over
 TCP, as Istio does (upstream exchanges use the client's transport).
 
-Istio's exchange rules are kept (reference §7): the client's ID goes upstream unchanged, UDP
-replies with a foreign ID are ignored until the deadline, a TCP reply with a foreign ID fails
-that server, any reply that parses wins whatever its rcode, serial mode tries the servers in a
-random order. Changes: a UDP reply must also echo our question to be accepted (a cheap guard
-against spoofed replies); parallel mode with no nameservers answers SERVFAIL at once (Istio
-never replies); an upstream SERVFAIL falls back to a stale cache entry when there is one; UDP
-sockets to the upstreams are kept and reused (dns/udpforward.py), where Istio makes one per
+Istio's exchange rules are kept (docs/istio-compat.md "DNS forwarding"): the client's ID goes
+upstream unchanged, UDP replies with a foreign ID are ignored until the deadline, a TCP reply with
+a foreign ID fails that server, any reply that parses wins whatever its rcode, serial mode tries
+the servers in a random order. Changes: a UDP reply must also echo our question to be accepted (a
+cheap guard against spoofed replies); parallel mode with no nameservers answers SERVFAIL at once
+(Istio never replies); an upstream SERVFAIL falls back to a stale cache entry when there is one;
+UDP sockets to the upstreams are kept and reused (dns/udpforward.py), where Istio makes one per
 exchange.
 """
 
@@ -59,7 +59,8 @@ def family(host: str) -> socket.AddressFamily:
 def udp_reply(wire: bytes, query: Message, data: bytes) -> Exchange | None:
     """`data` parsed, if it is a reply to the UDP query `wire`; None for a foreign datagram (the
     exchange keeps waiting for the right one until its deadline). A reply with our ID that does
-    not parse raises WireError: that upstream failed, as in Istio (reference §7.3)."""
+    not parse raises WireError: that upstream failed, as in Istio (docs/istio-compat.md
+    "DNS forwarding")."""
     if len(data) < 12 or data[:2] != wire[:2] or not data[2] & (QR >> 8):
         return None
     reply = parse_message(data)

@@ -3,8 +3,8 @@ forwarding, and the swap of lookup tables.
 
 UDP is served by one plain thread per socket with a blocking recvfrom/sendto loop: measured on
 this machine, that loop keeps up with dnsmasq while the same loop on trio reaches a third of it
-(design.md). Its hot path is a dict lookup in a memo of finished replies, keyed by what decides
-the answer (dns/memo.py), then an ID patch: mesh answers and forwarded answers still fresh in the
+(docs/istio-compat.md "Measured figures"). Its hot path is a dict lookup in a memo of finished
+replies, keyed by what decides the answer (dns/memo.py), then an ID patch: mesh answers and forwarded answers still fresh in the
 cache alike. A miss runs the pure engine in the same thread; a query that must go upstream is
 sent by that thread and relayed by the UDP forwarder's thread (dns/udpforward.py). TCP, and the
 TCP clients' forwards, run on the trio loop.
@@ -48,14 +48,15 @@ from .udpforward import UdpForwarder
 
 log = logging.getLogger("pilotfish.dns")
 
-RCVBUF = 1 << 20  # 1 MiB: the default 208 KiB overflows under bursts (measurements.md)
+# 1 MiB: the default 208 KiB overflows under bursts (docs/istio-compat.md "Measured figures").
+RCVBUF = 1 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by Python
 MAX_INFLIGHT = 1024  # forwarded queries in progress at most, whatever the open-files limit
 MAX_TCP_CONNECTIONS = 512  # miekg/Istio have no bound; CoreDNS's default max_tcp_queries... none
 FD_RESERVE = 128  # descriptors left to everything else: listeners, logs, the agent's streams
 # Pending connections the kernel queues. Not larger: under a flood of reconnecting clients that
 # never read, a 1,024 backlog left honest clients queued behind attackers until they timed out
-# (0 of 10 answered), where 128 answered 14 of 14 (p50 1.9 s; review-exp tcp_attack.py, bound 224).
+# (0 of 10 answered), where 128 answered 14 of 14 (p50 1.9 s; a review's TCP flood, bound 224).
 TCP_BACKLOG = 128
 TCP_PIPELINE = 32  # concurrent forwarded queries per TCP connection
 TCP_FIRST_READ = 2.0  # seconds to the first query on a new connection (miekg's 2 s)

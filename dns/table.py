@@ -18,7 +18,8 @@ Shaped for tables of a million services built beside serving threads that share 
 - `TableBuilder` adds one entry at a time, so the caller can pause between entries (the shell,
   dns/rebuild.py, does) and the serving threads get the GIL.
 
-Behaviour follows reference/istio-dns-proxy.md §5–§6.2, with two deliberate changes:
+Behaviour follows Istio's (docs/istio-compat.md "DNS lookup table" and "DNS answers"), with two
+deliberate changes:
 - the search-domain fast path covers every search domain, not only the first (Istio answers
   `www.google.com.svc.cluster.local.` from upstream with NXDOMAIN after a round trip). The
   namespace-relative Kubernetes aliases (`name.`, `name.ns.`, `name.ns.svc.`) are expanded with
@@ -127,7 +128,8 @@ def _merge(new: bytes, old: bytes) -> bytes:
 
 
 def proxy_domain_parts(namespace: str, domain: str) -> tuple[str, str]:
-    """(PD, PD0) of §5.1: the proxy domain without a leading namespace label, and its first label."""
+    """(PD, PD0): the proxy domain without a leading namespace label, and its first label
+    (docs/istio-compat.md "DNS lookup table")."""
     if not domain:
         return "", ""
     labels = domain.split(".")
@@ -305,7 +307,8 @@ class LookupTable:
         return None
 
     def lookup(self, labels: Sequence[str]) -> Match | None:
-        """Exact name first, then the nearest enclosing wildcard `*.<parent>.` (§6.2 step 3).
+        """Exact name first, then the nearest enclosing wildcard `*.<parent>.` (docs/istio-compat.md
+        "DNS answers").
 
         `labels` are the lower-cased labels of the question name in presentation form.
         """

@@ -1,5 +1,6 @@
 """build_name_table against Istio's own expectations (the `name_table_build` vectors, transcribed
-from pkg/dns/server/name_table_test.go), plus the address rules no vector covers."""
+from Istio's name_table_test.go: docs/istio-compat.md "istiod: NDS generation"), plus the
+address rules no vector covers."""
 
 from __future__ import annotations
 

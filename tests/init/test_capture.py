@@ -7,8 +7,8 @@ RETURNs). So every test builds a pod/peer namespace pair (see ``netns.py``), run
 specific uids and looks at which socket received it and what ``SO_ORIGINAL_DST`` said.
 
 Every test runs for both iptables backends (``legacy`` and ``nft``): users hit "rules went into
-the wrong backend" more than any other capture bug (peers.md B1), and the backends differ in
-subtle ways (nft needs no lock, legacy tables appear on first use).
+the wrong backend" more than any other capture bug (docs/init.md "Backends"), and the backends
+differ in subtle ways (nft needs no lock, legacy tables appear on first use).
 
 The whole module needs root and ``ip netns``; it is skipped with the reason otherwise, and also
 while the ``init`` subcommand does not exist yet.
@@ -28,7 +28,8 @@ import netns as N
 from netns import (APP_UID, BACKENDS, PEER_V4, PEER_V6, POD_V4, POD_V6, PROXY_UID, SVC_V4, SVC_V6,
                    Snapshot, Topology)
 
-# The injection template's istio-init arguments (reference §11/§17), in template order.
+# The injection template's istio-init arguments (docs/istio-compat.md "istio-iptables configuration"),
+# in template order.
 SIDECAR_FLAGS: dict[str, str] = {
     "-p": "15001", "-z": "15006", "-u": "1337", "-m": "REDIRECT",
     "-i": "*", "-x": "", "-b": "*", "-d": "15090,15021,15020",
@@ -84,7 +85,8 @@ def resolv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_resolv(directory: Path, *servers: str) -> Path:
-    """A resolv.conf for ``--resolv-conf``: DNS capture is per nameserver (reference §8)."""
+    """A resolv.conf for ``--resolv-conf``: DNS capture is per nameserver (docs/istio-compat.md
+    "istio-iptables rules")."""
     path = directory / ("resolv-" + "-".join(s.replace(":", "_") for s in servers) + ".conf")
     path.write_text("".join(f"nameserver {s}\n" for s in servers) + "search default.svc.cluster.local\n")
     return path
@@ -200,8 +202,8 @@ def assert_dns(result: dict[str, Any], answer: str, server: str, what: str) -> N
 def test_rules_land_in_requested_backend_only(backend: str, redirect_pod: Topology) -> None:
     """The rules are in the requested backend and nowhere else; no v6 rules with --ipv6 off.
 
-    A rule set in the "other" backend is the classic silent failure (peers.md B1): the tables
-    look fine in one tool while the kernel evaluates the other.
+    A rule set in the "other" backend is the classic silent failure (docs/init.md "Backends"): the
+    tables look fine in one tool while the kernel evaluates the other.
     """
     snap = redirect_pod.snapshot(backend)
     for rule in ("-A OUTPUT -j ISTIO_OUTPUT", "-A PREROUTING -p tcp -j ISTIO_INBOUND",
@@ -278,7 +280,8 @@ def test_inbound_redirected_to_15006_except_excluded_ports(backend: str, redirec
 
 
 def test_loopback_paths(backend: str, redirect_pod: Topology, listeners: None) -> None:
-    """The pod-local paths Istio's ISTIO_OUTPUT rules exist for (reference §10, "Loopback"):
+    """The pod-local paths Istio's ISTIO_OUTPUT rules exist for (docs/istio-compat.md
+    "istio-iptables rules", loopback paths):
 
     * the app talking to itself (127.0.0.1 or its own pod IP) is not captured;
     * the proxy calling its own pod IP is sent to the *inbound* listener (a VIP that resolves to
@@ -443,8 +446,8 @@ def test_tproxy_inbound_preserves_destination(backend: str, topo: Topology, reso
 def test_rerun_with_same_flags_is_a_noop(backend: str, topo: Topology, resolv_dir: Path, mode: str) -> None:
     """7a. An init container re-run after a pod restart must not fail with "chain already
     exists" (istio#21030) nor duplicate rules; in TPROXY mode not fail on the existing ip rule
-    either (Istio adds it with create+exclusive, reference §19). Foreign rules present before
-    the first run are not a reason to refuse it."""
+    either (Istio adds it with create+exclusive: docs/istio-compat.md "istio-iptables rules").
+    Foreign rules present before the first run are not a reason to refuse it."""
     N.seed_foreign_rules(topo, backend)
     before = topo.snapshot(backend)
     if mode == "TPROXY":
@@ -514,8 +517,9 @@ def test_cleanup_restores_previous_tables(backend: str, topo: Topology, resolv_d
 
 def test_tproxy_cleanup_removes_ip_rule_and_route(backend: str, topo: Topology, resolv_dir: Path) -> None:
     """7d. TPROXY cleanup also removes the fwmark rule and table-133 route (Istio leaves them,
-    which breaks a later re-install with EEXIST, reference §19). All differences are collected
-    before failing, so one run shows everything that cleanup left behind."""
+    which breaks a later re-install with EEXIST: docs/istio-compat.md "istio-iptables rules").
+    All differences are collected before failing, so one run shows everything that cleanup left
+    behind."""
     args = sidecar_args(backend, write_resolv(resolv_dir, PEER_V4, PEER_V6), ipv6="on", overrides=TPROXY)
     N.seed_foreign_rules(topo, backend)
     before = topo.snapshot(backend)
@@ -620,7 +624,8 @@ def test_bad_command_line_exits_1(backend: str, topo: Topology, extra: tuple[str
 
 def test_dns_capture_enabled_by_istio_meta_env(backend: str, topo: Topology, resolv_dir: Path) -> None:
     """DNS capture is normally switched on by the injector copying ``ISTIO_META_DNS_CAPTURE=true``
-    into istio-init's environment, not by the flag (reference §8); the env alone must do it."""
+    into istio-init's environment, not by the flag (docs/istio-compat.md
+    "istio-iptables configuration"); the env alone must do it."""
     resolv = write_resolv(resolv_dir, PEER_V4)
     args = sidecar_args(backend, None) + ["--resolv-conf", str(resolv)]
     proc = topo.run(topo.pod, ["env", "ISTIO_META_DNS_CAPTURE=true", N.pilotfish_bin(), "init", *args],
@@ -693,8 +698,9 @@ def bounding_set() -> list[str]:
 
 
 def test_init_needs_only_net_admin_and_net_raw(backend: str, topo: Topology) -> None:
-    """10. istio-init runs with NET_ADMIN+NET_RAW only (drop ALL, reference §17); pilotfish init
-    must not silently need more (e.g. SYS_ADMIN for mounts, DAC_OVERRIDE for lock files)."""
+    """10. istio-init runs with NET_ADMIN+NET_RAW only (drop ALL: docs/istio-compat.md
+    "istio-iptables configuration"); pilotfish init must not silently need more (e.g. SYS_ADMIN
+    for mounts, DAC_OVERRIDE for lock files)."""
     keep = {"cap_net_admin", "cap_net_raw"}
     drop = [c for c in bounding_set() if c not in keep]
     cmd = shlex.join([N.pilotfish_bin(), "init", *sidecar_args(backend, None)])
