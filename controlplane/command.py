@@ -1,6 +1,7 @@
 """`pilotfish controlplane`: the project's own small control plane, speaking istiod's wire protocol.
 
-An agent connects to it exactly as to istiod (reference/istio-agent.md §2.1): gRPC ADS over TLS on
+An agent connects to it exactly as to istiod (docs/istio-compat.md "ADS stream to istiod"): gRPC
+ADS over TLS on
 15012, server name `istiod.istio-system.svc`, trusting the root certificate this command writes
 (`--root-cert-out`, Istio's default agent path is ./var/run/secrets/istio/root-cert.pem),
 optionally with a bearer token. It serves each proxy its NameTable from a mesh file.

@@ -1,7 +1,8 @@
 """One run against the kernel: read the state, decide, apply all-or-nothing, roll back on failure.
 
 istio-iptables restores each family in one `iptables-restore` call whose tables commit one by one,
-so a failure in a later table leaves the earlier ones applied (reference §12.3), and a reconcile
+so a failure in a later table leaves the earlier ones applied (docs/istio-compat.md
+"istio-iptables rules"), and a reconcile
 blocks traffic with DROP guardrails meanwhile. pilotfish saves every table it is about to
 change first; if any table of any family fails, every table it committed is restored from that
 snapshot, whole, and the run fails. Each table changes in one commit, so no guardrails are needed.

@@ -10,7 +10,8 @@ table the snapshot did not have is deleted again with nft; legacy cannot delete 
 kernel creates one on first use), so there it is emptied, and the legacy apply builds and checks
 every rule before it opens (and so creates) any table.
 
-The choice (reference §12.1, done once for both families so they never mix): the backend that
+The choice (Istio's: docs/istio-compat.md "istio-iptables rules"; here done once for both
+families so they never mix): the backend that
 already holds rules in this namespace; if both do, the one holding the sidecar's chains (else
 legacy, as istio-iptables); if neither, nft when the kernel has it. Unlike istio-iptables, the
 probe writes nothing: a legacy table that merely exists (which istio-iptables' own probe rule

@@ -1,7 +1,7 @@
 """Configuration of `pilotfish init`: istio-iptables' flags and environment variables.
 
-Same names, defaults, list syntax and precedence as istio-iptables (reference/istio-iptables.md
-§2): built-in default < primary env var < extra env var < command-line flag. Flags are read the
+Same names, defaults, list syntax and precedence as istio-iptables (docs/istio-compat.md
+"istio-iptables configuration"): built-in default < primary env var < extra env var < command-line flag. Flags are read the
 way pflag reads them: `--name=value`, `--name value`, `-x value`, `-xvalue`, `-x=value`, and
 booleans bare or as `--flag=true|false`.
 
@@ -61,7 +61,7 @@ class CaptureConfig:
     force_apply: bool = False
     native_nftables: bool = False
     force_iptables_binary: str = ""
-    # Environment-only settings (§2.2).
+    # Environment-only settings (docs/istio-compat.md "istio-iptables configuration").
     owner_groups_include: str = "*"
     owner_groups_exclude: str = ""
     ipv4_loopback_cidr: str = "127.0.0.1/32"

@@ -1,4 +1,5 @@
-"""What istio-iptables detects at run time (reference §2.4): the proxy's uid and gid, whether
+"""What istio-iptables detects at run time (docs/istio-compat.md "istio-iptables configuration"):
+the proxy's uid and gid, whether
 IPv6 rules are needed, and the DNS servers to capture. `--ipv6` and `--resolv-conf` override the
 detection, so tests and unusual pods can say what they want."""
 

@@ -1,6 +1,6 @@
 """The rule planner: a capture configuration and what was detected at run time in, the rules of
 each address family out. Pure; follows istio-iptables' emission order exactly
-(reference/istio-iptables.md §4), so the restore text is rule for rule Istio's.
+(docs/istio-compat.md "istio-iptables rules"), so the restore text is rule for rule Istio's.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def plan(config: CaptureConfig, detected: Detected) -> Plan:
 
 def _dns(b: _Builder, capture_all: bool, dns_v4: tuple[str, ...], dns_v6: tuple[str, ...],
          uids: list[str], gids: list[str]) -> None:
-    """§4 step 14: redirect port 53 to the agent, and keep its conntrack flows apart."""
+    """Istio's DNS step: redirect port 53 to the agent, and keep its conntrack flows apart."""
     servers = {V4: [(s, "32") for s in dns_v4], V6: [(s, "128") for s in dns_v6]}
     b.both("raw", "OUTPUT", "-j", "ISTIO_OUTPUT_DNS")
     for family in (V4, V6):

@@ -1,4 +1,5 @@
-"""iptables-restore text: writing a plan the way istio-iptables writes it (§5), and reading
+"""iptables-restore text: writing a plan the way istio-iptables writes it (docs/istio-compat.md
+"istio-iptables rules"), and reading
 `iptables-save` output back into tables, chains and rules. Pure."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TPROXY policy routing (reference §7.3) through netlink (pyroute2). Installing is idempotent
+"""TPROXY policy routing (docs/istio-compat.md "istio-iptables rules") through netlink (pyroute2). Installing is idempotent
 (istio-iptables' exclusive `ip rule add` fails on a rerun) and cleanup removes what was installed
 (istio-iptables leaves it behind). The ::6 address is in routespec.py."""
 

@@ -1,4 +1,5 @@
-"""`--run-validation`: the self-test of reference §16. It listens where the proxy would (15001 and
+"""`--run-validation`: istio-iptables' self-test (docs/istio-compat.md "istio-iptables rules").
+It listens where the proxy would (15001 and
 15006 on loopback), connects as the proxy user to 127.0.0.6:15002 (::6 for IPv6 pods), and
 succeeds when a listener receives that connection with SO_ORIGINAL_DST port 15002, i.e. when the
 capture rules redirected it. Run as uid 1337 it proves the rules (installed by pilotfish init or a

@@ -1,5 +1,5 @@
 """How a stream to the control plane ended, in the terms of Istio's agent metrics
-(pkg/istio-agent/metrics, xds_proxy.go), so that dashboards built on them read the same:
+(docs/istio-compat.md "Agent metrics"), so that dashboards built on them read the same:
 
 - `istio_agent_istiod_connection_failures`: the connection to the control plane could not be
   made (Istio counts a failed dial): refused, unreachable, the name not resolved, the TLS

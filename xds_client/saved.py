@@ -1,7 +1,6 @@
 """The copy on disk of a resource the agent serves: saved after every swap, served at start.
 
-An agent restarted while the control plane is away serves what it had (design principle
-"nothing lost"). The copy is written whole or not at all (common/atomic.py) and only after the
+An agent restarted while the control plane is away serves what it had. The copy is written whole or not at all (common/atomic.py) and only after the
 value was built and swapped in, so a resource that cannot serve never reaches the disk. One
 that does not load at start (bytes that do not decode, an entry the type refuses) would fail
 the same way at every start: it is renamed to `<path>.bad` (one kept, for a look) with one

@@ -6,7 +6,8 @@ which ends the thread. What a response means is decided by the core (core.py) an
 types (resources.py); this module moves bytes, handles credentials and retries, and acts on the
 core's events in one order for every type (`settle`): swap the value in, save it, then ACK.
 
-As istiod expects (reference/istio-agent.md §2.1): TLS to the discovery address with the server
+As istiod expects (docs/istio-compat.md "ADS stream to istiod"): TLS to the discovery address
+with the server
 name `istiod.istio-system.svc` unless the address names another host (or ISTIOD_SAN says so), a
 `ClusterID` header, `XDS_HEADER_*` headers, and `authorization: Bearer <token>` read from the token
 file on every (re)connection so a rotated projected token is picked up. Unlike Istio's agent (which
@@ -97,8 +98,8 @@ def read_token(path: str) -> str:
         return ""
 
 
-# pilot-agent's keepalive on its connection to istiod (pkg/keepalive/options.go, applied by
-# pilot/pkg/grpc ClientOptions): a ping after 30 s without traffic (GRPC_KEEPALIVE_INTERVAL), the
+# pilot-agent's keepalive on its connection to istiod (docs/istio-compat.md
+# "ADS stream to istiod", "istiod: TLS and keepalive"): a ping after 30 s without traffic (GRPC_KEEPALIVE_INTERVAL), the
 # connection given up when it is not answered within 10 s (GRPC_KEEPALIVE_TIMEOUT). istiod lets a
 # client with a stream ping every 15 s (its EnforcementPolicy.MinTime) and closes the connection
 # of one that pings faster (GOAWAY too_many_pings), so 30 s is twice the margin. Module values

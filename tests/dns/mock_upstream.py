@@ -3,7 +3,7 @@
 Why a separate implementation: the proxy under test must be checked by something that does not
 share its code, so this module uses dnslib (and the standard library) and nothing from
 ``pilotfish``. It copies the upstream that Istio's own tests use (``makeUpstream()`` in
-``pkg/dns/client/dns_test.go``), because the recorded vectors in ``data/cases.json`` were produced
+Istio's ``dns_test.go``, docs/istio-compat.md "DNS forwarding"), because the recorded vectors in ``data/cases.json`` were produced
 against that upstream:
 
 * ``www.bing.com.`` and names below it: ``www.bing.com. 30 IN A 1.1.1.1``;

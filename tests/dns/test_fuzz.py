@@ -9,7 +9,7 @@ or a traceback on the ``pilotfish`` loggers. Then a real proxy on loopback gets 
 same kind of datagrams and many abusive TCP clients (what is about transport: the listener, TCP
 framing, half-open, stalled, slow and pipelined connections), and must still answer over UDP and
 TCP, with no exception ending a thread or escaping ``serve()``. Why: the proxy sits on every
-pod's DNS path, where a malformed packet must cost at most that packet (design principle 6),
+pod's DNS path, where a malformed packet must cost at most that packet,
 never the listener.
 
 The packets are generated from a fixed seed (override with ``PILOTFISH_FUZZ_SEED``), so a

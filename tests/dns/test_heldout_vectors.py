@@ -2,7 +2,8 @@
 
 a. resolv.conf search domains written with a trailing dot: Istio's suffix test against search[0]
    then never matches, so every alias is expanded with search[0], the own-namespace FQDN too
-   (reference §5.2): `productpage.ns1.svc.cluster.local.ns1.svc.cluster.local.` is a CNAME to the
+   (docs/istio-compat.md "DNS lookup table"): `productpage.ns1.svc.cluster.local.ns1.svc.cluster.local.`
+   is a CNAME to the
    FQDN, answered with its A record. pilotfish matches it.
 b. A question with a name but no qtype/qclass bytes: miekg reads it as qtype 0 and Istio forwards
    it. pilotfish answers FORMERR (RFC 1035 §4.1.2: QTYPE and QCLASS are part of every question),
@@ -40,7 +41,8 @@ def test_a_trailing_dot_search_domain_expands_the_own_namespace_fqdn_as_istio() 
 
 
 def test_without_the_trailing_dot_istio_forwards_it_and_so_does_pilotfish() -> None:
-    """Istio's rule since 62a70b1 (reference §13): an alias already under search[0] is not
+    """Istio's rule since 62a70b1 (docs/istio-compat.md "DNS lookup table"): an alias already
+    under search[0] is not
     expanded with it."""
     query = DNSRecord.question("productpage.ns1.svc.cluster.local.ns1.svc.cluster.local.").pack()
     table = _table(tuple(s.rstrip(".") for s in DOTTED))
