@@ -282,7 +282,6 @@ class DnsProxy:
                 await trio.sleep_forever()
         finally:
             self._stopping = True
-            self.udp_forwarder.wake()
             for sock in self._udp:
                 try:
                     sock.shutdown(socket.SHUT_RD)  # wakes the thread blocked in recvfrom

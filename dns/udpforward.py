@@ -18,7 +18,6 @@ all at once and takes the first reply.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import select
 import socket
@@ -109,9 +108,6 @@ class UdpForwarder:
         self._by_fd: dict[int, tuple[socket.socket, Server, _Pending]] = {}
         self._idle: dict[Server, list[socket.socket]] = {}
         self._pending: set[_Pending] = set()
-        # a byte here wakes run() at once to see that it must stop (else it sees so within SWEEP)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, _POLL_IN)
 
     # --- the UDP threads -------------------------------------------------------------------
 
@@ -195,8 +191,7 @@ class UdpForwarder:
             while not stopping():
                 try:
                     for fd, _ in self._epoll.poll(SWEEP):
-                        if fd != self._wake_r:
-                            self._readable(fd)
+                        self._readable(fd)
                     now = self._clock()
                     if now >= next_sweep:  # not after every reply: deadlines are coarser
                         self._sweep(now)
@@ -205,15 +200,6 @@ class UdpForwarder:
                     self._bug_log(logging.ERROR, "dns: error relaying an upstream reply", exc_info=True)
         finally:
             self.close()
-
-    def wake(self) -> None:
-        """Make `run` look at `stopping()` now (from any thread)."""
-        with self._lock:  # not after close(): the descriptor's number may be another file's by then
-            if self._wake_w >= 0:
-                try:
-                    os.write(self._wake_w, b"x")
-                except BlockingIOError:  # the pipe is full: it is awake anyway
-                    pass
 
     def _readable(self, fd: int) -> None:
         found = self._by_fd.get(fd)
@@ -336,10 +322,6 @@ class UdpForwarder:
             self._idle.clear()
             self._pending.clear()
             self._epoll.close()
-            if self._wake_w >= 0:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self._wake_r = self._wake_w = -1
 
 
 def _send(client: socket.socket, reply: bytes, addr: Any) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from clirun import run_cli
 from procs import PILOTFISH, Process
 
 DIG = shutil.which("dig")
@@ -191,8 +192,7 @@ def test_table_reload_on_sighup_and_rejected_bad_file(proxy: Proxy, files: tuple
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PILOTFISH, *args], capture_output=True, text=True, timeout=20,
-                          env={**os.environ, **(env or {})})
+    return run_cli(list(args), env)
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from procs import PILOTFISH
+from clirun import run_cli
 
 from pilotfish.dns.config import RESOLV_CONF_MAX
 
 
 def _run(tmp_path: Path, resolv: str, table: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PILOTFISH, "dns", "--name-table", table, "--resolv-conf", resolv,
-                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=20, check=False)
+    return run_cli(["dns", "--name-table", table, "--resolv-conf", resolv, "--listen", "127.0.0.1:0"])
 
 
 @pytest.fixture

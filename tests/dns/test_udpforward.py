@@ -72,7 +72,7 @@ def _ask(addr: tuple[str, int], name: str, timeout: float = 5.0) -> DNSRecord:
 
 def test_serial_mode_moves_past_a_silent_upstream() -> None:
     with silent_upstream() as silent, MockUpstream() as good, running_proxy(
-        _config(silent, good.address), [NameTable()]
+        _config(silent, good.address, forward_timeout=0.1), [NameTable()]
     ) as runner:
         for i in range(6):  # the order is random per query: some start with the silent one
             reply = _ask(runner.udp_address, f"a{i}.www.bing.com")
