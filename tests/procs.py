@@ -32,7 +32,7 @@ class Process:
                 return m
             if self.proc.poll() is not None:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)  # a poll's pace: the log is read again, not waited for
         raise AssertionError(f"{pattern!r} not in log:\n{self.text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
