@@ -33,9 +33,14 @@ from pilotfish.xds_client.metrics import XdsMetrics
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
-from .config import AgentConfig, agent_config
+from .config import AgentConfig, agent_config, grpc_header_value
 from .files import token_problem
 from .components import Component, Shutdown, Signals, readiness, run_components
+from .identity.caclient import CaClient
+from .identity.mounted import MountedCertificate, mounted_files
+from .identity.sds import SdsService, SecretStore, socket_path, start_sds
+from .identity.settings import identity_config
+from .identity.workload import Identity
 from .listeners import open_listeners
 from .parts import DnsPart, StatusPart, XdsPart
 from .status import StatusServer, StatusSources
@@ -95,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
             interface_ips=tuple(str(ip) for ip in local_addresses()),
         )
         dns, warnings = dns_config(args, env, os.geteuid() == 0) if config.dns_enabled else (None, [])
+        mounted = mounted_files(env, config.metadata)
+        identity = None if mounted else identity_config(
+            env, config.pod_namespace, config.service_account, config.discovery_address, config.server_name,
+            header_value=grpc_header_value)
     except ConfigError as err:
         log.error("agent: %s", err)
         return 2
@@ -117,7 +126,27 @@ def run(args: argparse.Namespace) -> int:
         log.error("agent: status server cannot listen on port %d: %s", config.status[1] if config.status else 0,
                   err.strerror or err)
         return 1
-    trio.run(_serve, config, proxy, listeners)
+    cache = ResourceCache()  # what the xDS client received and the certificate, watched by what serves them
+    sds_path = socket_path(env.get("WORKLOAD_IDENTITY_SOCKET_FILE", ""))
+    try:  # Envoy's secrets from the start: a stream asking before the first certificate waits for it
+        sds = start_sds(SdsService(SecretStore(cache)), sds_path)
+    except OSError as err:
+        log.error("agent: SDS cannot listen on %s: %s", sds_path, err.strerror or err)
+        return 1
+    if identity is not None:
+        source: Identity | MountedCertificate = Identity(
+            identity, CaClient(identity, config.cluster_id, config.token_file), cache,
+            kubernetes=bool(env.get("KUBERNETES_SERVICE_HOST")))
+        log.info("agent: identity %s from the CA at %s", identity.identity, identity.ca_address)
+    else:
+        assert mounted is not None
+        source = MountedCertificate(mounted, cache)
+        log.info("agent: identity from %s (%s), not from the CA", mounted.chain, mounted.why)
+    try:
+        trio.run(_serve, config, proxy, listeners, cache, source)
+    finally:
+        if sds is not None:
+            sds.stop(None)
     log.info("agent: stopped")
     return 0
 
@@ -128,10 +157,10 @@ def node(config: AgentConfig) -> Node:
     return Node(id=config.node_id, cluster="istio-proxy", metadata=metadata)
 
 
-async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket]) -> None:
+async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket], cache: ResourceCache,
+                 identity: Identity | MountedCertificate) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
-    cache = ResourceCache()  # what the xDS client received, watched by the parts that serve it
     dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
     settings = XdsSettings(
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
@@ -139,6 +168,8 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[so
     )
     client = XdsClient(settings, node(config), cache, [dns.subscription] if dns else [])
     registry.register(XdsMetrics(lambda: client.state))
+    if isinstance(identity, Identity):
+        registry.register(identity)
 
     shutdown = Shutdown()
     parts: list[Component] = [Signals(shutdown)]
@@ -146,8 +177,9 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[so
         quit_agent = partial(trio.from_thread.run_sync, shutdown.stop, "quitquitquit")
         sources = StatusSources(readiness(shutdown, parts), registry, dns.ndsz if dns else lambda: None, quit_agent)
         parts.append(StatusPart(StatusServer(listeners, sources)))
-    parts.append(XdsPart(client))  # serves the saved copies first; identity (SDS) will start after it
+    parts.append(XdsPart(client))  # serves the saved copies first
+    parts.append(identity)  # the workload certificate, served over SDS (already listening) once held
     if dns:
         parts.append(dns)
-    # Envoy and the xDS proxy for it will start last: they need identity and the name table.
+    # Envoy and the xDS proxy for it will start last: they need the certificate and the name table.
     await run_components(parts, shutdown)

@@ -76,3 +76,23 @@ class AgentSide:
         self._stop.set()
         self._thread.join(timeout=10)
         self.server.stop(None)
+
+
+def write_mounted_certs(directory: Path) -> None:
+    """A workload certificate in `directory` as Kubernetes would mount one (cert-chain.pem,
+    key.pem, root-cert.pem): an agent finding them in ./etc/certs serves them instead of asking
+    a CA."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from pilotfish.controlplane.ca import sign_leaf
+
+    now = datetime.now(UTC)
+    root = new_root(new_key(), now - timedelta(days=1))
+    key = new_key()
+    leaf = sign_leaf(root, key.public_key(), [x509.UniformResourceIdentifier(ID)],
+                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], now, timedelta(days=1))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cert-chain.pem").write_bytes(cert_pem(leaf) + cert_pem(root.cert))
+    (directory / "key.pem").write_bytes(key_pem(key))
+    (directory / "root-cert.pem").write_bytes(cert_pem(root.cert))

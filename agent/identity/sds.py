@@ -52,6 +52,7 @@ SOCKET_NAME = "socket"
 CRL_FILE = "./var/run/secrets/istio/crl/ca-crl.pem"
 FILE_LIMIT = 1 << 20
 MAX_STREAMS = 256  # Envoy opens one per secret name: a handful
+SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path, less the NUL)
 
 
 class UnknownSecret(ValueError):
@@ -214,10 +215,13 @@ def start_sds(service: SdsService, path: str) -> grpc.Server | None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 4, thread_name_prefix="sds"),
                          maximum_concurrent_rpcs=MAX_STREAMS)
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
+    if len(os.fsencode(path)) > SUN_PATH_MAX:  # as given: a relative path is short where an absolute one is not
+        raise OSError(f"the socket's path is longer than a unix socket allows ({SUN_PATH_MAX} bytes)")
     old = os.umask(0o177)  # the socket is born 0600: never a moment when others could connect
     try:
-        if server.add_insecure_port(f"unix:{os.path.abspath(path)}") == 0:
-            raise OSError(f"cannot listen on {path}")
+        server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as err:  # grpcio raises where it once returned 0
+        raise OSError(str(err)) from None
     finally:
         os.umask(old)
     server.start()

@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -27,10 +27,13 @@ from google.protobuf.any_pb2 import Any
 from procs import PILOTFISH, Process
 
 from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.casvc import CertificateService, parse_identities
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 DIG = shutil.which("dig")
+IDENTITY_TOKENS = ("world-token", "the-right-token")  # the tokens the agent sends in these tests
+
 MESH = """
 services:
   - name: productpage
@@ -74,6 +77,11 @@ def wait_answer(port: int, name: str, want: list[str], timeout: float) -> float:
     raise AssertionError(f"{name} did not resolve to {want} within {timeout}s (last: {got})")
 
 
+def wait_ready(port: int, timeout: float = 10.0) -> None:
+    """Until /healthz/ready says 200: the certificate comes from the CA a moment after the table."""
+    wait_until(lambda: readiness(port)[0] == 200, timeout, f"readiness 200 (last: {readiness(port)})")
+
+
 def readiness(port: int) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=2) as r:
@@ -105,6 +113,9 @@ class World:
         self.root = self.agent_dir / "var/run/secrets/istio/root-cert.pem"
         self.token = self.agent_dir / "var/run/secrets/tokens/istio-token"
         self.token.parent.mkdir(parents=True)
+        self.token.write_text("world-token\n")
+        self.identities = tmp / "identities"  # the tokens the control plane's CA knows, and whose they are
+        self.identities.write_text("\n".join(f"{token} ns1/productpage" for token in IDENTITY_TOKENS) + "\n")
         (tmp / "resolv.conf").write_text("nameserver 127.0.0.1\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local\n")
         self.cp: Process | None = None
         self.agent: Process | None = None
@@ -115,7 +126,8 @@ class World:
         offset = log.stat().st_size if log.exists() else 0
         self.cp = Process(
             [PILOTFISH, "controlplane", "--mesh", str(self.mesh), "--listen", f"127.0.0.1:{self.cp_port}",
-             "--state-dir", str(self.tmp / "cp-state"), "--root-cert-out", str(self.root), *extra],
+             "--state-dir", str(self.tmp / "cp-state"), "--root-cert-out", str(self.root),
+             "--identities", str(self.identities), *extra],
             log,
         )
         self.cp_port = int(self.cp.wait_for(r"controlplane: listening on 127\.0\.0\.1:(\d+)", after=offset).group(1))
@@ -124,6 +136,7 @@ class World:
     def start_agent(self) -> Process:
         assert self.cp_port, "start a control plane first: the agent dials its port"
         env = {**os.environ, "POD_NAME": "productpage-v1", "POD_NAMESPACE": "ns1", "INSTANCE_IP": "10.1.0.5",
+               "SERVICE_ACCOUNT": "productpage", "ECC_SIGNATURE_ALGORITHM": "ECDSA",
                "ISTIO_META_DNS_CAPTURE": "true", "ISTIO_META_CLUSTER_ID": "Kubernetes",
                "PILOT_DISCOVERY_ADDRESS": f"localhost:{self.cp_port}"}
         log = self.tmp / "agent.log"
@@ -168,6 +181,7 @@ def test_table_arrives_over_tls_and_dig_answers(world: World) -> None:
         out = subprocess.run([DIG, "@127.0.0.1", "-p", str(world.dns_port), "+short", "productpage"],
                              capture_output=True, text=True, timeout=10, check=False).stdout.split()
         assert out == ["10.96.0.7"]
+    wait_ready(world.status_port)
     assert readiness(world.status_port) == (200, "")
     agent.wait_for(r"xds: accepted type\.googleapis\.com/istio\.networking\.nds\.v1\.NameTable")
     assert world.cp is not None
@@ -290,6 +304,9 @@ def _serve_scripted(world: World, servicer: ads_pb2_grpc.AggregatedDiscoveryServ
     world.root.write_bytes(cert_pem(ca.cert))
     server = grpc.server(futures.ThreadPoolExecutor(4))
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    certificates = CertificateService(ca, lambda: parse_identities(world.identities.read_text(), "cluster.local"),
+                                      timedelta(hours=24))
+    server.add_generic_rpc_handlers((certificates.handler(),))  # as istiod's 15012: the agent's CA too
     world.cp_port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     return server
@@ -307,7 +324,7 @@ def test_undecodable_table_is_nacked_and_the_old_one_stays(world: World) -> None
         assert nack.version_info == "v1" and servicer.acks == ["v1"]
         agent.wait_for(r"WARNING\s+xds: rejected .*NameTable version 'v2': cannot decode")
         assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
-        assert readiness(world.status_port)[0] == 200
+        wait_ready(world.status_port)
     finally:
         server.stop(0)
 
@@ -331,7 +348,7 @@ def test_table_that_does_not_build_is_nacked_the_old_one_serves_and_stays_saved(
         agent.wait_for(r"WARNING\s+xds: rejected .*NameTable version 'v2': ")
         assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])
         assert query(world.dns_port, "reviews.ns1.svc.cluster.local")[1] == []  # not from v2
-        assert readiness(world.status_port)[0] == 200
+        wait_ready(world.status_port)
         assert saved.read_bytes() == saved_v1
         with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/stats/prometheus", timeout=2) as r:
             assert f'pilotfish_xds_rejected_total{{type_url="{NDS}"}} 1.0' in r.read().decode()
@@ -373,8 +390,11 @@ def test_restart_without_control_plane_serves_the_saved_table(world: World) -> N
     assert saved.exists() and (saved.stat().st_mode & 0o777) == 0o600
     agent = world.start_agent()
     assert query(world.dns_port, "productpage") == (0, ["10.96.0.7"])  # at once, no control plane
-    assert readiness(world.status_port)[0] == 200
     agent.wait_for(r"serving the saved name table")
+    # the certificate is not kept on disk (without OUTPUT_CERTS): not ready until the CA is back
+    assert readiness(world.status_port) == (503, "no workload certificate yet")
+    world.start_cp()
+    wait_ready(world.status_port)
 
 
 def test_wrong_token_is_logged_retried_and_not_ready(world: World) -> None:
@@ -386,9 +406,10 @@ def test_wrong_token_is_logged_retried_and_not_ready(world: World) -> None:
     agent.wait_for(r"UNAUTHENTICATED.*retrying in", timeout=10)
     agent.wait_for(r"(?s)UNAUTHENTICATED.*retrying in.*UNAUTHENTICATED.*retrying in", timeout=15)
     status, body = readiness(world.status_port)
-    assert status == 503 and "DNS lookup table is not ready yet" in body
+    assert status == 503 and body == "no workload certificate yet"  # the CA refused the token too
     world.token.write_text("the-right-token\n")  # re-read on the next attempt
     wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=40)
+    wait_ready(world.status_port, timeout=60)  # the CA's retries back off (a few seconds after a few)
 
 
 def test_wrong_root_is_logged_retried_and_not_ready(world: World) -> None:

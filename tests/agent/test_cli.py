@@ -91,12 +91,19 @@ def test_unusable_default_root_is_refused_naming_the_path(tmp_path: Path) -> Non
     assert_refused(run_agent(tmp_path, {}), "XDS_ROOT_CA", "./var/run/secrets/istio/root-cert.pem", "is a directory")
 
 
+def test_a_missing_ca_root_is_refused_naming_it(tmp_path: Path) -> None:
+    """As Istio's FindRootCAForCA: the CA connection's root must exist (here the xDS one is the
+    OS store, so only the CA's is missing)."""
+    assert_refused(run_agent(tmp_path, {"XDS_ROOT_CA": "SYSTEM"}), "CA_ROOT_CA (unset: the default)",
+                   "root CA file for the CA does not exist: ./var/run/secrets/istio/root-cert.pem")
+
+
 def test_unusable_token_is_a_warning_and_the_agent_starts(tmp_path: Path) -> None:
     """Istio leaves the bearer header out when the token file cannot be read (mTLS alone may
     authenticate, and kubelet writes the token after start), so this is no start-up error; but a
     directory there will never become a token, and that is said once, at start."""
     (tmp_path / "var/run/secrets/tokens/istio-token").mkdir(parents=True)
-    env = {**os.environ, "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'}
+    env = {**os.environ, "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}', "CA_ROOT_CA": "SYSTEM"}
     agent = Process([PILOTFISH, "agent", "--status-port", "0"], tmp_path / "agent.log", env=env, cwd=tmp_path)
     try:
         agent.wait_for(r"WARNING\s+agent: the token file \./var/run/secrets/tokens/istio-token is a directory: "
@@ -124,7 +131,8 @@ def test_status_port_in_use_is_one_error_line(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = run_agent(tmp_path, {"PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}', "PILOT_DISCOVERY_ADDRESS": "127.0.0.1:1",
-                                    "PILOTFISH_NAMETABLE_CACHE": ""}, "--status-listen", f"127.0.0.1:{port}")
+                                    "PILOTFISH_NAMETABLE_CACHE": "", "CA_ROOT_CA": "SYSTEM"},
+                         "--status-listen", f"127.0.0.1:{port}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"agent: status server cannot listen on port {port}: Address already in use" in proc.stderr
 

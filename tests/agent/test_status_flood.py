@@ -40,6 +40,7 @@ from typing import Self, TypeVar
 
 import pytest
 from dnslib import DNSRecord
+from ca_harness import write_mounted_certs
 from procs import PILOTFISH, Process
 
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
@@ -237,6 +238,7 @@ def agent_in(pod: str, tmp_path: Path) -> Iterator[tuple[Process, int]]:
     saved.write_bytes(table.SerializeToString())
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\nsearch ns1.svc.cluster.local svc.cluster.local\n")
     upstream = in_netns(pod, lambda: MockUpstream(host="127.0.0.1").start())
+    write_mounted_certs(tmp_path / "etc/certs")  # no CA here: the identity from files, ready at once
     env = {**os.environ, "POD_NAMESPACE": "ns1", "ISTIO_META_DNS_CAPTURE": "true",
            "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}', "PILOT_DISCOVERY_ADDRESS": "127.0.0.1:1"}
     agent = Process(netns.ns_argv(pod, ["prlimit", f"--nofile={SOFT_LIMIT}:{SOFT_LIMIT}", PILOTFISH, "agent",
