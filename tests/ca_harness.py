@@ -4,6 +4,7 @@ SDS server running on trio in a thread beside it: what the identity tests drive.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,17 +16,30 @@ from pilotfish.agent.identity.caclient import CaClient
 from pilotfish.agent.identity.sds import SdsService, SecretStore, start_sds
 from pilotfish.agent.identity.settings import identity_config
 from pilotfish.agent.identity.workload import Identity
-from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.ca import (
+    CertificateAuthority,
+    cert_pem,
+    issue_serving,
+    key_pem,
+    new_key,
+    new_root,
+    serving_names,
+)
 from pilotfish.controlplane.casvc import CertificateService
+from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 from pilotfish.xds_client.resources import ResourceCache
 
 ID = "spiffe://cluster.local/ns/default/sa/productpage"
 
 
-class Ca:
-    """istiod's CreateCertificate, as the control plane serves it, for the token `good-token`."""
+Tamper = Callable[[CertificateAuthority, IstioCertificateRequest, IstioCertificateResponse], IstioCertificateResponse]
 
-    def __init__(self, tmp: Path, max_ttl: timedelta) -> None:
+
+class Ca:
+    """istiod's CreateCertificate, as the control plane serves it, for the token `good-token`;
+    `tamper` may spoil what it answers (a CA that misbehaves)."""
+
+    def __init__(self, tmp: Path, max_ttl: timedelta, tamper: Tamper | None = None) -> None:
         now = datetime.now(UTC)
         self.root = new_root(new_key(), now - timedelta(days=1))
         self.root_file = tmp / "root-cert.pem"
@@ -35,6 +49,10 @@ class Ca:
         credentials = grpc.ssl_server_credentials(
             [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), now)))])
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        if tamper is not None:
+            signed = self.service.create
+            self.service.create = lambda request, context: tamper(  # type: ignore[method-assign]
+                self.root, request, signed(request, context))
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         self.port = self.server.add_secure_port("localhost:0", credentials)
         self.server.start()

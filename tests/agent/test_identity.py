@@ -5,17 +5,19 @@ use stays), and bad settings named."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pilotfish.agent.identity.settings import identity_config
 from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE, Identity
 from pilotfish.common.settings import ConfigError
-from pilotfish.controlplane.ca import cert_pem
+from pilotfish.controlplane.ca import CertificateAuthority, cert_pem, new_key, new_root, sign_leaf
+from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
 from ca_harness import ID, Ca, identity
 
@@ -102,3 +104,51 @@ def test_bad_settings_are_named(env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError) as err:
         identity_config({"CA_ROOT_CA": "SYSTEM", **env}, "default", "sa", "istiod:15012", "istiod")
     assert words in str(err.value)
+
+
+
+def _leaf_for(root: CertificateAuthority, public_key: object, identity: str) -> str:
+    leaf = sign_leaf(root, public_key, [x509.UniformResourceIdentifier(identity)],  # type: ignore[arg-type]
+                     [ExtendedKeyUsageOID.SERVER_AUTH], datetime.now(UTC), timedelta(hours=1))
+    return cert_pem(leaf).decode()
+
+
+def tamper(bad: str):  # type: ignore[no-untyped-def]
+    """Answers the first request as the CA signed it, every later one spoilt as `bad` says."""
+    calls = []
+
+    def spoil(root: CertificateAuthority, request: IstioCertificateRequest,
+              response: IstioCertificateResponse) -> IstioCertificateResponse:
+        calls.append(1)
+        if len(calls) == 1:
+            return response
+        public_key = x509.load_pem_x509_csr(request.csr.encode()).public_key()
+        if bad == "one-element":
+            del response.cert_chain[1:]
+        elif bad == "other-root":
+            response.cert_chain[-1] = cert_pem(new_root(new_key(), datetime.now(UTC) - timedelta(days=1)).cert).decode()
+        elif bad == "wrong-san":
+            response.cert_chain[0] = _leaf_for(root, public_key, ID.replace("productpage", "admin"))
+        elif bad == "other-key":
+            response.cert_chain[0] = _leaf_for(root, new_key().public_key(), ID)
+        return response
+
+    return spoil
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    ("one-element", "chain of 1 element"), ("other-root", "no root of the response signed"),
+    ("wrong-san", "want spiffe://cluster.local/ns/default/sa/productpage"), ("other-key", "another key"),
+])
+def test_a_bad_ca_response_is_logged_and_the_certificate_in_use_stays(
+        tmp_path: Path, bad: str, words: str, caplog: pytest.LogCaptureFixture) -> None:
+    ca = Ca(tmp_path, timedelta(seconds=2), tamper(bad))  # 2 s: the renewal comes at once
+    try:
+        component = identity(tmp_path, ca)
+        run_until(component, lambda: component.failures >= 1)
+        assert component.current is not None and component.renewals == 0
+        served = component.cache.get(WORKLOAD_CERTIFICATE)
+        assert served is not None and served.value is component.current
+        assert words in caplog.text and "no certificate from the CA" in caplog.text
+    finally:
+        ca.stop()
