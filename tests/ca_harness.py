@@ -49,10 +49,16 @@ class Ca:
         credentials = grpc.ssl_server_credentials(
             [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), now)))])
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        if tamper is not None:
-            signed = self.service.create
-            self.service.create = lambda request, context: tamper(  # type: ignore[method-assign]
-                self.root, request, signed(request, context))
+        self.down = False  # while set, every call fails UNAVAILABLE, as a CA that went away
+        signed = self.service.create
+
+        def create(request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:
+            if self.down:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the CA is down (test)")
+            response = signed(request, context)
+            return response if tamper is None else tamper(self.root, request, response)
+
+        self.service.create = create  # type: ignore[method-assign]
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         self.port = self.server.add_secure_port("localhost:0", credentials)
         self.server.start()

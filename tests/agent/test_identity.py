@@ -13,6 +13,7 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pilotfish.agent.identity import workload
 from pilotfish.agent.identity.settings import identity_config
 from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE, Identity
 from pilotfish.common.settings import ConfigError
@@ -134,6 +135,23 @@ def tamper(bad: str):  # type: ignore[no-untyped-def]
         return response
 
     return spoil
+
+
+@pytest.mark.parametrize("ca", [timedelta(seconds=4)], indirect=True)
+def test_the_ca_down_across_a_renewal_then_back(tmp_path: Path, ca: Ca, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CA goes down while the certificate is renewed (serving again renews at once): the
+    certificate in use keeps serving through the failures; when the CA is back the renewal
+    succeeds."""
+    monkeypatch.setattr(workload, "failure_delay", lambda failures, draw: 0.2)  # quick retries
+    component = identity(tmp_path, ca)
+    run_until(component, lambda: component.current is not None)
+    held = component.current
+    ca.down = True
+    run_until(component, lambda: component.failures >= 2)
+    assert component.current is held
+    ca.down = False
+    run_until(component, lambda: component.current is not held)
+    assert component.renewals == 1 and component.current is not None and component.current.serial != held.serial
 
 
 @pytest.mark.parametrize(("bad", "words"), [
