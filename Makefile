@@ -40,6 +40,7 @@ bench: system-deps venv
 	$(PY) bench/agent_bench.py
 	$(PY) bench/controlplane_bench.py
 	$(PY) bench/startup_bench.py
+	$(PY) bench/identity_bench.py
 
 demo: system-deps venv
 	demo/mesh.sh
