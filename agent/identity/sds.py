@@ -3,8 +3,8 @@
 
 Secrets: `default` (the workload's chain and key) and `ROOTCA` (its roots, with the CRL file when
 there is one) from the workload certificate in the resource cache; `file-cert:<cert>~<key>` and
-`file-root:<path>` from files, read when asked. A rotation pushes `default`, and `ROOTCA` when
-the root changed, to the streams watching them. A stream that asks before the first
+`file-root:<path>` from files, read when asked and pushed again when a file changes. A rotation
+pushes `default`, and `ROOTCA` when the root changed, to the streams watching them. A stream that asks before the first
 certificate is answered when it comes.
 
 The socket is created 0600 in a directory made 0700 when we make it: whoever can connect gets
@@ -36,6 +36,7 @@ from google.protobuf.any_pb2 import Any
 
 from pilotfish.common.dirs import make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.watch import Signature, file_signature
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
 from pilotfish.xds_client.resources import ResourceCache
 
@@ -52,6 +53,7 @@ SOCKET_NAME = "socket"
 CRL_FILE = "./var/run/secrets/istio/crl/ca-crl.pem"
 FILE_LIMIT = 1 << 20
 MAX_STREAMS = 256  # Envoy opens one per secret name: a handful
+FILE_POLL = 1.0  # seconds between looks at a stream's file secrets
 SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path, less the NUL)
 
 
@@ -150,8 +152,14 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         with self._lock:
             self._inboxes.add(inbox)
         stream = SdsStream()
+        files = FileWatch()
         try:
-            while (item := inbox.get()) is not CLOSED:
+            while (item := _next(inbox, files.polling(stream.watched))) is not CLOSED:
+                if item is None:  # a look at the files of the file secrets this stream watches
+                    changed = files.changed(stream.watched)
+                    if not changed:
+                        continue
+                    item = Changed(changed)
                 try:
                     if isinstance(item, Changed):
                         names = stream.on_change(item.names)
@@ -165,6 +173,7 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     log.warning("sds: node %s asked for a secret that cannot be served: %s", stream.node_id, err)
                     context.abort(grpc.StatusCode.NOT_FOUND, str(err))
                 if response is not None:
+                    files.sent(names)
                     stream.sent(response.nonce)
                     self.pushes += 1
                     log.info("sds: sent %s to %s (version %s)", ", ".join(names), stream.node_id, response.version_info)
@@ -184,6 +193,45 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         if response is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "no certificate yet")
         return response
+
+
+def _file_paths(name: str) -> tuple[str, ...]:
+    """The files a file secret is read from (none for the others)."""
+    if name.startswith("file-cert:"):
+        return tuple(name[len("file-cert:"):].partition("~")[::2])
+    if name.startswith("file-root:"):
+        return (name[len("file-root:"):],)
+    return ()
+
+
+class FileWatch:
+    """The files of one stream's file secrets, as they were when last sent: looked at every
+    FILE_POLL seconds while the stream watches any, a change pushes that secret again (a
+    rotated Secret volume, a renewed certificate file). Per stream, on its own thread: nothing
+    to start or stop."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Signature | None, ...]] = {}
+
+    def polling(self, watched: Iterable[str]) -> float | None:
+        return FILE_POLL if any(_file_paths(name) for name in watched) else None
+
+    def sent(self, names: Iterable[str]) -> None:
+        for name in names:
+            if _file_paths(name):
+                self._seen[name] = tuple(file_signature(path) for path in _file_paths(name))
+
+    def changed(self, watched: Iterable[str]) -> tuple[str, ...]:
+        return tuple(name for name in sorted(watched) if name in self._seen and
+                     self._seen[name] != tuple(file_signature(path) for path in _file_paths(name)))
+
+
+def _next(inbox: queue.SimpleQueue[object], timeout: float | None) -> object:
+    """The next item of the inbox, or None after `timeout` seconds without one."""
+    try:
+        return inbox.get(timeout=timeout)
+    except queue.Empty:
+        return None
 
 
 def socket_path(env_name: str) -> str:

@@ -24,6 +24,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc.status_pb2 import Status
 
 from pilotfish.agent.identity.issued import Issued
+from pilotfish.agent.identity import sds as sds_module
 from pilotfish.agent.identity.sds import SdsService, SecretStore, start_sds
 from pilotfish.agent.identity.sdscore import SECRET_TYPE, SdsStream, StreamEnd
 from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE
@@ -232,3 +233,24 @@ def test_a_healthy_socket_of_someone_else_is_left_alone_and_a_stale_one_replaced
     server = start_sds(SdsService(SecretStore(ResourceCache())), path)
     assert server is not None
     server.stop(None)
+
+
+def test_a_file_secret_is_pushed_again_when_its_file_changes(sds: tuple[str, ResourceCache, SdsService],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sds_module, "FILE_POLL", 0.05)
+    path, _, _ = sds
+    root = tmp_path / "ca.pem"
+    root.write_bytes(cert_pem(ROOT.cert))
+    client = Client(path)
+    try:
+        client.send(req(f"file-root:{root}", node=True))
+        first = client.receive()
+        client.send(req(f"file-root:{root}", nonce=first.nonce))  # the ACK: not answered
+        other = new_root(new_key(), NOW - timedelta(days=1))
+        replacement = tmp_path / "ca.pem.new"
+        replacement.write_bytes(cert_pem(other.cert))
+        os.replace(replacement, root)  # as a Secret volume or cert-manager replaces it
+        pushed = secrets(client.receive())[f"file-root:{root}"]
+        assert pushed.validation_context.trusted_ca.inline_bytes == cert_pem(other.cert)
+    finally:
+        client.close()
