@@ -432,11 +432,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                           node, type_url or "an empty type")
 
 
-def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials,
+def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCredentials | None,
                  keepalive: Keepalive = ISTIOD_KEEPALIVE,
                  handlers: Sequence[grpc.GenericRpcHandler] = ()) -> tuple[grpc.Server, int]:
-    """Bind `listen` (host:port, port 0 for any) with TLS and start; returns the server and port.
-    `handlers` serve more services on the same port (the certificate service, as istiod's 15012).
+    """Bind `listen` (host:port, port 0 for any) with TLS, or in plaintext behind the control
+    plane's own TLS (`credentials` None: controlplane/tlsfront.py), and start; returns the server
+    and port. `handlers` serve more services on the same port (the certificate service, as
+    istiod's 15012).
 
     OSError if the address cannot be bound (in use, not local, no permission).
     """
@@ -453,7 +455,10 @@ def start_server(servicer: AdsServicer, listen: str, credentials: grpc.ServerCre
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers(tuple(handlers))
     try:
-        port = server.add_secure_port(listen, credentials)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as err:  # grpcio >= 1.60 raises instead of returning 0
         raise OSError(f"cannot listen on {listen}: {err}") from None
     if port == 0:

@@ -144,8 +144,12 @@ class CertificateService:
     """The gRPC shell of `decide`."""
 
     def __init__(self, ca: CertificateAuthority, identities: Callable[[], Mapping[str, str]], max_ttl: timedelta,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 peer_certificate: Callable[[str], bytes | None] | None = None) -> None:
+        """`peer_certificate` gives a caller's client certificate (PEM) by its gRPC peer address
+        (controlplane/tlsfront.py); without it, gRPC's own TLS is asked."""
         self.ca = ca
+        self.peer_certificate = peer_certificate
         self.identities = identities
         self.max_ttl = max_ttl
         self.clock = clock
@@ -161,8 +165,11 @@ class CertificateService:
             identities = {}
         caller = token_caller(header if isinstance(header, str) else None, identities)
         if caller is None:
-            certs = context.auth_context().get("x509_pem_cert") or [None]
-            caller = certificate_caller(certs[0], self.ca, now)
+            if self.peer_certificate is not None:
+                pem = self.peer_certificate(context.peer())
+            else:
+                pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
+            caller = certificate_caller(pem, self.ca, now)
         return caller
 
     def create(self, request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:

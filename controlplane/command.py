@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import trio
@@ -43,6 +43,7 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, Snapshot, start_server
 from .casvc import CertificateService, read_identities
+from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
     CAError,
     CertificateAuthority,
@@ -160,22 +161,25 @@ def _token_file_problem(path: str) -> str | None:
     return None if token else "empty"
 
 
-def probe_listen(host: str, port: int) -> None:
-    """Bind the address once with a plain socket, so a port in use or an address that is not
-    local is reported with the system's reason, before the root CA is touched (grpcio only says
-    "Failed to bind"). OSError with the message to show."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket agents connect to (TLS is this process's: controlplane/tlsfront.py),
+    bound before the root CA is touched, so that a port in use or an address that is not local
+    is reported with the system's reason. OSError with the message to show."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
             bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as err:
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio: TIME_WAIT is free
-        try:
-            sock.bind(sockaddr)
-        except OSError as err:
-            raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio: TIME_WAIT is free
+    try:
+        sock.bind(sockaddr)
+        sock.listen(1024)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 def root_ca(state_dir: str, now: datetime) -> CertificateAuthority:
@@ -319,13 +323,19 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
             log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
             return 2
         hub = MeshHub(snapshot)
-        server = _start(args, host, port, names, hub)
-        if isinstance(server, int):
-            return server
+        started = _start(args, host, port, names, hub)
+        if isinstance(started, int):
+            return started
+        server, front, listener = started
         log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
         reload = functools.partial(_reload, args.mesh, hub, args.dual_stack)
-        stopped = await _until_stopped(
-            stops, functools.partial(watch_file, args.mesh, signature, MESH_POLL, reload, hups))
+
+        async def serve() -> NoReturn:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(front.serve, listener)
+                await watch_file(args.mesh, signature, MESH_POLL, reload, hups)
+
+        stopped = await _until_stopped(stops, serve)
         log.info("controlplane: %s, shutting down", stopped.name)
         # still inside the receivers: a second SIGTERM meanwhile is not the default action (exit)
         await trio.to_thread.run_sync(lambda: server.stop(grace=None).wait())
@@ -334,12 +344,13 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
 
 
 def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.GeneralName],
-           hub: MeshHub) -> grpc.Server | int:
-    """The gRPC server started on grpcio's threads (with the root CA and the serving certificate
-    it needs), or the exit status of what failed, logged. Each step takes milliseconds, so a
-    stop signal meanwhile is acted on when it is done."""
+           hub: MeshHub) -> tuple[grpc.Server, TlsFront, trio.SocketListener] | int:
+    """The gRPC server started on grpcio's threads on a loopback port, the TLS front for it (with
+    the root CA and the serving certificate it needs) and its listener, or the exit status of
+    what failed, logged. Each step takes milliseconds, so a stop signal meanwhile is acted on
+    when it is done."""
     try:
-        probe_listen(host, port)
+        sock = bind_listener(host, port)
     except OSError as err:
         log.error("controlplane: %s", err)
         return 1
@@ -361,20 +372,24 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
             return 1
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()
-    credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, names, now)))])
+    context = server_context(key_pem(key), cert_pem(issue_serving(ca, key, names, now)), cert_pem(ca.cert))
     identities = args.identities
+    peers = PeerCertificates()
     certificates = CertificateService(
         ca, (lambda: read_identities(identities, args.trust_domain)) if identities else dict,
-        timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")))
+        timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup)
     try:
-        server, bound = start_server(AdsServicer(hub, args.token_file), f"{host}:{port}", credentials,
-                                     handlers=[certificates.handler()])
-    except OSError as err:  # the port was taken since the probe
+        server, backend = start_server(AdsServicer(hub, args.token_file), "127.0.0.1:0", None,
+                                       handlers=[certificates.handler()])
+    except OSError as err:
+        sock.close()
         log.error("controlplane: %s", err)
         return 1
+    bound = sock.getsockname()[1]
     log.info("controlplane: listening on %s:%d (TLS as %s)", host, bound,
              ", ".join(str(n.value) for n in names))
-    return server
+    front = TlsFront(context, ("127.0.0.1", backend), peers)
+    return server, front, trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def _reload(path: str, hub: MeshHub, dual_stack: bool, why: str) -> None:

@@ -212,6 +212,7 @@ def test_control_plane_away_then_back(world: World) -> None:
     cp = world.start_cp()
     agent = world.start_agent()
     wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+    wait_ready(world.status_port)  # the table and the certificate held
     cp.stop(signal_kill())
     agent.wait_for(r"xds: connection to .* ended")
     for _ in range(5):  # the last table keeps serving, and the agent stays ready

@@ -40,7 +40,7 @@ from pilotfish.controlplane.command import (
     ROOT_KEY_FILE,
     load_snapshot,
     parse_listen,
-    probe_listen,
+    bind_listener,
     root_ca,
     write_atomic,
 )
@@ -559,16 +559,16 @@ def test_parse_listen_rejects(value: str) -> None:
         parse_listen(value)
 
 
-def test_probe_listen_names_the_reason() -> None:
+def test_bind_listener_names_the_reason() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
-            probe_listen("127.0.0.1", port)
-    probe_listen("[::1]", 0)
+            bind_listener("127.0.0.1", port)
+    bind_listener("[::1]", 0).close()
     with pytest.raises(OSError, match="cannot listen on 192.0.2.1:15012"):
-        probe_listen("192.0.2.1", 15012)  # TEST-NET: not an address of this host
+        bind_listener("192.0.2.1", 15012)  # TEST-NET: not an address of this host
 
 
 def test_open_files_soft_limit_raised_at_start(tmp_path: Path) -> None:
