@@ -234,8 +234,6 @@ ENV_ONLY = {
     "envoy_user": "ENVOY_USER",
     "dry_run_file_path": "DRY_RUN_FILE_PATH",
 }
-# The settings that name interfaces (-i is a CIDR list; the planner's own "lo" is fixed).
-INTERFACE_FIELDS = ("exclude_interfaces", "kube_virt_interfaces")
 _BY_LONG = {f.long: f for f in FLAGS}
 _BY_SHORT = {f.short: f for f in FLAGS if f.short}
 IFNAMSIZ = 16  # the kernel's buffer for an interface name, NUL included: at most 15 bytes
@@ -408,7 +406,9 @@ def parse_capture(config: CaptureConfig) -> Capture:
         raise ConfigError(f"{setting(config, 'service_exclude_cidr')}: '*' is not allowed")
     include = parse_cidrs(config.service_cidr, setting(config, "service_cidr"))
     exclude = parse_cidrs(config.service_exclude_cidr, setting(config, "service_exclude_cidr")) or []
-    excluded_interfaces, virtual_interfaces = (_interfaces(config, name) for name in INTERFACE_FIELDS)
+    # the settings that name interfaces (-i is a CIDR list; the planner's own "lo" is fixed)
+    excluded_interfaces, virtual_interfaces = (_interfaces(config, name) for name in (
+        "exclude_interfaces", "kube_virt_interfaces"))
     for name in ("proxy_uid", "proxy_gid"):
         for item in split_list(getattr(config, name)):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", item):
