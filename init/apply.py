@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .backends import Backend, BackendError
-from .planner import Plan, Rule
+from .planner import Plan
+from .rules import Rule
 from .restore import TABLES, TableState, parse_save
 from .state import Transition, describe, transition, view
 

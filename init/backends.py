@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .nslock import LOCK_WAIT, LockError, flock_wait
-from .planner import V4, Rule
+from .rules import V4, Rule
 from .restore import BUILTIN_TARGETS, parse_save
 from .ruleargs import parse_rule_args
-from .state import OUR_CHAINS, Op
+from .state import OUR_CHAINS, Op, OpKind
 
 log = logging.getLogger("pilotfish.init")
 
@@ -246,17 +246,17 @@ def in_child(action: Callable[[], None]) -> None:
 
 
 def _apply_iptc(iptc: Any, table: Any, op: Op, rule: Any) -> None:
-    if op.kind == "delete":
+    if op.kind is OpKind.DELETE:
         # By number, as `iptables -D CHAIN N` does: reading the rule back first (Chain.rules) makes
         # python-iptables open every table of the family to classify its target, which creates
         # the ones missing (a legacy `security` table appeared after a reconcile).
         if not table._iptc.iptc_delete_num_entry(op.chain.encode(), op.index - 1, table._handle):
             raise iptc.IPTCError(f"can't delete rule {op.index} of {op.chain}: {table.strerror()}")
-    elif op.kind == "flush":
+    elif op.kind is OpKind.FLUSH:
         iptc.Chain(table, op.chain).flush()
-    elif op.kind == "delete-chain":
+    elif op.kind is OpKind.DELETE_CHAIN:
         table.delete_chain(op.chain)
-    elif op.kind == "new-chain":
+    elif op.kind is OpKind.NEW_CHAIN:
         table.create_chain(op.chain)
     else:
         assert op.rule is not None

@@ -16,7 +16,7 @@ import ipaddress
 import socket
 from collections.abc import Callable
 
-from .planner import Rule
+from .rules import Rule
 from .ruleargs import BASE_OPTIONS, Module, parse_rule_args
 
 CTSTATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")

@@ -20,11 +20,12 @@ from pilotfish.common.atomic import write_atomic
 from .apply import ApplyError, Result, run_tables
 from .backends import Backend, BackendError, choose
 from .canonical import canonical
-from .config import CaptureConfig, ConfigError, effective_backend, parse_args, validate
+from .config import CaptureConfig, ConfigError, Detected, effective_backend, parse_args, validate
 from .detect import check_names, detect, group_id, host_is_ipv6, user_id
 from .nslock import LockError, namespace_lock
-from .planner import Detected, Plan, Rule, plan
+from .planner import Plan, plan
 from .restore import dry_run_text
+from .rules import Rule
 from .routespec import (
     PASSTHROUGH_V6,
     RouteSpec,
@@ -90,11 +91,12 @@ def _canon(rule: Rule, family: int) -> str:
 
 
 def _apply(config: CaptureConfig, the_plan: Plan, detected: Detected) -> int:
+    capture = config.capture
     spec = RouteSpec(
-        mark=int(config.inbound_tproxy_mark),
-        table=int(config.inbound_tproxy_route_table),
+        mark=capture.tproxy_mark,
+        table=capture.tproxy_route_table,
         families=the_plan.families,
-        tproxy=config.tproxy and bool(config.inbound_ports),
+        tproxy=capture.tproxy and capture.capture_inbound,
         passthrough_v6=6 in the_plan.families,
     )
     try:

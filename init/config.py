@@ -18,16 +18,18 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import NewType
 
 from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
 
-__all__ = ["ConfigError", "CaptureConfig", "parse_args", "validate"]
+__all__ = ["ConfigError", "Capture", "CaptureConfig", "Detected", "parse_args", "validate"]
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Everything istio-iptables reads, plus pilotfish's own switches. Lists stay strings, as
-    Istio keeps them, and are split where they are used."""
+    """Everything istio-iptables reads, plus pilotfish's own switches, as the flags and variables
+    say it (text). What the rules are made of is parsed from it once, into `capture`."""
 
     envoy_port: str = "15001"
     inbound_capture_port: str = "15006"
@@ -79,6 +81,92 @@ class CaptureConfig:
     @property
     def tproxy(self) -> bool:
         return self.inbound_interception_mode == "TPROXY"
+
+    @cached_property
+    def capture(self) -> Capture:
+        """The typed settings the rules are made of, parsed on first use and kept (validate()
+        is that first use in a run); ConfigError names the setting of a bad value."""
+        return parse_capture(self)
+
+
+Cidr = ipaddress.IPv4Interface | ipaddress.IPv6Interface  # an address with its prefix, host bits kept
+Interface = NewType("Interface", str)  # a name interface_problem() accepts
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """One item of a port list: a port (`first == last`) or `first:last`, 1-65535, first <= last."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The settings the rules are made of, in typed values: the planner reads these, never text.
+    None stands for Istio's `*` (every port, every address, every group)."""
+
+    envoy_port: int
+    inbound_capture_port: int
+    inbound_tunnel_port: int
+    probe_port: int
+    tproxy: bool
+    # -b is set: Istio tests the text, so `-b ,` adds the inbound jump with no port to capture
+    capture_inbound: bool
+    inbound_ports: tuple[PortRange, ...] | None
+    local_exclude_ports: tuple[PortRange, ...]
+    outbound_ports: tuple[PortRange, ...]
+    outbound_exclude_ports: tuple[PortRange, ...]
+    tproxy_mark: int
+    tproxy_route_table: int
+    include_cidrs: tuple[Cidr, ...] | None
+    exclude_cidrs: tuple[Cidr, ...]
+    exclude_interfaces: tuple[Interface, ...]
+    virtual_interfaces: tuple[Interface, ...]
+    owner_groups_include: tuple[str, ...] | None
+    owner_groups_exclude: tuple[str, ...]
+    ipv4_loopback: ipaddress.IPv4Interface
+    redirect_dns: bool
+    capture_all_dns: bool
+    drop_invalid: bool
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    """A DNS server to capture: its address, and its text as detection gave it, which the rules
+    use as it is (Istio does; the golden `::127.0.0.53` would print as `::7f00:35`)."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    text: str
+
+    @property
+    def version(self) -> int:
+        return self.address.version
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What istio-iptables detects at run time (detect.py finds it, tests inject it), in the text
+    detection yields; the properties give its typed values."""
+
+    enable_ipv6: bool = False
+    dns_servers_v4: tuple[str, ...] = ()
+    dns_servers_v6: tuple[str, ...] = ()
+    proxy_uid: str = "1337"  # resolved -u (ENVOY_USER's uid when -u is empty)
+    proxy_gid: str = "1337"  # resolved -g (the uid string when -g is empty)
+
+    @property
+    def uids(self) -> tuple[str, ...]:
+        return tuple(split_list(self.proxy_uid))
+
+    @property
+    def gids(self) -> tuple[str, ...]:
+        return tuple(split_list(self.proxy_gid))
+
+    @property
+    def nameservers(self) -> tuple[Nameserver, ...]:
+        """The DNS servers, IPv4 first."""
+        return tuple(Nameserver(ipaddress.ip_address(s), s) for s in self.dns_servers_v4 + self.dns_servers_v6)
 
 
 @dataclass(frozen=True)
@@ -146,8 +234,6 @@ ENV_ONLY = {
     "envoy_user": "ENVOY_USER",
     "dry_run_file_path": "DRY_RUN_FILE_PATH",
 }
-# The settings that name interfaces (-i is a CIDR list; the planner's own "lo" is fixed).
-INTERFACE_FIELDS = ("exclude_interfaces", "kube_virt_interfaces")
 _BY_LONG = {f.long: f for f in FLAGS}
 _BY_SHORT = {f.short: f for f in FLAGS if f.short}
 IFNAMSIZ = 16  # the kernel's buffer for an interface name, NUL included: at most 15 bytes
@@ -231,13 +317,23 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> tuple[CaptureConf
     return replace(CaptureConfig(), **values), positional  # type: ignore[arg-type]
 
 
-def _check_port(port: str, setting: str, allow_range: bool = False) -> None:
+def _check_port(port: str, setting: str, allow_range: bool = False) -> PortRange:
     parts = port.split(":") if allow_range else [port]
     if len(parts) > 2 or not all(p.isdigit() and 0 < int(p) <= 65535 for p in parts):
         kind = "port or range (1-65535)" if allow_range else "port (1-65535)"
         raise ConfigError(f"{setting}: invalid {kind}: {port!r}")
-    if len(parts) == 2 and int(parts[0]) > int(parts[1]):
+    first, last = int(parts[0]), int(parts[-1])
+    if first > last:
         raise ConfigError(f"{setting}: reversed port range {port!r} (want first:last, first <= last)")
+    return PortRange(first, last)
+
+
+def _port(config: CaptureConfig, name: str) -> int:
+    return _check_port(getattr(config, name), setting(config, name)).first
+
+
+def _ports(config: CaptureConfig, name: str) -> tuple[PortRange, ...]:
+    return tuple(_check_port(p, setting(config, name), allow_range=True) for p in split_list(getattr(config, name)))
 
 
 def interface_problem(name: str) -> str | None:
@@ -266,9 +362,6 @@ def interface_problem(name: str) -> str | None:
     return None
 
 
-Cidr = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
 def parse_cidrs(value: str, setting: str) -> list[Cidr] | None:
     """A CIDR list (`-i`, `-x`); None for the wildcard `*`. Like Go's netip.ParsePrefix the
     address keeps its host bits; IPv4-mapped IPv6 prefixes count as IPv6."""
@@ -293,16 +386,14 @@ def cidr_text(cidr: Cidr) -> str:
     return f"{address}/{cidr.network.prefixlen}"
 
 
-def validate(config: CaptureConfig) -> None:
-    """Every check that can be made without touching the system; ConfigError on the first fault."""
-    for name in ("envoy_port", "inbound_capture_port", "inbound_tunnel_port", "iptables_probe_port"):
-        _check_port(getattr(config, name), setting(config, name))
-    if config.inbound_ports != "*":
-        for port in split_list(config.inbound_ports):
-            _check_port(port, setting(config, "inbound_ports"), allow_range=True)
-    for name in ("local_exclude_ports", "outbound_ports", "local_outbound_ports_exclude"):
-        for port in split_list(getattr(config, name)):
-            _check_port(port, setting(config, name), allow_range=True)
+def parse_capture(config: CaptureConfig) -> Capture:
+    """The settings the rules are made of, parsed and checked (ConfigError on the first fault,
+    naming the setting); `config.capture` keeps the result."""
+    envoy, inbound, tunnel, probe = (_port(config, name) for name in (
+        "envoy_port", "inbound_capture_port", "inbound_tunnel_port", "iptables_probe_port"))
+    inbound_ports = None if config.inbound_ports == "*" else _ports(config, "inbound_ports")
+    exclude_ports, outbound_ports, outbound_exclude = (_ports(config, name) for name in (
+        "local_exclude_ports", "outbound_ports", "local_outbound_ports_exclude"))
     if config.inbound_interception_mode not in ("", "REDIRECT", "TPROXY"):
         hint = " (TPROXY is case-sensitive; istio-iptables would silently use REDIRECT)" if (
             config.inbound_interception_mode.upper() == "TPROXY") else ""
@@ -310,27 +401,57 @@ def validate(config: CaptureConfig) -> None:
             f"{setting(config, 'inbound_interception_mode')}: unknown mode "
             f"{config.inbound_interception_mode!r}, want REDIRECT or TPROXY{hint}"
         )
-    for name in ("inbound_tproxy_mark", "inbound_tproxy_route_table"):
-        value = getattr(config, name)
-        if not value.isdigit() or not 0 < int(value) < 2**32:
-            raise ConfigError(f"{setting(config, name)}: want a decimal number, got {value!r}")
+    mark, route_table = (_number(config, name) for name in ("inbound_tproxy_mark", "inbound_tproxy_route_table"))
     if config.service_exclude_cidr == "*":
         raise ConfigError(f"{setting(config, 'service_exclude_cidr')}: '*' is not allowed")
-    parse_cidrs(config.service_cidr, setting(config, "service_cidr"))
-    parse_cidrs(config.service_exclude_cidr, setting(config, "service_exclude_cidr"))
-    for name in INTERFACE_FIELDS:
-        for iface in split_list(getattr(config, name)):
-            problem = interface_problem(iface)
-            if problem:
-                raise ConfigError(f"{setting(config, name)}: invalid interface name {iface!r}: {problem}")
+    include = parse_cidrs(config.service_cidr, setting(config, "service_cidr"))
+    exclude = parse_cidrs(config.service_exclude_cidr, setting(config, "service_exclude_cidr")) or []
+    # the settings that name interfaces (-i is a CIDR list; the planner's own "lo" is fixed)
+    excluded_interfaces, virtual_interfaces = (_interfaces(config, name) for name in (
+        "exclude_interfaces", "kube_virt_interfaces"))
     for name in ("proxy_uid", "proxy_gid"):
         for item in split_list(getattr(config, name)):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", item):
                 raise ConfigError(f"{setting(config, name)}: invalid user or group {item!r}")
-    groups = config.owner_groups_include
-    if groups != "*" and len(split_list(groups)) > 64:
-        raise ConfigError(f"ISTIO_OUTBOUND_OWNER_GROUPS: at most 64 groups, got {len(split_list(groups))}")
-    _check_loopback_cidr(config.ipv4_loopback_cidr)
+    groups = None if config.owner_groups_include == "*" else tuple(split_list(config.owner_groups_include))
+    if groups is not None and len(groups) > 64:
+        raise ConfigError(f"ISTIO_OUTBOUND_OWNER_GROUPS: at most 64 groups, got {len(groups)}")
+    return Capture(
+        envoy_port=envoy, inbound_capture_port=inbound, inbound_tunnel_port=tunnel, probe_port=probe,
+        tproxy=config.tproxy, capture_inbound=bool(config.inbound_ports), inbound_ports=inbound_ports,
+        local_exclude_ports=exclude_ports, outbound_ports=outbound_ports, outbound_exclude_ports=outbound_exclude,
+        tproxy_mark=mark, tproxy_route_table=route_table,
+        include_cidrs=None if include is None else tuple(include), exclude_cidrs=tuple(exclude),
+        exclude_interfaces=excluded_interfaces, virtual_interfaces=virtual_interfaces,
+        owner_groups_include=groups, owner_groups_exclude=tuple(split_list(config.owner_groups_exclude)),
+        ipv4_loopback=_loopback_cidr(config.ipv4_loopback_cidr),
+        redirect_dns=config.redirect_dns, capture_all_dns=config.capture_all_dns, drop_invalid=config.drop_invalid,
+    )
+
+
+def _number(config: CaptureConfig, name: str) -> int:
+    """A TPROXY mark or route table: decimal (Istio passes it on as text, and iptables and ip would
+    read `0x539` as hex, `01337` as octal), 1 to 2^32-1."""
+    value = getattr(config, name)
+    if not value.isdigit() or not 0 < int(value) < 2**32:
+        raise ConfigError(f"{setting(config, name)}: want a decimal number, got {value!r}")
+    return int(value)
+
+
+def _interfaces(config: CaptureConfig, name: str) -> tuple[Interface, ...]:
+    out = []
+    for iface in split_list(getattr(config, name)):
+        problem = interface_problem(iface)
+        if problem:
+            raise ConfigError(f"{setting(config, name)}: invalid interface name {iface!r}: {problem}")
+        out.append(Interface(iface))
+    return tuple(out)
+
+
+def validate(config: CaptureConfig) -> Capture:
+    """Every check that can be made without touching the system; ConfigError on the first fault.
+    Returns the typed settings (parsed once, kept as `config.capture`)."""
+    capture = config.capture
     if config.force_iptables_binary not in ("", "legacy", "nft"):
         raise ConfigError(f"--force-iptables-binary: want legacy or nft, got {config.force_iptables_binary!r}")
     if config.iptables_backend not in ("auto", "legacy", "nft"):
@@ -345,17 +466,17 @@ def validate(config: CaptureConfig) -> None:
         raise ConfigError("--cleanup-only and --skip-rule-apply cannot be combined")
     if config.probe_timeout <= 0:
         raise ConfigError(f"--probe-timeout: must be positive, got {config.probe_timeout}s")
+    return capture
 
 
-def _check_loopback_cidr(value: str) -> None:
+def _loopback_cidr(value: str) -> ipaddress.IPv4Interface:
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError:
         iface = None
     if (
-        iface is None
+        not isinstance(iface, ipaddress.IPv4Interface)
         or "/" not in value
-        or iface.version != 4
         or not iface.ip.is_loopback
         or not 8 <= iface.network.prefixlen <= 32
     ):
@@ -363,6 +484,7 @@ def _check_loopback_cidr(value: str) -> None:
             f"ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: want an IPv4 loopback CIDR with a prefix of 8-32, "
             f"got {value!r}"
         )
+    return iface
 
 
 def setting(config: CaptureConfig, field_name: str) -> str:

@@ -13,8 +13,7 @@ import socket
 from pilotfish.common.netfacts import local_addresses
 from pilotfish.common.resolv import parse_resolv_conf
 
-from .config import CaptureConfig, ConfigError, split_list
-from .planner import Detected
+from .config import CaptureConfig, ConfigError, Detected
 
 DEFAULT_PROXY_UID = "1337"
 
@@ -93,11 +92,12 @@ def group_id(name: str) -> str:
 def check_names(config: CaptureConfig, detected: Detected) -> None:
     """Every user and group the rules name must exist before a rule is written (iptables would
     fail half way through)."""
-    checks = [("-u/--proxy-uid", user_id, split_list(detected.proxy_uid)),
-              ("-g/--proxy-gid", group_id, split_list(detected.proxy_gid)),
-              ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", group_id, split_list(config.owner_groups_exclude))]
-    if config.owner_groups_include != "*":
-        checks.append(("ISTIO_OUTBOUND_OWNER_GROUPS", group_id, split_list(config.owner_groups_include)))
+    capture = config.capture
+    checks = [("-u/--proxy-uid", user_id, detected.uids),
+              ("-g/--proxy-gid", group_id, detected.gids),
+              ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", group_id, capture.owner_groups_exclude)]
+    if capture.owner_groups_include is not None:
+        checks.append(("ISTIO_OUTBOUND_OWNER_GROUPS", group_id, capture.owner_groups_include))
     for setting, resolve, names in checks:
         for name in names:
             try:

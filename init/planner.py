@@ -1,50 +1,67 @@
-"""The rule planner: a capture configuration and what was detected at run time in, the rules of
-each address family out. Pure; follows istio-iptables' emission order exactly
-(docs/istio-compat.md "istio-iptables rules"), so the restore text is rule for rule Istio's.
+"""The rule planner: the typed capture settings and what was detected at run time in, the rules of
+each address family out. Pure. One function per step of istio-iptables' capture run, called in
+its emission order (docs/istio-compat.md "istio-iptables rules"), so the restore text is rule for
+rule Istio's. Rules are built as data (rules.py) and rendered there, once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from .config import CaptureConfig, cidr_text, parse_cidrs, split_list
+from .config import Capture, CaptureConfig, Detected, Nameserver
+from .rules import (
+    ACCEPT,
+    DROP,
+    RETURN,
+    TCP,
+    UDP,
+    V4,
+    V6,
+    Chain,
+    ConnMark,
+    ConnState,
+    CtZone,
+    Destination,
+    DestinationPort,
+    DestinationPorts,
+    Family,
+    Host,
+    InInterface,
+    Jump,
+    Mark,
+    Match,
+    OutInterface,
+    Owner,
+    Redirect,
+    RestoreMark,
+    Rule,
+    SaveMark,
+    SetMark,
+    Source,
+    SourcePort,
+    Spec,
+    Table,
+    Target,
+    TProxy,
+    families,
+    render,
+)
 
-DNS_PORT = "53"
-DNS_PROXY_PORT = "15053"
-OUTBOUND_MARK = "1338"  # Istio's fixed mark for the proxy's own lo traffic in TPROXY mode
-V4, V6 = 4, 6
-LO_CIDR = "<lo-cidr>"  # placeholders replaced per family ("versioned" rules)
-INBOUND_PASSTHROUGH = "<passthrough>"
+__all__ = ["Detected", "Plan", "Rule", "V4", "V6", "plan"]
 
+DNS_PORT = 53
+DNS_PROXY_PORT = 15053  # the agent's DNS proxy
+OUTBOUND_MARK = 1338  # Istio's fixed mark for the proxy's own lo traffic in TPROXY mode
+# Conntrack zones of DNS: 1 for the agent's flows to the upstream servers, 2 for the app's to the
+# agent, so the two legs of one query never share a conntrack entry.
+UPSTREAM_ZONE, APP_ZONE = 1, 2
 
-@dataclass(frozen=True)
-class Detected:
-    """What istio-iptables detects at run time; tests inject it."""
-
-    enable_ipv6: bool = False
-    dns_servers_v4: tuple[str, ...] = ()
-    dns_servers_v6: tuple[str, ...] = ()
-    proxy_uid: str = "1337"  # resolved -u (ENVOY_USER's uid when -u is empty)
-    proxy_gid: str = "1337"  # resolved -g (the uid string when -g is empty)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule: `-A CHAIN args` or, with `insert`, `-I CHAIN insert args`."""
-
-    table: str
-    chain: str
-    args: tuple[str, ...]
-    insert: int | None = None
-
-    def text(self) -> str:
-        head = f"-I {self.chain} {self.insert}" if self.insert is not None else f"-A {self.chain}"
-        return " ".join((head, *self.args))
-
-    @property
-    def target(self) -> str | None:
-        """The chain or target of a trailing `-j X` (how Istio spots jumps)."""
-        return self.args[-1] if len(self.args) >= 2 and self.args[-2] == "-j" else None
+NAT, MANGLE, RAW = Table.NAT, Table.MANGLE, Table.RAW
+PREROUTING, OUTPUT = Chain.PREROUTING, Chain.OUTPUT
+INBOUND, REDIRECT, IN_REDIRECT = Chain.ISTIO_INBOUND, Chain.ISTIO_REDIRECT, Chain.ISTIO_IN_REDIRECT
+OUTPUT_CHAIN, OUTPUT_DNS = Chain.ISTIO_OUTPUT, Chain.ISTIO_OUTPUT_DNS
+LO = "lo"
 
 
 @dataclass
@@ -56,192 +73,285 @@ class Plan:
     redirect_dns: bool = False  # DNS capture after the no-nameserver check
 
 
-class _Builder:
-    def __init__(self, enable_ipv6: bool, lo4: str) -> None:
+@dataclass(frozen=True)
+class _Run:
+    """What every step reads: the settings, the proxy's owners (uids, then gids), the DNS servers
+    and whether DNS is captured."""
+
+    capture: Capture
+    owners: tuple[Owner, ...]
+    nameservers: tuple[Nameserver, ...]
+    redirect_dns: bool
+
+    def servers(self, version: int) -> list[Nameserver]:
+        return [s for s in self.nameservers if s.version == version]
+
+
+class _Out:
+    """The rule lists being built: a spec goes to every enabled family (`both`), or to one."""
+
+    def __init__(self, enabled: tuple[Family, ...]) -> None:
+        self.families = {f.version: f for f in enabled}
         self.rules: dict[int, list[Rule]] = {V4: [], V6: []}
-        self.ipv6 = enable_ipv6
-        self.values = {V4: {LO_CIDR: lo4, INBOUND_PASSTHROUGH: "127.0.0.6/32"},
-                       V6: {LO_CIDR: "::1/128", INBOUND_PASSTHROUGH: "::6/128"}}
 
-    def add(self, family: int, table: str, chain: str, *args: str, insert: int | None = None) -> None:
-        if family == V6 and not self.ipv6:
-            return
-        values = self.values[family]
-        resolved = tuple(values.get(a, a) for a in args)
-        self.rules[family].append(Rule(table, chain, resolved, insert))
+    def both(self, table: Table, chain: Chain, *matches: Match, to: Target, insert: int | None = None) -> None:
+        for version in self.families:
+            self.only(version, table, chain, *matches, to=to, insert=insert)
 
-    def both(self, table: str, chain: str, *args: str, insert: int | None = None) -> None:
-        self.add(V4, table, chain, *args, insert=insert)
-        self.add(V6, table, chain, *args, insert=insert)
+    def only(self, version: int, table: Table, chain: Chain, *matches: Match, to: Target,
+             insert: int | None = None) -> None:
+        family = self.families.get(version)
+        if family is not None:
+            self.rules[version].append(render(Spec(table, chain, matches, to, insert), family))
 
 
 def plan(config: CaptureConfig, detected: Detected) -> Plan:
     """The rules istio-iptables would install for this configuration."""
-    b = _Builder(detected.enable_ipv6, config.ipv4_loopback_cidr)
-    tproxy = config.tproxy
-    p, z, e = config.envoy_port, config.inbound_capture_port, config.inbound_tunnel_port
-    mark = config.inbound_tproxy_mark
-    uids = split_list(detected.proxy_uid)
-    gids = split_list(detected.proxy_gid)
-    dns_v4, dns_v6 = detected.dns_servers_v4, detected.dns_servers_v6
-    capture_all = config.capture_all_dns
-    redirect_dns = config.redirect_dns and (capture_all or bool(dns_v4 or dns_v6))
-    include = parse_cidrs(config.service_cidr, "-i")
-    exclude = parse_cidrs(config.service_exclude_cidr, "-x") or []
-    virt = split_list(config.kube_virt_interfaces)
-
-    # 1. Excluded interfaces (and again in mangle for TPROXY).
-    for iface in split_list(config.exclude_interfaces):
-        b.both("nat", "PREROUTING", "-i", iface, "-j", "RETURN")
-        b.both("nat", "OUTPUT", "-o", iface, "-j", "RETURN")
-    if tproxy:
-        for iface in split_list(config.exclude_interfaces):
-            b.both("mangle", "PREROUTING", "-i", iface, "-j", "RETURN")
-            b.both("mangle", "OUTPUT", "-o", iface, "-j", "RETURN")
-    # 2. Traffic arriving on virtual interfaces is outbound.
-    for iface in virt:
-        b.both("nat", "PREROUTING", "-i", iface, "-j", "RETURN", insert=1)
-    # 3. Drop conntrack-invalid packets.
-    if config.drop_invalid:
-        b.both("mangle", "PREROUTING", "-m", "conntrack", "--ctstate", "INVALID", "-j", "ISTIO_DROP")
-        b.both("mangle", "ISTIO_DROP", "-j", "DROP")
-    # 4-6. Tunnel port exemption and the two redirect chains.
-    b.both("nat", "ISTIO_INBOUND", "-p", "tcp", "--dport", e, "-j", "RETURN")
-    b.both("nat", "ISTIO_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", p)
-    b.both("nat", "ISTIO_IN_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", z)
-    # 7. Inbound.
-    if config.inbound_ports:
-        table = "mangle" if tproxy else "nat"
-        if tproxy:
-            b.both("mangle", "ISTIO_DIVERT", "-j", "MARK", "--set-mark", mark)
-            b.both("mangle", "ISTIO_DIVERT", "-j", "ACCEPT")
-            b.both("mangle", "ISTIO_TPROXY", "!", "-d", LO_CIDR, "-p", "tcp", "-j", "TPROXY",
-                   "--tproxy-mark", f"{mark}/0xffffffff", "--on-port", z)
-        b.both(table, "PREROUTING", "-p", "tcp", "-j", "ISTIO_INBOUND")
-        if config.inbound_ports == "*":
-            for port in split_list(config.local_exclude_ports):
-                b.both(table, "ISTIO_INBOUND", "-p", "tcp", "--dport", port, "-j", "RETURN")
-            if tproxy:
-                b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "-m", "conntrack", "--ctstate",
-                       "RELATED,ESTABLISHED", "-j", "ISTIO_DIVERT")
-                b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "-j", "ISTIO_TPROXY")
-            else:
-                b.both("nat", "ISTIO_INBOUND", "-p", "tcp", "-j", "ISTIO_IN_REDIRECT")
-        else:
-            for port in split_list(config.inbound_ports):
-                if tproxy:
-                    b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "--dport", port, "-m", "conntrack",
-                           "--ctstate", "RELATED,ESTABLISHED", "-j", "ISTIO_DIVERT")
-                    b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "--dport", port, "-j", "ISTIO_TPROXY")
-                else:
-                    b.both("nat", "ISTIO_INBOUND", "-p", "tcp", "--dport", port, "-j", "ISTIO_IN_REDIRECT")
-    # 8-10. Outbound dispatch, excluded ports, Envoy's inbound passthrough source.
-    b.both("nat", "OUTPUT", "-j", "ISTIO_OUTPUT")
-    for port in split_list(config.local_outbound_ports_exclude):
-        b.both("nat", "ISTIO_OUTPUT", "-p", "tcp", "--dport", port, "-j", "RETURN")
-        b.both("nat", "ISTIO_OUTPUT", "-p", "udp", "--dport", port, "-j", "RETURN")
-    b.both("nat", "ISTIO_OUTPUT", "-o", "lo", "-s", INBOUND_PASSTHROUGH, "-j", "RETURN")
-    # 11-12. The proxy's own traffic.
-    loopback_include = any(c.ip.is_loopback for c in include or [])
-    for owner, ids in (("--uid-owner", uids), ("--gid-owner", gids)):
-        for ident in ids:
-            if redirect_dns and owner == "--uid-owner":
-                b.both("nat", "ISTIO_OUTPUT", "-o", "lo", "!", "-d", LO_CIDR, "-p", "tcp", "-m", "multiport",
-                       "!", "--dports", f"{DNS_PORT},{e}", "-m", "owner", owner, ident, "-j", "ISTIO_IN_REDIRECT")
-            else:
-                b.both("nat", "ISTIO_OUTPUT", "-o", "lo", "!", "-d", LO_CIDR, "-p", "tcp", "!", "--dport", e,
-                       "-m", "owner", owner, ident, "-j", "ISTIO_IN_REDIRECT")
-            if not loopback_include:
-                if redirect_dns:
-                    b.both("nat", "ISTIO_OUTPUT", "-o", "lo", "-p", "tcp", "!", "--dport", DNS_PORT,
-                           "-m", "owner", "!", owner, ident, "-j", "RETURN")
-                else:
-                    b.both("nat", "ISTIO_OUTPUT", "-o", "lo", "-m", "owner", "!", owner, ident, "-j", "RETURN")
-            b.both("nat", "ISTIO_OUTPUT", "-m", "owner", owner, ident, "-j", "RETURN")
-    # 13. Owner groups.
-    if config.owner_groups_include == "*":
-        for group in split_list(config.owner_groups_exclude):
-            b.both("nat", "ISTIO_OUTPUT", "-m", "owner", "--gid-owner", group, "-j", "RETURN")
-    else:
-        negations: list[str] = []
-        for group in split_list(config.owner_groups_include):
-            negations += ["-m", "owner", "!", "--gid-owner", group]
-        b.both("nat", "ISTIO_OUTPUT", *negations, "-j", "RETURN")
-    # 14. DNS.
-    if redirect_dns:
-        _dns(b, capture_all, dns_v4, dns_v6, uids, gids)
-    # 15-16. Localhost and excluded CIDRs.
-    b.both("nat", "ISTIO_OUTPUT", "-d", LO_CIDR, "-j", "RETURN")
-    for family in (V4, V6):
-        for cidr in exclude:
-            if cidr.version == family:
-                b.add(family, "nat", "ISTIO_OUTPUT", "-d", cidr_text(cidr), "-j", "RETURN")
-    # 17. Ports always captured.
-    for port in split_list(config.outbound_ports):
-        b.both("nat", "ISTIO_OUTPUT", "-p", "tcp", "--dport", port, "-j", "ISTIO_REDIRECT")
-    # 18. Outbound include, per family.
-    for family in (V4, V6):
-        if include is None:
-            b.add(family, "nat", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT")
-            for iface in virt:
-                b.add(family, "nat", "PREROUTING", "-i", iface, "-j", "ISTIO_REDIRECT", insert=1)
-        else:
-            for cidr in include:
-                if cidr.version != family:
-                    continue
-                text = cidr_text(cidr)
-                for iface in virt:
-                    b.add(family, "nat", "PREROUTING", "-i", iface, "-d", text, "-j", "ISTIO_REDIRECT", insert=1)
-                b.add(family, "nat", "ISTIO_OUTPUT", "-d", text, "-j", "ISTIO_REDIRECT")
-    # 19. TPROXY tail.
-    if tproxy:
-        b.both("mangle", "PREROUTING", "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark")
-        b.both("mangle", "OUTPUT", "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN")
-        for owner, ids in (("--uid-owner", uids), ("--gid-owner", gids)):
-            for ident in ids:
-                b.both("mangle", "OUTPUT", "!", "-d", LO_CIDR, "-p", "tcp", "-o", "lo", "-m", "owner", owner,
-                       ident, "-j", "MARK", "--set-mark", OUTBOUND_MARK)
-        b.both("mangle", "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark")
-        b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN", insert=1)
-        b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "-s", INBOUND_PASSTHROUGH, "-i", "lo", "-j", "RETURN", insert=2)
-        b.both("mangle", "ISTIO_INBOUND", "-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", OUTBOUND_MARK,
-               "-j", "RETURN", insert=3)
-    families = (V4, V6) if detected.enable_ipv6 else (V4,)
-    return Plan(b.rules, families, redirect_dns)
+    capture = config.capture
+    nameservers = detected.nameservers
+    run = _Run(
+        capture=capture,
+        owners=tuple(Owner(u) for u in detected.uids) + tuple(Owner(g, group=True) for g in detected.gids),
+        nameservers=nameservers,
+        # Istio drops DNS capture (with a warning) when there is no nameserver to capture
+        redirect_dns=capture.redirect_dns and (capture.capture_all_dns or bool(nameservers)),
+    )
+    enabled = families(capture.ipv4_loopback, detected.enable_ipv6)
+    out = _Out(enabled)
+    for step in STEPS:
+        step(out, run)
+    return Plan(out.rules, tuple(f.version for f in enabled), run.redirect_dns)
 
 
-def _dns(b: _Builder, capture_all: bool, dns_v4: tuple[str, ...], dns_v6: tuple[str, ...],
-         uids: list[str], gids: list[str]) -> None:
-    """Istio's DNS step: redirect port 53 to the agent, and keep its conntrack flows apart."""
-    servers = {V4: [(s, "32") for s in dns_v4], V6: [(s, "128") for s in dns_v6]}
-    b.both("raw", "OUTPUT", "-j", "ISTIO_OUTPUT_DNS")
-    for family in (V4, V6):
-        if capture_all or servers[family]:
-            b.add(family, "nat", "ISTIO_OUTPUT", "-j", "ISTIO_OUTPUT_DNS")
-    for proto, to in (("tcp", "--to-ports"), ("udp", "--to-port")):
-        if capture_all:
-            b.both("nat", "ISTIO_OUTPUT_DNS", "-p", proto, "--dport", DNS_PORT, "-j", "REDIRECT", to, DNS_PROXY_PORT)
-            continue
-        for family in (V4, V6):
-            for server, bits in servers[family]:
-                b.add(family, "nat", "ISTIO_OUTPUT_DNS", "-p", proto, "--dport", DNS_PORT, "-d", f"{server}/{bits}",
-                      "-j", "REDIRECT", to, DNS_PROXY_PORT)
-    for owner, ids in (("--uid-owner", uids), ("--gid-owner", gids)):
-        for ident in ids:
-            b.both("raw", "ISTIO_OUTPUT_DNS", "-p", "udp", "--dport", DNS_PORT, "-m", "owner", owner, ident,
-                   "-j", "CT", "--zone", "1")
-            b.both("raw", "ISTIO_OUTPUT_DNS", "-p", "udp", "--sport", DNS_PROXY_PORT, "-m", "owner", owner, ident,
-                   "-j", "CT", "--zone", "2")
-    if capture_all:
-        b.both("raw", "PREROUTING", "-j", "ISTIO_INBOUND")
-        b.both("raw", "ISTIO_OUTPUT_DNS", "-p", "udp", "--dport", DNS_PORT, "-j", "CT", "--zone", "2")
-        b.both("raw", "ISTIO_INBOUND", "-p", "udp", "--sport", DNS_PORT, "-j", "CT", "--zone", "1")
+def _exclude_interfaces(out: _Out, run: _Run) -> None:
+    """Step 1: traffic on an excluded interface is never captured."""
+    for iface in run.capture.exclude_interfaces:
+        out.both(NAT, PREROUTING, InInterface(iface), to=RETURN)
+        out.both(NAT, OUTPUT, OutInterface(iface), to=RETURN)
+    if run.capture.tproxy:  # TPROXY captures in mangle: exclude there too
+        for iface in run.capture.exclude_interfaces:
+            out.both(MANGLE, PREROUTING, InInterface(iface), to=RETURN)
+            out.both(MANGLE, OUTPUT, OutInterface(iface), to=RETURN)
+
+
+def _virtual_interfaces(out: _Out, run: _Run) -> None:
+    """Step 2: what arrives on a virtual interface (a KubeVirt VM's) is outbound, not inbound: keep
+    it out of the inbound capture (step 18 sends it to the outbound one)."""
+    for iface in run.capture.virtual_interfaces:
+        out.both(NAT, PREROUTING, InInterface(iface), to=RETURN, insert=1)
+
+
+def _drop_invalid(out: _Out, run: _Run) -> None:
+    """Step 3: drop packets conntrack finds invalid, which would otherwise reach the app uncaptured
+    (an out-of-window segment of a redirected connection)."""
+    if run.capture.drop_invalid:
+        out.both(MANGLE, PREROUTING, ConnState(("INVALID",)), to=Jump(Chain.ISTIO_DROP))
+        out.both(MANGLE, Chain.ISTIO_DROP, to=DROP)
+
+
+def _redirect_chains(out: _Out, run: _Run) -> None:
+    """Steps 4-6: the tunnel port (HBONE) is never captured inbound; the two chains every capture
+    ends in, to Envoy's outbound listener and to its inbound one."""
+    c = run.capture
+    out.both(NAT, INBOUND, TCP, DestinationPort(c.inbound_tunnel_port), to=RETURN)
+    out.both(NAT, REDIRECT, TCP, to=Redirect(c.envoy_port))
+    out.both(NAT, IN_REDIRECT, TCP, to=Redirect(c.inbound_capture_port))
+
+
+def _inbound(out: _Out, run: _Run) -> None:
+    """Step 7: inbound TCP to the captured ports goes to Envoy's inbound listener (REDIRECT in nat,
+    or TPROXY in mangle, which keeps the original destination)."""
+    c = run.capture
+    if not c.capture_inbound:
         return
-    for family in (V4, V6):
-        if servers[family]:
-            b.add(family, "raw", "PREROUTING", "-j", "ISTIO_INBOUND")
-        for server, bits in servers[family]:
-            b.add(family, "raw", "ISTIO_OUTPUT_DNS", "-p", "udp", "--dport", DNS_PORT, "-d", f"{server}/{bits}",
-                  "-j", "CT", "--zone", "2")
-            b.add(family, "raw", "ISTIO_INBOUND", "-p", "udp", "--sport", DNS_PORT, "-s", f"{server}/{bits}",
-                  "-j", "CT", "--zone", "1")
+    table = MANGLE if c.tproxy else NAT
+    if c.tproxy:
+        # marked packets are accepted (routed to lo by the TPROXY `ip rule`); new ones diverted to
+        # the inbound port, except to a loopback address
+        out.both(MANGLE, Chain.ISTIO_DIVERT, to=SetMark(c.tproxy_mark))
+        out.both(MANGLE, Chain.ISTIO_DIVERT, to=ACCEPT)
+        out.both(MANGLE, Chain.ISTIO_TPROXY, Destination(Host.LOOPBACK, negate=True), TCP,
+                 to=TProxy(c.inbound_capture_port, c.tproxy_mark))
+    out.both(table, PREROUTING, TCP, to=Jump(INBOUND))
+    established = ConnState(("RELATED", "ESTABLISHED"))
+    if c.inbound_ports is None:  # every port, but the excluded ones (-d)
+        for port in c.local_exclude_ports:
+            out.both(table, INBOUND, TCP, DestinationPort(port), to=RETURN)
+        if c.tproxy:
+            out.both(MANGLE, INBOUND, TCP, established, to=Jump(Chain.ISTIO_DIVERT))
+            out.both(MANGLE, INBOUND, TCP, to=Jump(Chain.ISTIO_TPROXY))
+        else:
+            out.both(NAT, INBOUND, TCP, to=Jump(IN_REDIRECT))
+        return
+    for port in c.inbound_ports:  # only the listed ports (-d does not apply)
+        if c.tproxy:
+            out.both(MANGLE, INBOUND, TCP, DestinationPort(port), established, to=Jump(Chain.ISTIO_DIVERT))
+            out.both(MANGLE, INBOUND, TCP, DestinationPort(port), to=Jump(Chain.ISTIO_TPROXY))
+        else:
+            out.both(NAT, INBOUND, TCP, DestinationPort(port), to=Jump(IN_REDIRECT))
+
+
+def _outbound_jump(out: _Out, run: _Run) -> None:
+    """Step 8: every locally generated packet goes through the outbound chain."""
+    out.both(NAT, OUTPUT, to=Jump(OUTPUT_CHAIN))
+
+
+def _outbound_exclude_ports(out: _Out, run: _Run) -> None:
+    """Step 9: ports never captured outbound (-o), TCP and UDP."""
+    for port in run.capture.outbound_exclude_ports:
+        out.both(NAT, OUTPUT_CHAIN, TCP, DestinationPort(port), to=RETURN)
+        out.both(NAT, OUTPUT_CHAIN, UDP, DestinationPort(port), to=RETURN)
+
+
+def _inbound_passthrough(out: _Out, run: _Run) -> None:
+    """Step 10: Envoy's inbound passthrough connects to the app from 127.0.0.6 (::6) over lo; it
+    must reach the app, not the outbound listener."""
+    out.both(NAT, OUTPUT_CHAIN, OutInterface(LO), Source(Host.PASSTHROUGH), to=RETURN)
+
+
+def _proxy_owners(out: _Out, run: _Run) -> None:
+    """Steps 11-12: per uid then per gid of the proxy (in TPROXY mode Envoy runs as uid 0, gid 1337),
+    the proxy's own traffic."""
+    tunnel = run.capture.inbound_tunnel_port
+    loopback_include = any(c.ip.is_loopback for c in run.capture.include_cidrs or ())
+    for owner in run.owners:
+        # The proxy's TCP over lo to a non-loopback address (a service VIP resolved to its own pod
+        # IP) is inbound traffic for this pod: to the inbound listener. With DNS capture the uid
+        # form spares port 53 too (Istio's gid form does not).
+        if run.redirect_dns and not owner.group:
+            skip: Match = DestinationPorts((DNS_PORT, tunnel), negate=True)
+        else:
+            skip = DestinationPort(tunnel, negate=True)
+        out.both(NAT, OUTPUT_CHAIN, OutInterface(LO), Destination(Host.LOOPBACK, negate=True), TCP, skip, owner,
+                 to=Jump(IN_REDIRECT))
+        # The app talking to itself over lo is not captured (unless an include CIDR is loopback);
+        # with DNS capture, its DNS over lo still is.
+        if not loopback_include:
+            others = replace(owner, negate=True)
+            if run.redirect_dns:
+                out.both(NAT, OUTPUT_CHAIN, OutInterface(LO), TCP, DestinationPort(DNS_PORT, negate=True), others,
+                         to=RETURN)
+            else:
+                out.both(NAT, OUTPUT_CHAIN, OutInterface(LO), others, to=RETURN)
+        # Anything else the proxy sends goes out as it is.
+        out.both(NAT, OUTPUT_CHAIN, owner, to=RETURN)
+
+
+def _owner_groups(out: _Out, run: _Run) -> None:
+    """Step 13: only the processes of the included groups (ISTIO_OUTBOUND_OWNER_GROUPS) are
+    captured, or all but the excluded ones; one rule lists every included group."""
+    include = run.capture.owner_groups_include
+    if include is None:
+        for group in run.capture.owner_groups_exclude:
+            out.both(NAT, OUTPUT_CHAIN, Owner(group, group=True), to=RETURN)
+    else:
+        out.both(NAT, OUTPUT_CHAIN, *(Owner(g, group=True, negate=True) for g in include), to=RETURN)
+
+
+def _dns(out: _Out, run: _Run) -> None:
+    """Step 14: DNS to the agent's proxy, with the conntrack zones that keep its flows apart."""
+    if not run.redirect_dns:
+        return
+    capture_all = run.capture.capture_all_dns
+    out.both(RAW, OUTPUT, to=Jump(OUTPUT_DNS))
+    for version in (V4, V6):  # only a family with servers to capture (or capture-all) jumps
+        if capture_all or run.servers(version):
+            out.only(version, NAT, OUTPUT_CHAIN, to=Jump(OUTPUT_DNS))
+    # Port 53, to every server or to the ones in resolv.conf, goes to the agent.
+    for proto, plural in ((TCP, True), (UDP, False)):
+        if capture_all:
+            out.both(NAT, OUTPUT_DNS, proto, DestinationPort(DNS_PORT), to=Redirect(DNS_PROXY_PORT, plural))
+            continue
+        for server in run.nameservers:
+            out.only(server.version, NAT, OUTPUT_DNS, proto, DestinationPort(DNS_PORT), Destination(server),
+                     to=Redirect(DNS_PROXY_PORT, plural))
+    # The proxy's own queries upstream and its answers to the app: first, as the first CT wins.
+    for owner in run.owners:
+        out.both(RAW, OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), owner, to=CtZone(UPSTREAM_ZONE))
+        out.both(RAW, OUTPUT_DNS, UDP, SourcePort(DNS_PROXY_PORT), owner, to=CtZone(APP_ZONE))
+    # The app's queries and the upstream answers.
+    if capture_all:
+        out.both(RAW, PREROUTING, to=Jump(INBOUND))
+        out.both(RAW, OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), to=CtZone(APP_ZONE))
+        out.both(RAW, INBOUND, UDP, SourcePort(DNS_PORT), to=CtZone(UPSTREAM_ZONE))
+        return
+    for version in (V4, V6):
+        servers = run.servers(version)
+        if servers:
+            out.only(version, RAW, PREROUTING, to=Jump(INBOUND))
+        for server in servers:
+            out.only(version, RAW, OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), Destination(server),
+                     to=CtZone(APP_ZONE))
+            out.only(version, RAW, INBOUND, UDP, SourcePort(DNS_PORT), Source(server), to=CtZone(UPSTREAM_ZONE))
+
+
+def _outbound_exclude_cidrs(out: _Out, run: _Run) -> None:
+    """Steps 15-16: explicit loopback destinations and the excluded CIDRs (-x) are not captured."""
+    out.both(NAT, OUTPUT_CHAIN, Destination(Host.LOOPBACK), to=RETURN)
+    for cidr in run.capture.exclude_cidrs:
+        out.only(cidr.version, NAT, OUTPUT_CHAIN, Destination(cidr), to=RETURN)
+
+
+def _outbound_ports(out: _Out, run: _Run) -> None:
+    """Step 17: ports always captured outbound (-q), whatever the destination."""
+    for port in run.capture.outbound_ports:
+        out.both(NAT, OUTPUT_CHAIN, TCP, DestinationPort(port), to=Jump(REDIRECT))
+
+
+def _outbound_include(out: _Out, run: _Run) -> None:
+    """Step 18: outbound traffic to the included CIDRs (-i, `*` for all) goes to Envoy's outbound
+    listener, and so does what a virtual interface sends there. A family's rules come from its own
+    CIDRs only: an IPv4-only list captures nothing in IPv6."""
+    virtual = run.capture.virtual_interfaces
+    include = run.capture.include_cidrs
+    if include is None:
+        out.both(NAT, OUTPUT_CHAIN, to=Jump(REDIRECT))
+        for iface in virtual:
+            out.both(NAT, PREROUTING, InInterface(iface), to=Jump(REDIRECT), insert=1)
+        return
+    for cidr in include:
+        for iface in virtual:
+            out.only(cidr.version, NAT, PREROUTING, InInterface(iface), Destination(cidr), to=Jump(REDIRECT),
+                     insert=1)
+        out.only(cidr.version, NAT, OUTPUT_CHAIN, Destination(cidr), to=Jump(REDIRECT))
+
+
+def _tproxy_tail(out: _Out, run: _Run) -> None:
+    """Step 19 (TPROXY, with or without -b): the marks that route the replies of diverted
+    connections back through lo, and keep the proxy's own traffic out of the inbound capture."""
+    c = run.capture
+    if not c.tproxy:
+        return
+    mark = c.tproxy_mark
+    out.both(MANGLE, PREROUTING, TCP, Mark(mark), to=SaveMark())
+    out.both(MANGLE, OUTPUT, TCP, OutInterface(LO), Mark(mark), to=RETURN)
+    # The proxy's own TCP over lo to a non-loopback address gets the outbound mark.
+    for owner in run.owners:
+        out.both(MANGLE, OUTPUT, Destination(Host.LOOPBACK, negate=True), TCP, OutInterface(LO), owner,
+                 to=SetMark(OUTBOUND_MARK))
+    out.both(MANGLE, OUTPUT, TCP, ConnMark(mark), to=RestoreMark())
+    # Ahead of the inbound capture: marked packets, the inbound passthrough, and lo traffic
+    # without the outbound mark pass.
+    out.both(MANGLE, INBOUND, TCP, Mark(mark), to=RETURN, insert=1)
+    out.both(MANGLE, INBOUND, TCP, Source(Host.PASSTHROUGH), InInterface(LO), to=RETURN, insert=2)
+    out.both(MANGLE, INBOUND, TCP, InInterface(LO), Mark(OUTBOUND_MARK, negate=True), to=RETURN, insert=3)
+
+
+# Istio's capture run, in emission order (docs/istio-compat.md "istio-iptables rules").
+STEPS: tuple[Callable[[_Out, _Run], None], ...] = (
+    _exclude_interfaces,
+    _virtual_interfaces,
+    _drop_invalid,
+    _redirect_chains,
+    _inbound,
+    _outbound_jump,
+    _outbound_exclude_ports,
+    _inbound_passthrough,
+    _proxy_owners,
+    _owner_groups,
+    _dns,
+    _outbound_exclude_cidrs,
+    _outbound_ports,
+    _outbound_include,
+    _tproxy_tail,
+)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .planner import Plan, Rule
+from .planner import Plan
+from .rules import Rule
 
 BUILTIN_TARGETS = frozenset(("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING", "ACCEPT", "RETURN", "DROP"))
 TABLES = ("filter", "mangle", "nat", "raw")  # the order iptables-save and Istio print them in

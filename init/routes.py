@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .planner import V4
+from .rules import V4
 from .routespec import RouteSpec
 
 log = logging.getLogger("pilotfish.init")

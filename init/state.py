@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from .planner import Rule
+from .rules import Rule
 from .restore import BUILTIN_TARGETS, TABLES, TableState
 
 OUR_CHAINS = frozenset((
@@ -26,28 +27,36 @@ OUR_CHAINS = frozenset((
 Canon = Callable[[Rule], str]
 
 
+class OpKind(StrEnum):
+    """What an op does to a table."""
+
+    DELETE = "delete"  # delete rule `index` (1-based) of the chain
+    FLUSH = "flush"
+    DELETE_CHAIN = "delete-chain"
+    NEW_CHAIN = "new-chain"
+    RULE = "rule"  # append `rule`, or insert it at `rule.insert`
+
+
+# iptables-restore's command for each kind but RULE (whose line is the rule's own text)
+_RESTORE_COMMAND = {OpKind.DELETE: "-D", OpKind.FLUSH: "-F", OpKind.DELETE_CHAIN: "-X", OpKind.NEW_CHAIN: "-N"}
+
+
 @dataclass(frozen=True)
 class Op:
-    """One change to a table. kind: delete (rule `index`, 1-based), flush, delete-chain,
-    new-chain, rule (append, or insert at `rule.insert`)."""
+    """One change to a table."""
 
-    kind: str
+    kind: OpKind
     chain: str
     index: int = 0
     rule: Rule | None = None
 
     def restore_line(self) -> str:
         """The op as an iptables-restore (`--noflush`) line."""
-        if self.kind == "delete":
-            return f"-D {self.chain} {self.index}"
-        if self.kind == "flush":
-            return f"-F {self.chain}"
-        if self.kind == "delete-chain":
-            return f"-X {self.chain}"
-        if self.kind == "new-chain":
-            return f"-N {self.chain}"
-        assert self.rule is not None
-        return self.rule.text()
+        if self.kind is OpKind.RULE:
+            assert self.rule is not None
+            return self.rule.text()
+        line = f"{_RESTORE_COMMAND[self.kind]} {self.chain}"
+        return f"{line} {self.index}" if self.kind is OpKind.DELETE else line
 
 
 @dataclass
@@ -96,18 +105,18 @@ def transition(current: dict[str, TableState], planned: Iterable[Rule], canon: C
                 continue
             for index in range(len(lines), 0, -1):
                 if _is_ours(chain, lines[index - 1], builtin):
-                    ops.append(Op("delete", chain, index))
+                    ops.append(Op(OpKind.DELETE, chain, index))
         had_ours = bool(ours_present) or bool(ops)
-        ops += [Op("flush", c) for c in ours_present]
+        ops += [Op(OpKind.FLUSH, c) for c in ours_present]
         planned_chains: list[str] = []
         for rule in [] if cleanup else mine:
             for name in (rule.chain, rule.target):
                 if name and name not in BUILTIN_TARGETS and name in OUR_CHAINS and name not in planned_chains:
                     planned_chains.append(name)
-        ops += [Op("delete-chain", c) for c in ours_present if c not in planned_chains]
-        ops += [Op("new-chain", c) for c in planned_chains if c not in state.rules]
+        ops += [Op(OpKind.DELETE_CHAIN, c) for c in ours_present if c not in planned_chains]
+        ops += [Op(OpKind.NEW_CHAIN, c) for c in planned_chains if c not in state.rules]
         if not cleanup:
-            ops += [Op("rule", r.chain, rule=r) for r in mine]
+            ops += [Op(OpKind.RULE, r.chain, rule=r) for r in mine]
         after = _simulate(state, ops, canon)
         if view(after) == view(state):
             ops = []
@@ -121,13 +130,13 @@ def transition(current: dict[str, TableState], planned: Iterable[Rule], canon: C
 def _simulate(state: TableState, ops: list[Op], canon: Canon) -> TableState:
     rules = {chain: list(lines) for chain, lines in state.rules.items()}
     for op in ops:
-        if op.kind == "delete":
+        if op.kind is OpKind.DELETE:
             del rules[op.chain][op.index - 1]
-        elif op.kind == "flush":
+        elif op.kind is OpKind.FLUSH:
             rules[op.chain] = []
-        elif op.kind == "delete-chain":
+        elif op.kind is OpKind.DELETE_CHAIN:
             del rules[op.chain]
-        elif op.kind == "new-chain":
+        elif op.kind is OpKind.NEW_CHAIN:
             rules[op.chain] = []
         elif op.rule is not None:
             chain = rules.setdefault(op.chain, [])

@@ -40,14 +40,15 @@ def validate_capture(config: CaptureConfig, ipv6: bool) -> bool:
     """True when a probe connection is redirected to one of the proxy's ports in time."""
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     listen_ip, server_ip = ("::1", "::6") if ipv6 else ("127.0.0.1", "127.0.0.6")
-    probe = int(config.iptables_probe_port)
+    capture = config.capture
+    probe = capture.probe_port
     listeners = []
-    for port in (config.envoy_port, config.inbound_capture_port):
+    for port in (capture.envoy_port, capture.inbound_capture_port):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
-            sock.bind((listen_ip, int(port)))
+            sock.bind((listen_ip, port))
             sock.listen(16)
             sock.setblocking(False)
             listeners.append(sock)
