@@ -14,13 +14,16 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pilotfish.agent.identity import workload
+from pilotfish.agent.identity.caclient import CaClient
 from pilotfish.agent.identity.settings import identity_config
 from pilotfish.agent.identity.workload import WORKLOAD_CERTIFICATE, Identity
+from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.common.settings import ConfigError
 from pilotfish.controlplane.ca import CertificateAuthority, cert_pem, new_key, new_root, sign_leaf
 from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
 from ca_harness import ID, Ca, identity
+from procs import PILOTFISH, Process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,3 +173,32 @@ def test_a_bad_ca_response_is_logged_and_the_certificate_in_use_stays(
         assert words in caplog.text and "no certificate from the CA" in caplog.text
     finally:
         ca.stop()
+
+
+def test_without_a_token_the_renewal_goes_over_mtls_to_the_control_plane(tmp_path: Path) -> None:
+    """Beyond Istio: the token gone (a VM's one-hour bootstrap token expired), the agent renews
+    with its current certificate as the client certificate, and `pilotfish controlplane` (whose
+    TLS asks for one) issues for the identity that certificate carries."""
+    (tmp_path / "mesh.yaml").write_text("services: []\n")
+    (tmp_path / "identities").write_text("good-token default/productpage\n")
+    root = tmp_path / "root-cert.pem"
+    cp = Process([PILOTFISH, "controlplane", "--mesh", str(tmp_path / "mesh.yaml"), "--listen", "127.0.0.1:0",
+                  "--state-dir", str(tmp_path / "cp-state"), "--root-cert-out", str(root),
+                  "--identities", str(tmp_path / "identities")], tmp_path / "cp.log")
+    try:
+        port = int(cp.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        token = tmp_path / "istio-token"
+        token.write_text("good-token")
+        env = {"CA_ADDR": f"localhost:{port}", "CA_ROOT_CA": str(root), "ECC_SIGNATURE_ALGORITHM": "ECDSA"}
+        config = identity_config(env, "default", "productpage", "istiod.istio-system.svc:15012",
+                                 "istiod.istio-system.svc")
+        component = Identity(config, CaClient(config, "Kubernetes", str(token)), ResourceCache())
+        run_until(component, lambda: component.current is not None)
+        first = component.current
+        token.unlink()
+        run_until(component, lambda: component.current is not first)  # serving again renews at once
+        assert component.current is not None and component.failures == 0
+        cp.wait_for(r"issued a certificate for spiffe://cluster\.local/ns/default/sa/productpage "
+                    r"\(client certificate\)")
+    finally:
+        cp.stop()
