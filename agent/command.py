@@ -1,8 +1,10 @@
 """`pilotfish agent`: the long-running agent next to Envoy (first form).
 
 Components under one trio nursery (agent/components.py): the status server on 15020, the xDS
-client (ADS to the control plane, NameTable subscription) and the DNS proxy it feeds. The last
-good name table is saved to disk and served at start, before the control plane answers.
+client (ADS to the control plane, NameTable subscription), the workload identity (a certificate
+from the CA or mounted files, served to Envoy over SDS on a unix socket that listens before
+anything starts) and the DNS proxy the xDS client feeds. The last good name table is saved to
+disk and served at start, before the control plane answers.
 
     pilotfish agent [proxy [sidecar|router|waypoint]] [--discovery-address HOST:PORT]
                     [--status-port N] [--nametable-cache PATH] [--log-format text|json]
