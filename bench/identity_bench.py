@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 from envoy_proc import Envoy, available  # noqa: E402
 
 from pilotfish.agent.identity.caclient import CaClient  # noqa: E402
+from pilotfish.agent.identity.keys import KeySpec, new_key  # noqa: E402
 from pilotfish.agent.identity.settings import identity_config  # noqa: E402
 from pilotfish.agent.identity.workload import Identity  # noqa: E402
 from pilotfish.xds_client.resources import ResourceCache  # noqa: E402
@@ -133,6 +134,17 @@ def rotation(work: Path, cp_port: int, root: Path, algorithm: str, runs: int) ->
     return statistics.median(walls), statistics.median(cpus)
 
 
+def key_time(algorithm: str, runs: int = 20) -> float:
+    """Seconds to make one key of the kind (median): what a rotation starts with."""
+    spec = KeySpec(algorithm=algorithm)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        new_key(spec)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="agent starts per key kind (default 5)")
@@ -159,6 +171,10 @@ def main() -> int:
                       f" {wall * 1000:>6.1f} ms {wall / ISTIO_ISSUANCE_S:>9.2f}x {cpu * 1000:>5.1f} ms")
             print(f"* Istio's agent: issuance {ISTIO_ISSUANCE_S * 1000:.0f} ms as users report it (istio#51663); "
                   "ratio = pilotfish's issuance (key, CSR, CA call, checks) / Istio's")
+            rsa, ecdsa = key_time("RSA"), key_time("ECDSA")
+            report["key_s"] = {"RSA": rsa, "ECDSA": ecdsa}
+            print(f"a new key (median of 20): RSA 2048 {rsa * 1000:.1f} ms, ECDSA P-256 {ecdsa * 1000:.3f} ms: "
+                  f"{rsa / ecdsa:.0f}x")
         finally:
             cp.terminate()
             cp.wait(timeout=10)

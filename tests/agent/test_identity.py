@@ -200,5 +200,16 @@ def test_without_a_token_the_renewal_goes_over_mtls_to_the_control_plane(tmp_pat
         assert component.current is not None and component.failures == 0
         cp.wait_for(r"issued a certificate for spiffe://cluster\.local/ns/default/sa/productpage "
                     r"\(client certificate\)")
+        # PROV_CERT's certificate, as a VM's provisioned one, is presented before anything else
+        prov = tmp_path / "prov"
+        prov.mkdir()
+        assert component.current is not None
+        (prov / "key.pem").write_bytes(component.current.key_pem)
+        (prov / "cert-chain.pem").write_bytes(component.current.chain_pem)
+        with_prov = identity_config({**env, "PROV_CERT": str(prov)}, "default", "productpage",
+                                    "istiod.istio-system.svc:15012", "istiod.istio-system.svc")
+        vm = Identity(with_prov, CaClient(with_prov, "Kubernetes", str(token)), ResourceCache())
+        run_until(vm, lambda: vm.current is not None)
+        assert cp.text().count("(client certificate)") == 2
     finally:
         cp.stop()

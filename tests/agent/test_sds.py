@@ -254,3 +254,17 @@ def test_a_file_secret_is_pushed_again_when_its_file_changes(sds: tuple[str, Res
         assert pushed.validation_context.trusted_ca.inline_bytes == cert_pem(other.cert)
     finally:
         client.close()
+
+
+def test_fetch_secrets_answers_once_and_unavailable_before_a_certificate(sds: tuple[str, ResourceCache, SdsService]) -> None:
+    path, cache, _ = sds
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        fetch = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets
+        with pytest.raises(grpc.RpcError) as err:
+            fetch(req("default", node=True), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        cert = issued()
+        cache.swap(WORKLOAD_CERTIFICATE.type_url, "1", cert)
+        got = secrets(fetch(req("default", "ROOTCA", node=True), timeout=5))
+        assert got["default"].tls_certificate.certificate_chain.inline_bytes == cert.chain_pem
+        assert got["ROOTCA"].validation_context.trusted_ca.inline_bytes == cert_pem(ROOT.cert)
