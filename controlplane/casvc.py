@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
@@ -115,6 +116,16 @@ def certificate_caller(pem: bytes | None, ca: CertificateAuthority, now: datetim
     return Caller(uris[0], "client certificate") if uris[0].startswith("spiffe://") else None
 
 
+def _key_problem(key: object) -> str | None:
+    """Why a CSR's key is not one to sign: RSA of 2048 to 8192 bits or ECDSA P-256/P-384 (what
+    Istio's agents make), not DSA, Ed25519 or a 512-bit RSA key."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return None if 2048 <= key.key_size <= 8192 else f"RSA of {key.key_size} bits (want 2048 to 8192)"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return None if key.curve.name in ("secp256r1", "secp384r1") else f"ECDSA on {key.curve.name}"
+    return f"{type(key).__name__.lstrip('_')} (want RSA or ECDSA)"
+
+
 def decide(ca: CertificateAuthority, request: IstioCertificateRequest, caller: Caller | None,
            max_ttl: timedelta, now: datetime) -> list[str]:
     """The chain for `request` (the leaf, then the root), or Refused."""
@@ -131,6 +142,9 @@ def decide(ca: CertificateAuthority, request: IstioCertificateRequest, caller: C
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"CSR does not parse or has no SAN: {err}") from None
     if not valid:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "CSR signature does not verify")
+    key_problem = _key_problem(csr.public_key())
+    if key_problem:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"CSR key: {key_problem}")
     if asked != [caller.identity]:
         raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                       f"CSR asks for {', '.join(asked) or 'no identity'}; the caller is {caller.identity}")

@@ -18,6 +18,7 @@ from .keys import KeySpec, spiffe_id
 DEFAULT_CA_ROOT = "./var/run/secrets/istio/root-cert.pem"
 CUSTOM_CA_ROOT = "./etc/certs/root-cert.pem"
 SYSTEM = "SYSTEM"
+MAX_RSA_BITS = 8192  # a new key at every rotation: 8192 bits take seconds to make, 16384 minutes
 PLAINTEXT_PORT = 15010  # istiod's plaintext (debug) port: no TLS to the CA there, as in Istio
 
 
@@ -52,8 +53,8 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float, high: 
 
 def key_spec(env: Mapping[str, str]) -> KeySpec:
     size_text = env.get("WORKLOAD_RSA_KEY_SIZE", "") or "2048"
-    if not size_text.isdigit() or not 0 < int(size_text) <= 16384:
-        raise ConfigError(f"WORKLOAD_RSA_KEY_SIZE: want a key size in bits, got {size_text!r}")
+    if not size_text.isdigit() or not 0 < int(size_text) <= MAX_RSA_BITS:
+        raise ConfigError(f"WORKLOAD_RSA_KEY_SIZE: want a key size in bits up to {MAX_RSA_BITS}, got {size_text!r}")
     return KeySpec(
         algorithm="ECDSA" if env.get("ECC_SIGNATURE_ALGORITHM", "") == "ECDSA" else "RSA",
         rsa_bits=int(size_text),

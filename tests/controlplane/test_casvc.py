@@ -58,6 +58,24 @@ def test_a_caller_gets_a_certificate_for_its_identity_with_the_ttl_capped() -> N
     leaf.verify_directly_issued_by(ROOT.cert)
 
 
+def test_a_csr_key_that_is_not_rsa_2048_to_8192_or_ecdsa_p256_p384_is_refused() -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+
+    for key, words in ((rsa.generate_private_key(65537, 1024), "RSA of 1024 bits"),
+                       (ec.generate_private_key(ec.SECP521R1()), "ECDSA on secp521r1"),
+                       (dsa.generate_private_key(2048), "want RSA or ECDSA"),
+                       (ed25519.Ed25519PrivateKey.generate(), "want RSA or ECDSA")):
+        digest = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ID)]), critical=True)
+               .sign(key, digest))  # type: ignore[arg-type]
+        req = IstioCertificateRequest(csr=csr.public_bytes(serialization.Encoding.PEM).decode())
+        with pytest.raises(Refused, match=words) as refused:
+            decide(ROOT, req, Caller(ID, "token"), timedelta(hours=1), NOW)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(("case", "code"), [
     ("unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
     ("other-identity", grpc.StatusCode.PERMISSION_DENIED),
