@@ -3,6 +3,7 @@ SDS server running on trio in a thread beside it: what the identity tests drive.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -26,6 +27,8 @@ from pilotfish.controlplane.ca import (
     serving_names,
 )
 from pilotfish.controlplane.casvc import CertificateService
+from pilotfish.controlplane.command import bind_listener
+from pilotfish.controlplane.tlsfront import PeerCertificates, TlsFront, server_context
 from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 from pilotfish.xds_client.resources import ResourceCache
 
@@ -36,20 +39,19 @@ Tamper = Callable[[CertificateAuthority, IstioCertificateRequest, IstioCertifica
 
 
 class Ca:
-    """istiod's CreateCertificate, as the control plane serves it, for the token `good-token`;
-    `tamper` may spoil what it answers (a CA that misbehaves)."""
+    """istiod's CreateCertificate as `pilotfish controlplane` serves it (its TLS front, which asks
+    for a client certificate without requiring one, before grpcio on a loopback port), for the
+    token `good-token`; `tamper` may spoil what it answers (a CA that misbehaves), `down` makes
+    it fail UNAVAILABLE (a CA that went away)."""
 
     def __init__(self, tmp: Path, max_ttl: timedelta, tamper: Tamper | None = None) -> None:
         now = datetime.now(UTC)
         self.root = new_root(new_key(), now - timedelta(days=1))
         self.root_file = tmp / "root-cert.pem"
         self.root_file.write_bytes(cert_pem(self.root.cert))
-        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl)
-        serving_key = new_key()
-        credentials = grpc.ssl_server_credentials(
-            [(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), now)))])
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        self.down = False  # while set, every call fails UNAVAILABLE, as a CA that went away
+        peers = PeerCertificates()
+        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl, peer_certificate=peers.lookup)
+        self.down = False
         signed = self.service.create
 
         def create(request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:
@@ -59,11 +61,29 @@ class Ca:
             return response if tamper is None else tamper(self.root, request, response)
 
         self.service.create = create  # type: ignore[method-assign]
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
         self.server.add_generic_rpc_handlers((self.service.handler(),))
-        self.port = self.server.add_secure_port("localhost:0", credentials)
+        backend = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
+        serving_key = new_key()
+        context = server_context(key_pem(serving_key), cert_pem(issue_serving(self.root, serving_key, serving_names(), now)),
+                                 cert_pem(self.root.cert))
+        self.front = TlsFront(context, ("127.0.0.1", backend), peers)
+        sock = bind_listener("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._serve, sock), daemon=True)
+        self._thread.start()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.front.serve, trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            await trio.to_thread.run_sync(self._cancel.wait)
+            nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
+        self._cancel.set()
+        self._thread.join(timeout=10)
         self.server.stop(None)
 
 

@@ -99,7 +99,8 @@ def test_a_wrong_token_is_refused_and_nothing_is_held(tmp_path: Path, ca: Ca, ca
 @pytest.mark.parametrize(("env", "words"), [
     ({"SECRET_TTL": "soon"}, "SECRET_TTL: invalid duration 'soon'"),
     ({"SECRET_GRACE_PERIOD_RATIO": "2"}, "SECRET_GRACE_PERIOD_RATIO: '2' is out of range"),
-    ({"WORKLOAD_RSA_KEY_SIZE": "big"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits, got 'big'"),
+    ({"WORKLOAD_RSA_KEY_SIZE": "big"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits up to 8192, got 'big'"),
+    ({"WORKLOAD_RSA_KEY_SIZE": "16384"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits up to 8192, got '16384'"),
     ({"CA_ROOT_CA": "/nonexistent/root.pem"}, "CA_ROOT_CA: root CA file for the CA does not exist"),
     ({"PROV_CERT": "/etc", "FILE_MOUNTED_CERTS": "true"}, "PROV_CERT and FILE_MOUNTED_CERTS"),
     ({"PKCS8_KEY": "yes"}, "PKCS8_KEY: invalid boolean 'yes'"),

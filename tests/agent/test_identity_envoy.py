@@ -6,14 +6,18 @@ handshake succeeds while the serial changes (never judged by Envoy's /ready alon
 from __future__ import annotations
 
 import http.client
+import logging
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from ca_harness import ID, AgentSide, Ca, identity
 from envoy_proc import Envoy, available
+
+from pilotfish.agent.identity import workload
 
 pytestmark = [pytest.mark.skipif(available() is not None, reason=str(available())), pytest.mark.timeout(120)]
 
@@ -72,3 +76,38 @@ def test_rotation_under_continuous_connections(mesh: tuple[Ca, AgentSide, Envoy]
     assert len(serials) >= 5 and len(set(serials)) == len(serials)
     assert agent.identity.renewals >= 5 and agent.identity.failures == 0
     print(f"{handshakes} handshakes, {len(serials)} serials, all verified")
+
+
+@pytest.mark.parametrize("mesh", [timedelta(seconds=16)], indirect=True)
+def test_the_ca_away_then_back_then_no_token_envoy_serves_throughout(
+        mesh: tuple[Ca, AgentSide, Envoy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """16 s certificates, renewed after ~8 s. The CA goes away across a renewal (each failed
+    renewal is Istio's five attempts, ~1.5 s, then a short wait): Envoy keeps
+    serving the certificate it has. The CA comes back: the renewal succeeds and Envoy serves the
+    new one. The token file is removed: the next renewal goes over mTLS with the current
+    certificate, and Envoy serves that one. Every request on the way is verified."""
+    monkeypatch.setattr(workload, "failure_delay", lambda failures, draw: 0.2)  # quick retries
+    caplog.set_level(logging.INFO, logger="pilotfish.controlplane")
+    ca, agent, envoy = mesh
+    envoy.wait_serving()
+    port = envoy.listener_port()
+
+    def serve_until(done: Callable[[int], bool]) -> int:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            serial, uris, said = handshake(port, ca.root_file)  # any failure fails the test
+            assert uris == [ID] and said == b"hello from envoy\n"
+            if done(serial):
+                return serial
+        raise AssertionError("not within 40 s")
+
+    first = serve_until(lambda serial: True)
+    ca.down = True
+    serve_until(lambda serial: agent.identity.failures >= 2)  # renewals failed: the old one still serves
+    assert serve_until(lambda serial: True) == first
+    ca.down = False
+    second = serve_until(lambda serial: serial != first)
+    (tmp_path / "istio-token").unlink()
+    serve_until(lambda serial: serial not in (first, second))
+    assert "(client certificate)" in caplog.text  # the control plane's log: who asked, and how
