@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.watch import file_signature
 from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
 from .ca import CertificateAuthority, cert_pem, sign_leaf
@@ -83,6 +85,27 @@ def read_identities(path: str, trust_domain: str) -> dict[str, str]:
     except UnreadableFile as err:
         raise ValueError(f"{path}: {err}") from None
     return parse_identities(data.decode("utf-8", "replace"), trust_domain)
+
+
+class IdentitiesFile:
+    """The identities file, parsed again only when it changed (a call costs a stat, not a parse:
+    an unauthenticated flood must not make the control plane parse a large file per request)."""
+
+    def __init__(self, path: str, trust_domain: str) -> None:
+        self.path = path
+        self.trust_domain = trust_domain
+        self._seen: tuple[object, dict[str, str]] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, str]:
+        signature = file_signature(self.path)
+        with self._lock:
+            if signature is not None and self._seen is not None and self._seen[0] == signature:
+                return self._seen[1]
+        identities = read_identities(self.path, self.trust_domain)  # ValueError: the caller logs it
+        with self._lock:
+            self._seen = (signature, identities)
+        return identities
 
 
 def token_caller(header: str | None, identities: Mapping[str, str]) -> Caller | None:
@@ -148,9 +171,10 @@ def decide(ca: CertificateAuthority, request: IstioCertificateRequest, caller: C
     if asked != [caller.identity]:
         raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                       f"CSR asks for {', '.join(asked) or 'no identity'}; the caller is {caller.identity}")
-    ttl = timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else DEFAULT_TTL
+    seconds = int(request.validity_duration)  # clamped before a timedelta is made of it (it overflows past ~8e13 s)
+    ttl = timedelta(seconds=min(float(seconds), max_ttl.total_seconds())) if seconds > 0 else min(DEFAULT_TTL, max_ttl)
     leaf = sign_leaf(ca, csr.public_key(), [x509.UniformResourceIdentifier(caller.identity)], WORKLOAD_USAGES,
-                     now, min(ttl, max_ttl))
+                     now, ttl)
     return [cert_pem(leaf).decode(), cert_pem(ca.cert).decode()]
 
 

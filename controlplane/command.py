@@ -42,7 +42,7 @@ from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, Snapshot, start_server
-from .casvc import CertificateService, read_identities
+from .casvc import CertificateService, IdentitiesFile, read_identities
 from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
     CAError,
@@ -376,7 +376,7 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
     identities = args.identities
     peers = PeerCertificates()
     certificates = CertificateService(
-        ca, (lambda: read_identities(identities, args.trust_domain)) if identities else dict,
+        ca, IdentitiesFile(identities, args.trust_domain) if identities else dict,
         timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup)
     try:
         server, backend = start_server(AdsServicer(hub, args.token_file), "127.0.0.1:0", None,

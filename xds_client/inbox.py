@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -25,12 +25,14 @@ MAX_QUEUED_REQUESTS = 64  # requests of one stream waiting for its thread (ACKs 
 
 
 def pump(requests: Iterator[object], inbox: queue.SimpleQueue[object], limit: int = MAX_QUEUED_REQUESTS,
-         what: str = "a stream") -> None:
-    """Move a stream's requests into its inbox until the stream ends or `limit` wait unread."""
+         what: str = "a stream", cancel: Callable[[], object] = lambda: None) -> None:
+    """Move a stream's requests into its inbox until the stream ends or `limit` wait unread; then
+    `cancel` the call (its thread may be stuck sending to the client, behind the inbox)."""
     try:
         for request in requests:
             if inbox.qsize() >= limit:
                 log.warning("%s queued %d requests unanswered; closing it", what, limit)
+                cancel()
                 return
             inbox.put(request)
     except grpc.RpcError:
@@ -44,5 +46,6 @@ def open_inbox(requests: Iterator[object], context: grpc.ServicerContext, name: 
     """A stream's inbox, fed by a pump thread named `name`, closed when the call ends."""
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
     context.add_callback(lambda: inbox.put(CLOSED))
-    threading.Thread(target=pump, args=(requests, inbox, MAX_QUEUED_REQUESTS, what), name=name, daemon=True).start()
+    threading.Thread(target=pump, args=(requests, inbox, MAX_QUEUED_REQUESTS, what, context.cancel), name=name,
+                     daemon=True).start()
     return inbox

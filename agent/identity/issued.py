@@ -73,9 +73,26 @@ def join_chain(elements: Sequence[str]) -> bytes:
     return out.encode()
 
 
+MAX_RESPONSE_BYTES = 1 << 20  # a chain and a root bundle are a few KiB; a CA bundle ~220 KiB
+MAX_CERTIFICATES = 64
+
+
 def check_response(elements: Sequence[str], key: PrivateKey, key_pem: bytes, identity: str,
                    trusted_roots: Sequence[x509.Certificate], now: datetime) -> Issued:
-    """The Issued certificate from a CreateCertificate response's `cert_chain`, or IssueError."""
+    """The Issued certificate from a CreateCertificate response's `cert_chain`, or IssueError,
+    whatever the response holds (a certificate whose extensions do not parse included)."""
+    try:
+        return _check(elements, key, key_pem, identity, trusted_roots, now)
+    except IssueError:
+        raise
+    except Exception as err:  # anything a hostile or broken CA sends: an error, never a crash
+        raise IssueError(f"the CA returned what cannot be checked: {type(err).__name__}: {err}") from None
+
+
+def _check(elements: Sequence[str], key: PrivateKey, key_pem: bytes, identity: str,
+           trusted_roots: Sequence[x509.Certificate], now: datetime) -> Issued:
+    if sum(len(element) for element in elements) > MAX_RESPONSE_BYTES:
+        raise IssueError(f"the CA returned more than {MAX_RESPONSE_BYTES} bytes of certificates")
     if len(elements) < 2:
         raise IssueError(f"the CA returned a chain of {len(elements)} element(s); want the leaf first and the root last")
     try:
@@ -83,6 +100,8 @@ def check_response(elements: Sequence[str], key: PrivateKey, key_pem: bytes, ide
         roots = x509.load_pem_x509_certificates(elements[-1].encode())
     except ValueError as err:
         raise IssueError(f"the CA returned a chain that does not parse: {err}") from None
+    if len(chain) + len(roots) > MAX_CERTIFICATES:
+        raise IssueError(f"the CA returned more than {MAX_CERTIFICATES} certificates")
     leaf = chain[0]
     if _public_der(leaf.public_key()) != _public_der(key.public_key()):
         raise IssueError("the CA returned a leaf certificate for another key")
@@ -100,5 +119,8 @@ def check_response(elements: Sequence[str], key: PrivateKey, key_pem: bytes, ide
         raise IssueError(f"the chain does not verify: no root of the response signed {_name(chain[-1])}")
     if trusted_roots and root not in trusted_roots:
         raise IssueError(f"the chain ends in {_name(root)}, which is not a configured root")
+    if trusted_roots and any(other not in trusted_roots for other in roots):
+        # the root bundle becomes Envoy's trust (ROOTCA): a CA must not add to it
+        raise IssueError("the root bundle holds a certificate that is not a configured root")
     return Issued(join_chain(elements), key_pem, elements[-1].encode(), leaf.not_valid_after_utc, now,
                   leaf.serial_number)

@@ -54,6 +54,8 @@ CRL_FILE = "./var/run/secrets/istio/crl/ca-crl.pem"
 FILE_LIMIT = 1 << 20
 MAX_STREAMS = 256  # Envoy opens one per secret name: a handful
 FILE_POLL = 1.0  # seconds between looks at a stream's file secrets
+FIRST_REQUEST = 10.0  # seconds a new stream has to send its first request (Envoy sends at once)
+MAX_REQUEST_BYTES = 320 * 1024  # 64 names of 4 KiB and a node: grpc's default would be 4 MiB
 SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path, less the NUL)
 
 
@@ -154,7 +156,11 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         stream = SdsStream()
         files = FileWatch()
         try:
-            while (item := _next(inbox, files.polling(stream.watched))) is not CLOSED:
+            while (item := _next(inbox, files.polling(stream.watched) if stream.node_id else FIRST_REQUEST)) \
+                    is not CLOSED:
+                if item is None and not stream.node_id:  # a connection that holds a slot and asks nothing
+                    log.warning("sds: closing a stream that sent no request within %.0f s", FIRST_REQUEST)
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request")
                 if item is None:  # a look at the files of the file secrets this stream watches
                     changed = files.changed(stream.watched)
                     if not changed:
@@ -173,7 +179,7 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     log.warning("sds: node %s asked for a secret that cannot be served: %s", stream.node_id, err)
                     context.abort(grpc.StatusCode.NOT_FOUND, str(err))
                 if response is not None:
-                    files.sent(names)
+                    files.sent(names, stream.watched)
                     stream.sent(response.nonce)
                     self.pushes += 1
                     log.info("sds: sent %s to %s (version %s)", ", ".join(names), stream.node_id, response.version_info)
@@ -216,7 +222,12 @@ class FileWatch:
     def polling(self, watched: Iterable[str]) -> float | None:
         return FILE_POLL if any(_file_paths(name) for name in watched) else None
 
-    def sent(self, names: Iterable[str]) -> None:
+    def sent(self, names: Iterable[str], watched: frozenset[str]) -> None:
+        """After a response: the files of its file secrets as sent; names no longer watched are
+        forgotten (a stream that renames its secrets must not grow this without bound)."""
+        for name in list(self._seen):
+            if name not in watched:
+                del self._seen[name]
         for name in names:
             if _file_paths(name):
                 self._seen[name] = tuple(file_signature(path) for path in _file_paths(name))
@@ -261,7 +272,8 @@ def start_sds(service: SdsService, path: str) -> grpc.Server | None:
             return None
         os.unlink(path)  # a socket left by an earlier run
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 4, thread_name_prefix="sds"),
-                         maximum_concurrent_rpcs=MAX_STREAMS)
+                         maximum_concurrent_rpcs=MAX_STREAMS,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
     if len(os.fsencode(path)) > SUN_PATH_MAX:  # as given: a relative path is short where an absolute one is not
         raise OSError(f"the socket's path is longer than a unix socket allows ({SUN_PATH_MAX} bytes)")

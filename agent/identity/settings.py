@@ -18,6 +18,7 @@ from .keys import KeySpec, spiffe_id
 DEFAULT_CA_ROOT = "./var/run/secrets/istio/root-cert.pem"
 CUSTOM_CA_ROOT = "./etc/certs/root-cert.pem"
 SYSTEM = "SYSTEM"
+MAX_TTL = 366 * 24 * 3600.0  # seconds: a year (istiod caps workload certificates at 90 days)
 MAX_RSA_BITS = 8192  # a new key at every rotation: 8192 bits take seconds to make, 16384 minutes
 PLAINTEXT_PORT = 15010  # istiod's plaintext (debug) port: no TLS to the CA there, as in Istio
 
@@ -93,8 +94,8 @@ def identity_config(env: Mapping[str, str], namespace: str, service_account: str
     if env.get("PROV_CERT") and env.get("FILE_MOUNTED_CERTS", "").lower() in ("1", "t", "true"):
         raise ConfigError("PROV_CERT and FILE_MOUNTED_CERTS cannot both be set (as in Istio)")
     ttl = parse_duration(env["SECRET_TTL"], "SECRET_TTL") if env.get("SECRET_TTL") else 86400.0
-    if ttl < 1:
-        raise ConfigError(f"SECRET_TTL: want a duration of a second or more, got {env['SECRET_TTL']!r}")
+    if not 1 <= ttl <= MAX_TTL:
+        raise ConfigError(f"SECRET_TTL: want a duration from 1s to {MAX_TTL // 3600:.0f}h, got {env['SECRET_TTL']!r}")
     address = env.get("CA_ADDR", "") or discovery_address
     host, port = split_host_port(address, "CA_ADDR" if env.get("CA_ADDR") else "discovery address")
     name = (host or discovery_server_name) if env.get("CA_ADDR") else discovery_server_name

@@ -35,6 +35,7 @@ from .settings import SYSTEM, IdentityConfig
 log = logging.getLogger("pilotfish.identity")
 
 PEM_LIMIT = 1 << 20
+MIN_RENEWAL = 1.0  # seconds between two certificates, whatever their lifetime
 
 
 class WorkloadCertificate(CacheKey[Issued]):
@@ -125,8 +126,10 @@ class Identity:
                             err.strerror or err)
 
     def _until_renewal(self, issued: Issued) -> float:
-        return renewal_delay(time.time(), issued.created.timestamp(), issued.not_after.timestamp(),
-                             self.config.grace_ratio, self.config.grace_jitter, random.random())
+        """Never sooner than MIN_RENEWAL: a CA that issues leaves of a moment must not make the
+        agent ask again at once, in a loop."""
+        return max(MIN_RENEWAL, renewal_delay(time.time(), issued.created.timestamp(), issued.not_after.timestamp(),
+                                              self.config.grace_ratio, self.config.grace_jitter, random.random()))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Obtain and renew forever. Started at once: readiness says when the first certificate
@@ -136,6 +139,10 @@ class Identity:
             try:
                 issued = await trio.to_thread.run_sync(self.obtain, abandon_on_cancel=True)
             except (CaCallError, IssueError) as err:
+                await self._after_failure(err)
+                continue
+            except Exception as err:  # a bug must cost an attempt, never the agent
+                log.exception("identity: error obtaining a certificate")
                 await self._after_failure(err)
                 continue
             self._failures_in_a_row = 0

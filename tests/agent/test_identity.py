@@ -98,6 +98,7 @@ def test_a_wrong_token_is_refused_and_nothing_is_held(tmp_path: Path, ca: Ca, ca
 
 @pytest.mark.parametrize(("env", "words"), [
     ({"SECRET_TTL": "soon"}, "SECRET_TTL: invalid duration 'soon'"),
+    ({"SECRET_TTL": "9999999999999999h"}, "SECRET_TTL: want a duration from 1s to 8784h"),
     ({"SECRET_GRACE_PERIOD_RATIO": "2"}, "SECRET_GRACE_PERIOD_RATIO: '2' is out of range"),
     ({"WORKLOAD_RSA_KEY_SIZE": "big"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits up to 8192, got 'big'"),
     ({"WORKLOAD_RSA_KEY_SIZE": "16384"}, "WORKLOAD_RSA_KEY_SIZE: want a key size in bits up to 8192, got '16384'"),

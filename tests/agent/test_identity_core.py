@@ -171,3 +171,23 @@ def test_a_jwt_expiry_is_read_without_verifying_and_anything_else_has_none() -> 
     assert token_expiry(jwt({"sub": "x"})) is None and token_expiry(jwt({"exp": True})) is None
     assert token_expiry(jwt([1])) is None and token_expiry("opaque-token") is None
     assert token_expiry("a.!!!.c") is None
+
+
+def test_a_leaf_whose_extensions_do_not_parse_is_an_error_not_a_crash(ca: CA) -> None:
+    """An empty ExtendedKeyUsage makes `cert.extensions` raise ValueError (hostile review): that
+    ended the identity component, and the agent with it."""
+    key = new_key(KeySpec(algorithm="ECDSA"))
+    leaf = sign_leaf(ca.root, key.public_key(), [x509.UniformResourceIdentifier(ID)], [], NOW,
+                     timedelta(hours=1))
+    with pytest.raises(IssueError, match="cannot be checked|want spiffe"):
+        _check(ca, ca.chain(leaf), key)
+
+
+def test_the_root_bundle_may_hold_only_configured_roots_and_is_bounded(ca: CA) -> None:
+    key = new_key(KeySpec(algorithm="ECDSA"))
+    leaf = ca.issue(key.public_key(), [x509.UniformResourceIdentifier(ID)])
+    stranger = cert_pem(CA().root.cert).decode()
+    with pytest.raises(IssueError, match="not a configured root"):  # it would become Envoy's trust
+        _check(ca, [ca.chain(leaf)[0], stranger + ca.chain(leaf)[1]], key)
+    with pytest.raises(IssueError, match="more than 64 certificates"):
+        _check(ca, [ca.chain(leaf)[0], ca.chain(leaf)[1] * 70], key)

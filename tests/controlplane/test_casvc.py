@@ -4,9 +4,11 @@ real TLS gRPC server, with and without a client certificate."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from pilotfish.controlplane.casvc import (
     SERVICE,
     Caller,
     CertificateService,
+    IdentitiesFile,
     Refused,
     certificate_caller,
     decide,
@@ -36,6 +39,24 @@ ROOT = new_root(ca_new_key(), NOW - timedelta(days=1))
 def request(identity: str = ID, ttl: int = 3600) -> tuple[IstioCertificateRequest, object]:
     key = new_key(KeySpec(algorithm="ECDSA"))
     return IstioCertificateRequest(csr=csr_pem(key, identity).decode(), validity_duration=ttl), key
+
+
+def test_a_lifetime_past_what_a_timedelta_holds_is_capped_not_a_crash() -> None:
+    req, _ = request(ttl=2**62)
+    chain = decide(ROOT, req, Caller(ID, "token"), timedelta(hours=2), NOW)
+    assert x509.load_pem_x509_certificate(chain[0].encode()).not_valid_after_utc - NOW <= timedelta(hours=2)
+
+
+def test_the_identities_file_is_parsed_again_only_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "identities"
+    path.write_text("tok default/a\n")
+    identities = IdentitiesFile(str(path), "td")
+    first = identities()
+    assert identities() is first  # a stat, not a parse
+    replacement = tmp_path / "new"
+    replacement.write_text("tok default/b\n")
+    os.replace(replacement, path)
+    assert identities() == {"tok": "spiffe://td/ns/default/sa/b"}
 
 
 def test_identities_file_lines() -> None:
