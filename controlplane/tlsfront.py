@@ -8,9 +8,11 @@ root, ALPN h2) and relays the bytes to its gRPC server on a loopback port; the r
 connection to that port is registered with the client certificate, which the certificate
 service finds by the peer address gRPC reports.
 
-Bounds: MAX_CONNECTIONS relayed at once (the next is closed at once), a handshake must finish
-within HANDSHAKE_TIMEOUT, each direction relays RELAY_CHUNK bytes at a time and reads again
-only once they are sent (a client that never reads holds one chunk, not a queue).
+Bounds: MAX_CONNECTIONS relayed at once and MAX_PER_SOURCE from one address (the next is
+closed at once: one unauthenticated address holding every slot locked every agent out, hostile
+review), a handshake must finish within HANDSHAKE_TIMEOUT and the first bytes come within
+FIRST_BYTES_TIMEOUT, each direction relays RELAY_CHUNK bytes at a time and reads again only once
+they are sent (a client that never reads holds one chunk, not a queue).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import trio
 log = logging.getLogger("pilotfish.controlplane")
 
 MAX_CONNECTIONS = 2048  # the gRPC server's 1,000 streams at 8 a connection, twice over
+MAX_PER_SOURCE = 64  # an agent needs two (ADS and a CA call): one address must not take them all
 HANDSHAKE_TIMEOUT = 10.0
+FIRST_BYTES_TIMEOUT = 5.0  # after the handshake a gRPC client sends its preface at once
 RELAY_CHUNK = 64 * 1024
 
 
@@ -86,6 +90,7 @@ class TlsFront:
         self.backend = backend
         self.peers = peers
         self.connections = 0
+        self.by_source: dict[str, int] = {}
         self.refused = 0
         self.failed_handshakes = 0
 
@@ -93,14 +98,20 @@ class TlsFront:
         async with trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
-                if self.connections >= MAX_CONNECTIONS:
+                try:
+                    source = str(stream.socket.getpeername()[0])
+                except OSError:  # gone already
+                    await trio.aclose_forcefully(stream)
+                    continue
+                if self.connections >= MAX_CONNECTIONS or self.by_source.get(source, 0) >= MAX_PER_SOURCE:
                     self.refused += 1
                     await trio.aclose_forcefully(stream)
                     continue
                 self.connections += 1
-                nursery.start_soon(self._connection, stream)
+                self.by_source[source] = self.by_source.get(source, 0) + 1
+                nursery.start_soon(self._connection, stream, source)
 
-    async def _connection(self, raw: trio.SocketStream) -> None:
+    async def _connection(self, raw: trio.SocketStream, source: str) -> None:
         try:
             tls = trio.SSLStream(raw, self.context, server_side=True)
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
@@ -113,6 +124,14 @@ class TlsFront:
                 self.failed_handshakes += 1
                 return
             der = tls.getpeercert(binary_form=True)
+            first: bytes | bytearray = b""
+            with trio.move_on_after(FIRST_BYTES_TIMEOUT):
+                try:
+                    first = await tls.receive_some(RELAY_CHUNK)
+                except (trio.BrokenResourceError, ssl.SSLError, OSError):
+                    return
+            if not first:  # nothing within the timeout, or closed: no slot held for it
+                return
             try:
                 upstream = await trio.open_tcp_stream(*self.backend)
             except OSError as err:
@@ -123,6 +142,10 @@ class TlsFront:
                 self.peers.register(port, ssl.DER_cert_to_PEM_cert(der).encode())
             try:
                 async with upstream, trio.open_nursery() as relays:
+                    try:
+                        await upstream.send_all(first)
+                    except (trio.BrokenResourceError, OSError):
+                        return
                     async def both_ways(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
                         await _relay(a, b)
                         relays.cancel_scope.cancel()  # one side ended: so does the other
@@ -133,4 +156,7 @@ class TlsFront:
                 self.peers.drop(port)
         finally:
             self.connections -= 1
+            self.by_source[source] -= 1
+            if not self.by_source[source]:
+                del self.by_source[source]
             await trio.aclose_forcefully(raw)

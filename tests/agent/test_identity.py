@@ -172,7 +172,8 @@ def test_a_bad_ca_response_is_logged_and_the_certificate_in_use_stays(
         assert component.current is not None and component.renewals == 0
         served = component.cache.get(WORKLOAD_CERTIFICATE)
         assert served is not None and served.value is component.current
-        assert words in caplog.text and "no certificate from the CA" in caplog.text
+        assert words in caplog.text  # logged, as "no certificate from the CA", or with little life
+        assert "no certificate from the CA" in caplog.text or "renewal keeps failing" in caplog.text  # left
     finally:
         ca.stop()
 
