@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.settings import ConfigError, parse_bool
@@ -76,7 +77,16 @@ def load(files: MountedFiles) -> Issued:
     except UnreadableFile as err:
         raise ValueError(str(err)) from None
     leaf = x509.load_pem_x509_certificate(chain)  # ValueError when it is not one
-    return Issued(chain, key, root, leaf.not_valid_after_utc, datetime.now(UTC), leaf.serial_number)
+    private = serialization.load_pem_private_key(key, password=None)  # ValueError, TypeError (encrypted)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        # a rewrite caught half-way (the chain written, the key not yet): the next look loads both
+        raise ValueError(f"{files.key} is not the key of the certificate in {files.chain}")
+    now = datetime.now(UTC)
+    if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+        raise ValueError(f"the certificate in {files.chain} is not valid now (until {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    return Issued(chain, key, root, leaf.not_valid_after_utc, now, leaf.serial_number)
 
 
 class MountedCertificate:
@@ -95,7 +105,7 @@ class MountedCertificate:
     def _load(self, why: str) -> None:
         try:
             issued = load(self.files)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             log.warning("identity: the certificate files (%s) do not load (%s): %s; keeping what serves",
                         self.files.why, why, err)
             return

@@ -5,6 +5,7 @@ included), a file set that does not load keeps the one in use."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,27 @@ def test_served_and_read_again_on_a_symlink_swap_and_a_bad_set_keeps_the_old(
 
     trio.run(main)
     assert served[0] != served[1]
+
+
+def test_a_key_that_is_not_the_certificates_or_an_expired_certificate_does_not_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Secret rewritten file by file (the chain first) must not reach Envoy as a mismatched
+    pair: it does not load until both are there (hostile review)."""
+    write_mounted_certs(tmp_path / "a")
+    write_mounted_certs(tmp_path / "b")
+    files = MountedFiles(str(tmp_path / "a/cert-chain.pem"), str(tmp_path / "b/key.pem"), str(tmp_path / "a/root-cert.pem"),
+                         "test")
+    with pytest.raises(ValueError, match="is not the key of the certificate"):
+        mounted.load(files)
+    good = MountedFiles(str(tmp_path / "a/cert-chain.pem"), str(tmp_path / "a/key.pem"), files.root, "test")
+    assert mounted.load(good).key_pem == (tmp_path / "a/key.pem").read_bytes()
+    real = mounted.datetime
+
+    class TwoDaysLater(real):  # type: ignore[misc, valid-type]
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def]
+            return real.now(tz) + timedelta(days=2)
+
+    monkeypatch.setattr(mounted, "datetime", TwoDaysLater)  # the clock the loader reads
+    with pytest.raises(ValueError, match="is not valid now"):
+        mounted.load(good)
