@@ -156,9 +156,11 @@ class World:
         cp = self.start_cp()
         agent = self.start_agent()
         wait_answer(self.dns_port, "productpage", ["10.96.0.7"], timeout=10)
+        saved = self.agent_dir / "var/lib/pilotfish/nametable.pb"
+        wait_until(saved.exists, 10, "the table saved")  # it serves first, then it is saved
         assert agent.stop() == 0
         cp.stop()
-        return self.agent_dir / "var/lib/pilotfish/nametable.pb"
+        return saved
 
     def stop(self) -> None:
         for proc in (self.agent, self.cp):
