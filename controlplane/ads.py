@@ -38,6 +38,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryResponse,
 )
 from google.protobuf import any_pb2
+from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
@@ -337,16 +338,16 @@ class Counters:
     nacks: int = 0
 
 
-def read_token(path: str) -> str:
+def read_token(path: str, report: RateLimitedLog) -> str:
     """The expected token, trimmed; '' if the file cannot be read or is empty (then every stream
     is refused: an empty expected token must not let an empty bearer in)."""
     try:
         token = read_token_file(path)
     except TokenFileError as err:
-        log.error("controlplane: cannot read token file %s: %s; refusing streams", path, err)
+        report(logging.ERROR, "controlplane: cannot read token file %s: %s; refusing streams", path, err)
         return ""
     if not token:
-        log.error("controlplane: token file %s is empty; refusing streams", path)
+        report(logging.ERROR, "controlplane: token file %s is empty; refusing streams", path)
     return token
 
 
@@ -358,14 +359,18 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.token_file = token_file
         self.counters = Counters()
         self._lock = threading.Lock()
+        # Streams come from whoever can reach the port: an unauthenticated flood is one line per
+        # interval saying how many were left out, not a line each (common/ratelog.py).
+        self._refusal_log = RateLimitedLog(log)
+        self._token_file_log = RateLimitedLog(log)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         if self.token_file is None:
             return
         header = dict(context.invocation_metadata()).get("authorization")
-        problem = check_bearer(header if isinstance(header, str) else None, read_token(self.token_file))
+        problem = check_bearer(header if isinstance(header, str) else None, read_token(self.token_file, self._token_file_log))
         if problem is not None:
-            log.warning("controlplane: refused stream from %s: %s", context.peer(), problem)
+            self._refusal_log(logging.WARNING, "controlplane: refused stream from %s: %s", context.peer(), problem)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def StreamAggregatedResources(
@@ -399,7 +404,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def DeltaAggregatedResources(
         self, request_iterator: Iterator[DeltaDiscoveryRequest], context: grpc.ServicerContext
     ) -> Iterator[DeltaDiscoveryResponse]:
-        log.info("controlplane: refused delta xDS stream from %s", context.peer())
+        self._refusal_log(logging.INFO, "controlplane: refused delta xDS stream from %s", context.peer())
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details("delta xDS is not supported; use state-of-the-world "
                             "StreamAggregatedResources (Istio: ISTIO_DELTA_XDS=false)")

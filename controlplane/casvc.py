@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.watch import file_signature
 from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
@@ -193,13 +194,17 @@ class CertificateService:
         self.clock = clock
         self.issued = 0
         self.refused = 0
+        # Refusals come from whoever can reach the port: one line per interval, the count in
+        # `refused` (common/ratelog.py).
+        self._refusal_log = RateLimitedLog(log)
+        self._file_log = RateLimitedLog(log)
 
     def _caller(self, context: grpc.ServicerContext, now: datetime) -> Caller | None:
         header = dict(context.invocation_metadata()).get("authorization")
         try:
             identities = self.identities()
         except ValueError as err:
-            log.error("controlplane: identities file: %s; no token is accepted", err)
+            self._file_log(logging.ERROR, "controlplane: identities file: %s; no token is accepted", err)
             identities = {}
         caller = token_caller(header if isinstance(header, str) else None, identities)
         if caller is None:
@@ -217,8 +222,8 @@ class CertificateService:
             chain = decide(self.ca, request, caller, self.max_ttl, now)
         except Refused as refused:
             self.refused += 1
-            log.warning("controlplane: refused a certificate to %s (%s): %s", context.peer(),
-                        caller.identity if caller else "unauthenticated", refused)
+            self._refusal_log(logging.WARNING, "controlplane: refused a certificate to %s (%s): %s", context.peer(),
+                              caller.identity if caller else "unauthenticated", refused)
             context.abort(refused.code, str(refused))
         self.issued += 1
         log.info("controlplane: issued a certificate for %s (%s) to %s", caller.identity if caller else "?",

@@ -29,6 +29,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.rpc.status_pb2 import Status
 
 import pilotfish.controlplane.ads as ads_module
+from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.xds_client.inbox import MAX_QUEUED_REQUESTS, pump
 from pilotfish.controlplane.ads import (
     NAME_TABLE_TYPE,
@@ -445,6 +446,22 @@ def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Pat
         client.close()
 
 
+def test_a_flood_of_refused_streams_is_one_log_line(served: Served, tmp_path: Path) -> None:
+    """Whoever reaches the port can be refused: 20 refusals (and 20 reads of an empty token file)
+    must not be 40 log lines."""
+    token = tmp_path / "token"
+    token.write_text("\n")
+    served.servicer.token_file = str(token)
+    for _ in range(20):
+        client = served.client((("authorization", "Bearer wrong"),))
+        try:
+            assert client.status()[0] == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            client.close()
+    assert sum("refused stream" in m for m in served.log.messages(logging.WARNING)) == 1
+    assert sum("is empty; refusing streams" in m for m in served.log.messages(logging.ERROR)) == 1
+
+
 def test_token_file_is_read_for_each_new_stream(served: Served, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("first\n")
@@ -559,7 +576,7 @@ def test_the_expected_token_is_read_without_blocking_on_a_fifo(tmp_path: Path) -
     blocked the stream's thread for good. It is read as common/tokens.py reads every token."""
     fifo = tmp_path / "token"
     os.mkfifo(fifo)
-    assert ads_module.read_token(str(fifo)) == ""
+    assert ads_module.read_token(str(fifo), RateLimitedLog(ads_module.log)) == ""
     plain = tmp_path / "plain"
     plain.write_text("  s3cret\n")
-    assert ads_module.read_token(str(plain)) == "s3cret"
+    assert ads_module.read_token(str(plain), RateLimitedLog(ads_module.log)) == "s3cret"

@@ -4,6 +4,7 @@ real TLS gRPC server, with and without a client certificate."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from concurrent import futures
@@ -169,6 +170,20 @@ def test_over_grpc_no_or_a_wrong_token_is_unauthenticated(server: tuple[str, Cer
         call(address, request()[0], token=token)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     assert service.refused == 1
+
+
+def test_a_flood_of_refusals_is_counted_and_logged_once(server: tuple[str, CertificateService],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who reaches the port can be refused: the count is in `refused`, the log has one line
+    per interval, not one per call."""
+    address, service = server
+    caplog.set_level(logging.WARNING, logger="pilotfish.controlplane")
+    req = request()[0]
+    for _ in range(20):
+        with pytest.raises(grpc.RpcError):
+            call(address, req, token="wrong-token")
+    assert service.refused == 20
+    assert sum("refused a certificate" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_over_grpc_another_identity_is_permission_denied(server: tuple[str, CertificateService]) -> None:
