@@ -1,9 +1,11 @@
-"""The status server on 15020: readiness, metrics, the DNS debug view, quitquitquit.
+"""The status server on 15020: readiness, metrics, application probes, the DNS debug view, drain, quit.
 
 A small HTTP/1.1 server on trio (one request per connection, answered and closed), as pilot-agent
 serves it (docs/istio-compat.md "Status server"): `/healthz/ready` 200 or 503, `/stats/prometheus` and
-`/metrics` in Prometheus text, `/debug/*` and `POST /quitquitquit` from loopback peers only (403
-otherwise, pilot-agent's answer). A 503 carries its reason in the body; pilot-agent only logs it.
+`/metrics` merged from the agent, Envoy and the application (agent/metricsmerge.py),
+`/app-health/...` and `/app-lifecycle/...` run against the application (agent/prober.py),
+`/debug/*`, `POST /drain` and `POST /quitquitquit` from loopback peers only (403 otherwise,
+pilot-agent's answer). A 503 carries its reason in the body; pilot-agent only logs it.
 
 It listens on every interface (kubelet probes it), so its connections are bounded (connlimits.py),
 the request head must arrive within HEADER_TIMEOUT, and each remote peer's requests are
@@ -12,8 +14,9 @@ proxy or the local probes. Loopback peers connect through listening sockets of t
 (listeners.py). Readiness and the other cheap answers are given on the event loop, at once in the
 accept loop's turn when the request came with the connection; what renders (the metrics,
 /debug/*) runs in worker threads, few at a time, loopback peers with threads of their own, so a
-readiness probe never queues behind a render and a local scrape never behind a remote one.
-Figures and reasons: docs/agent.md.
+readiness probe never queues behind a render and a local scrape never behind a remote one. The
+application probes run as tasks, PROBES_AT_ONCE at most: a flood of probe requests never opens
+more connections to the application than that. Figures and reasons: docs/agent.md.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import http
 import ipaddress
 import itertools
 import json
 import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import unquote
 
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pilotfish.common.limits import open_files_limit
@@ -38,6 +44,8 @@ from pilotfish.common.ratelog import RateLimitedLog
 
 from .connlimits import HEADER_TIMEOUT as HEADER_TIMEOUT_REASON
 from .connlimits import Admission, Refuse, peer_key
+from .metricsmerge import MetricsMerge, merge, merged_format, render_agent
+from .prober import AppProber
 from .ratelimit import PeerRates
 
 log = logging.getLogger("pilotfish.status")
@@ -49,7 +57,13 @@ ACCEPT_BATCH = 64  # connections accepted before other tasks get a turn
 ACCEPT_RETRY = 0.1  # seconds before accepting again after EMFILE and the like (trio's figure)
 LOCAL_RENDERS = 2  # renders at once for loopback peers (a /debug/ndsz of a large table takes seconds)
 REMOTE_RENDERS = 1  # and for remote peers together: renders hold the GIL, one is a core's worth
+# application probes running at once: kubelet runs at most three per container, each a few ms
+PROBES_AT_ONCE = 8
+MAX_HEADERS = 100  # in a request head (Go's net/http allows 1 MB of them; probes and scrapes send a few)
 METRICS_ROUTES = ("/stats/prometheus", "/metrics")
+PROBE_PREFIXES = ("/app-health/", "/app-lifecycle/")
+LOOPBACK_ONLY = ("/quitquitquit", "/drain")  # and every /debug/ path
+FORBIDDEN = b"Only requests from localhost are allowed"
 # accept() failures that say "out of a resource, try again later", not "this listener is broken"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept() failures that concern one connection, not the listener: accept(2) on Linux passes a
@@ -60,8 +74,6 @@ IGNORABLE_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPRO
                                      errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                                      errno.ENETUNREACH, errno.ECONNRESET, errno.ETIMEDOUT})
 DNS_NOT_READY = "istio DNS capture is turned ON and DNS lookup table is not ready yet"
-REASONS = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
-           503: "Service Unavailable"}
 
 
 @dataclass
@@ -71,55 +83,115 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # as sent: the path and the query
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def route(self) -> str:
+        """The path, %-escapes decoded (Go's URL.Path, which its mux routes on)."""
+        return unquote(self.target.split("?", 1)[0])
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+
+def parse_request(head: bytes) -> Request | None:
+    """The request in a head (what arrived of it, up to MAX_REQUEST); None when it is not HTTP.
+    Header lines past MAX_HEADERS and lines without a colon are left out."""
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    words = lines[0].split()
+    if len(words) < 2:
+        return None
+    headers = []
+    for line in lines[1:MAX_HEADERS + 1]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers.append((name.strip(), value.strip()))
+    return Request(words[0], words[1], tuple(headers))
+
+
 @dataclass
 class StatusSources:
-    """What the server reports, as callables so the server needs no knowledge of the agent.
+    """What the server reports, as callables and values so the server needs no knowledge of the agent.
 
     `readiness` is called on the trio loop and must be cheap (it is what probes ask, and must
-    never wait behind anything); the others are called from a worker thread (`renders`): the
-    /debug/ndsz view of a large table takes seconds to build (100,000 services: ~4 s), and the
-    loop also serves DNS over TCP.
+    never wait behind anything); the other callables are called from a worker thread (`handle`
+    in `_render`): the /debug/ndsz view of a large table takes seconds to build (100,000
+    services: ~4 s), a drain waits for Envoy's admin, and the loop also serves DNS over TCP.
+    `drain` None: nothing to drain (no Envoy), /drain answers OK. `probes` None: no application
+    probes (every /app-health/ path answers 400). `metrics`: the targets merged into the agent's
+    metrics (none by default).
     """
 
     readiness: Callable[[], str | None]  # None when ready, else why not; cheap
     registry: CollectorRegistry
-    name_table: Callable[[], Mapping[str, object] | None]  # the /debug/ndsz view, None before a table
+    name_table: Callable[[], Mapping[str, object] | None]  # the /debug/ndsz table, None before a table
     quit: Callable[[], None]
+    drain: Callable[[], None] | None = None
+    probes: AppProber | None = None
+    metrics: MetricsMerge = field(default_factory=MetricsMerge)
 
 
 def handle(method: str, path: str, local: bool, sources: StatusSources) -> Response:
-    """One request to one response (pure except for calling `sources`)."""
-    route = path.split("?", 1)[0]
+    """One request to one response, for every route but the metrics and the known application
+    probes, which the server answers itself (pure except for calling `sources`)."""
+    route = unquote(path.split("?", 1)[0])
     if route == "/healthz/ready":
         reason = sources.readiness()
         return Response(200) if reason is None else Response(503, reason.encode())
-    if route in ("/stats/prometheus", "/metrics"):
-        return Response(200, generate_latest(sources.registry), "text/plain; version=0.0.4; charset=utf-8")
-    if (route == "/quitquitquit" or route.startswith("/debug/")) and not local:
-        return Response(403, b"Only requests from localhost are allowed")
+    if route.startswith(PROBE_PREFIXES):  # unknown (known ones are the server's)
+        return Response(400, f"app prober config does not exists for {route}".encode())
+    if (route in LOOPBACK_ONLY or route.startswith("/debug/")) and not local:
+        return Response(403, FORBIDDEN)
     if route == "/debug/ndsz":
         table = sources.name_table()
         if table is None:
             return Response(404, b"{}", "application/json")
-        return Response(200, json.dumps(table, indent=2).encode(), "application/json")
-    if route == "/quitquitquit":
+        return Response(200, json.dumps({"table": table}, indent=2).encode(), "application/json")
+    if route in LOOPBACK_ONLY:
         if method != "POST":
-            return Response(405)
-        sources.quit()
+            return Response(405, b"Method Not Allowed")
+        if route == "/drain":
+            log.info("status: handling /drain, starting drain")
+            if sources.drain is not None:
+                sources.drain()
+        else:
+            sources.quit()
         return Response(200, b"OK")
     return Response(404, b"404 page not found")
 
 
-def renders(route: str, local: bool) -> bool:
-    """Whether answering `route` to this peer runs in a worker thread (it renders, or, for
-    quitquitquit, crosses back into trio from one) rather than on the loop. Remote peers get a
-    403 for /debug/* and /quitquitquit, answered on the loop like readiness and 404s."""
-    return route in METRICS_ROUTES or (local and (route == "/quitquitquit" or route.startswith("/debug/")))
+RouteKind = Literal["cheap", "render", "metrics", "probe"]
+
+
+def route_kind(route: str, local: bool, sources: StatusSources) -> RouteKind:
+    """How the server answers `route` for this peer: on the loop at once (`cheap`: readiness,
+    403, 404, an unknown probe's 400), in a worker thread (`render`: /debug/*, and drain and
+    quit, which may wait or cross back into trio), the metrics (scraped on the loop, rendered
+    in a thread), or a known application probe (a task)."""
+    if route in METRICS_ROUTES:
+        return "metrics"
+    if route.startswith(PROBE_PREFIXES) and sources.probes is not None and sources.probes.knows(route):
+        return "probe"
+    if local and (route in LOOPBACK_ONLY or route.startswith("/debug/")):
+        return "render"
+    return "cheap"
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _encode(response: Response) -> bytes:
     head = (
-        f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
+        f"HTTP/1.1 {response.status} {_reason(response.status)}\r\n"
         f"Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
         "Connection: close\r\n\r\n"
     )
@@ -165,12 +237,14 @@ class StatusServer:
                              f"{per_peer.burst:g}, a render costs {per_peer.render_cost:g} more")
         self._renders = {True: trio.CapacityLimiter(LOCAL_RENDERS), False: trio.CapacityLimiter(REMOTE_RENDERS)}
         self._threads = trio.CapacityLimiter(LOCAL_RENDERS + REMOTE_RENDERS)  # never waited on: a render slot is held
+        self._probes = trio.CapacityLimiter(PROBES_AT_ONCE)
         self._ids = itertools.count()
         self._scopes: dict[int, trio.CancelScope] = {}
         self._warn_refused = RateLimitedLog(log, clock=trio.current_time)
         self._warn_accept = RateLimitedLog(log, clock=trio.current_time)
         self._warn_rate = RateLimitedLog(log, clock=trio.current_time)
         sources.registry.register(_StatusMetrics(self))
+        sources.registry.register(sources.metrics)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("status: listening on port %d (%s)", self.bound_port,
@@ -230,11 +304,11 @@ class StatusServer:
         nursery.start_soon(self._connection, stream, *at_once, conn, peer, key, local, scope)
 
     def _answer_at_once(self, sock: socket.socket, conn: int, peer: str, key: str,
-                        local: bool) -> tuple[bytes, list[str] | None] | None:
+                        local: bool) -> tuple[bytes, Request | None] | None:
         """Answer right here, in the accept loop's turn, when the request is already in and
         cheap (a probe's, usually: the client sent it with the handshake); None when done with
         the connection. Else, for a task of its own: the bytes received so far (the head is on
-        its way), or the request line of a render that was paid for.
+        its way), or the request of a render (or metrics, or application probe) that was paid for.
 
         A connection handed to a task needs several more trips through trio's scheduler (read
         the head, answer, close), each behind whatever else is running: under a flood of
@@ -248,30 +322,30 @@ class StatusServer:
             received = b""  # reset already
         if received and b"\r\n\r\n" not in received and len(received) < MAX_REQUEST:
             return received, None  # the rest of the head is on its way
-        line = received.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(line) >= 2:  # else closed by the peer, or not HTTP: closed
-            response = self._cheap_answer(conn, line[0], line[1], peer, key, local)
+        request = parse_request(received)
+        if request is not None:  # else closed by the peer, or not HTTP: closed
+            response = self._cheap_answer(conn, request, peer, key, local)
             if response is None:
-                return received, line  # a render: a task waits for a thread
+                return received, request  # a render or a probe: a task waits for a slot
             with contextlib.suppress(OSError):  # a fresh socket's buffer takes a small answer whole
                 sock.send(_encode(response))
         sock.close()
         self.admission.closed(conn)
         return None
 
-    async def _connection(self, stream: trio.SocketStream, received: bytes, render: list[str] | None, conn: int,
+    async def _connection(self, stream: trio.SocketStream, received: bytes, paid: Request | None, conn: int,
                           peer: str, key: str, local: bool, scope: trio.CancelScope) -> None:
-        """One connection to its end: the rest of the request head (unless `render` is the line of
-        a render paid for already), the answer, the close."""
+        """One connection to its end: the rest of the request head (unless `paid` is the request
+        of a render paid for already), the answer, the close."""
         try:
             with scope:
                 async with stream:
-                    line = render or await self._request_line(stream, conn, received)
-                    if line is None:
+                    request = paid or await self._request(stream, conn, received)
+                    if request is None:
                         return
-                    response = None if render else self._cheap_answer(conn, line[0], line[1], peer, key, local)
+                    response = None if paid else self._cheap_answer(conn, request, peer, key, local)
                     if response is None:
-                        response = await self._render(conn, line[0], line[1], local)
+                        response = await self._slow_answer(conn, request, local)
                     # Shielded: /quitquitquit cancels this task with the rest, and its OK must still go out.
                     with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT):
                         await stream.send_all(_encode(response))
@@ -281,29 +355,61 @@ class StatusServer:
             self._scopes.pop(conn, None)
             self.admission.closed(conn)
 
-    def _cheap_answer(self, conn: int, method: str, path: str, peer: str, key: str, local: bool) -> Response | None:
-        """The answer made on the loop (readiness, 403/404/405; the remote peer paid for the
+    def _cheap_answer(self, conn: int, request: Request, peer: str, key: str, local: bool) -> Response | None:
+        """The answer made on the loop (readiness, 400/403/404/405; the remote peer paid for the
         connection when it was accepted), or a 429 for a render a remote peer cannot pay for;
-        None for a render it can."""
-        if renders(path.split("?", 1)[0], local):
+        None for a render it can, and for an application probe (kubelet's, from a remote peer:
+        a probe costs the application, not the agent, and waits for a slot of PROBES_AT_ONCE)."""
+        kind = route_kind(request.route, local, self.sources)
+        if kind == "probe":
+            return None
+        if kind != "cheap":
             if local or self.rates.pay(key, self.rates.rates.render_cost, trio.current_time()):
                 return None
             self.rate_limited += 1
             self._warn_rate(logging.WARNING, "status: too many requests from %s (%s)", peer, self._limits_text)
             return Response(429, b"Too Many Requests")
         self.admission.started(conn)
-        return handle(method, path, local, self.sources)
+        return handle(request.method, request.target, local, self.sources)
 
-    async def _render(self, conn: int, method: str, path: str, local: bool) -> Response:
-        """The answer made in a worker thread once a render slot of the peer's kind (loopback or
-        remote) is free. The connection stays evictable (connlimits.py) until then: a render
-        waiting for a slot holds a connection without any work done for it yet."""
+    async def _slow_answer(self, conn: int, request: Request, local: bool) -> Response:
+        """The answer made once a slot is free: a render slot of the peer's kind (loopback or
+        remote) for a render or the metrics, a probe slot for an application probe. The
+        connection stays evictable (connlimits.py) until then: a request waiting for a slot
+        holds a connection without any work done for it yet."""
+        kind = route_kind(request.route, local, self.sources)
+        if kind == "probe":
+            assert self.sources.probes is not None
+            async with self._probes:
+                self.admission.started(conn)
+                answer = await self.sources.probes.probe(request.route, request.headers, self.bound_port)
+            return Response(answer.status, answer.body)
         async with self._renders[local]:
             self.admission.started(conn)
-            return await trio.to_thread.run_sync(handle, method, path, local, self.sources, limiter=self._threads)
+            if kind == "metrics":
+                return await self._metrics(request)
+            return await trio.to_thread.run_sync(handle, request.method, request.target, local, self.sources,
+                                                 limiter=self._threads)
 
-    async def _request_line(self, stream: trio.SocketStream, conn: int, request: bytes) -> list[str] | None:
-        """The request line's words once the head arrived (`request`: what came with the
+    async def _metrics(self, request: Request) -> Response:
+        """The targets scraped (on the loop, at once), then the agent's registry rendered and
+        everything merged in a worker thread."""
+        scrape = await self.sources.metrics.scrape(request.headers, request.query)
+        fmt = merged_format([content_type for content_type, _ in scrape.apps])
+
+        def render() -> bytes:
+            try:
+                agent = render_agent(self.sources.registry, fmt)
+            except Exception:  # a collector's bug must not take the Envoy and application metrics with it
+                self.sources.metrics.failures["agent"] += 1
+                log.exception("status: failed rendering the agent's metrics")
+                agent = b""
+            return merge(fmt, agent, scrape.envoy, [body for _, body in scrape.apps])
+
+        return Response(200, await trio.to_thread.run_sync(render, limiter=self._threads), fmt)
+
+    async def _request(self, stream: trio.SocketStream, conn: int, request: bytes) -> Request | None:
+        """The request once the head arrived (`request`: what came with the
         connection); None when it did not within the deadline (counted; the deadline is for the
         whole head, so trickling bytes does not extend it), or the peer closed first, or it is
         not HTTP."""
@@ -316,8 +422,7 @@ class StatusServer:
         if deadline.cancelled_caught:
             self.admission.closed(conn, HEADER_TIMEOUT_REASON)
             return None
-        line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-        return line if len(line) >= 2 else None
+        return parse_request(request)
 
 
 class _StatusMetrics:

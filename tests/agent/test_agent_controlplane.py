@@ -189,7 +189,7 @@ def test_table_arrives_over_tls_and_dig_answers(world: World) -> None:
     assert world.cp is not None
     world.cp.wait_for(r"accepted NDS version")
     with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/debug/ndsz", timeout=2) as r:
-        assert "productpage.ns1.svc.cluster.local" in json.loads(r.read())
+        assert "productpage.ns1.svc.cluster.local" in json.loads(r.read())["table"]
     with urllib.request.urlopen(f"http://127.0.0.1:{world.status_port}/stats/prometheus", timeout=2) as r:
         metrics = r.read().decode()
     assert "pilotfish_xds_connected 1.0" in metrics

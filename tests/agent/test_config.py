@@ -159,12 +159,11 @@ def test_status_routes() -> None:
     not_ready = handle("GET", "/healthz/ready", False, sources)
     assert not_ready.status == 503 and not_ready.body == DNS_NOT_READY.encode()
     assert handle("GET", "/healthz/ready", False, _sources(None)[0]).status == 200
-    assert handle("GET", "/stats/prometheus", False, sources).status == 200
     assert handle("GET", "/debug/ndsz", False, sources).status == 403
     assert handle("GET", "/debug/pprof/", False, sources).status == 403  # every /debug/ path
     assert handle("POST", "/quitquitquit", False, sources).status == 403 and not quits
     assert handle("GET", "/debug/ndsz", True, sources).status == 404
-    assert handle("GET", "/debug/ndsz", True, _sources(None, {"a.": {}})[0]).body == b'{\n  "a.": {}\n}'
+    assert handle("GET", "/debug/ndsz", True, _sources(None, {"a.": {}})[0]).body == b'{\n  "table": {\n    "a.": {}\n  }\n}'
     assert handle("GET", "/quitquitquit", True, sources).status == 405 and not quits
     assert handle("POST", "/quitquitquit", True, sources).status == 200 and quits == ["q"]
     assert handle("GET", "/nope", True, sources).status == 404
