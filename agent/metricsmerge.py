@@ -50,6 +50,7 @@ RESERVED_PORTS = {15000: "Envoy admin", 15001: "outbound traffic capture", 15004
                   15020: "pilot-agent status / merged Prometheus", 15021: "Envoy health", 15053: "DNS proxy",
                   15090: "Envoy Prometheus (already merged)"}
 EOF_MARK = b"# EOF"
+_TSPECIALS = frozenset(' ()<>@,;:\\"/[]?=\t')  # RFC 2045: not in a token
 
 
 @dataclass(frozen=True)
@@ -111,17 +112,19 @@ def _media_type(text: str) -> tuple[str, dict[str, str]]:
     when it does not parse."""
     kind, *params = text.split(";")
     kind = kind.strip().lower()
-    if not kind or any(c in kind for c in ' ()<>@,:\\"[]?='):
+    if not kind or _TSPECIALS & set(kind.replace("/", "", 1)):
         raise ValueError(f"bad media type {text!r}")
+    if params and not params[-1].strip():
+        params.pop()  # a trailing ";" is allowed, an empty parameter elsewhere is not
     out = {}
     for param in params:
-        if not param.strip():
-            continue
         name, sep, value = param.partition("=")
         name, value = name.strip().lower(), value.strip()
-        if not sep or not name or name in out:
+        quoted = len(value) >= 2 and value[0] == value[-1] == '"'
+        if not sep or not name or name in out or not (quoted or value) or _TSPECIALS & set(name) \
+                or (not quoted and _TSPECIALS & set(value)):
             raise ValueError(f"bad parameter {param!r}")
-        out[name] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+        out[name] = value[1:-1] if quoted else value
     return kind, out
 
 
@@ -143,14 +146,13 @@ def accept_for_target(accept: str, allowed: Sequence[str]) -> str:
     seen: set[str] = set()
     for kind, params in encodings:
         params.pop("q", None)
+        wildcard = kind in ("*", "*/*", "application/*")
         if kind in ("*", "*/*"):
             kind, params = "text/plain", {"version": "0.0.4"}
         elif kind == "application/*":
             kind, params = "application/openmetrics-text", {"version": "0.0.1"}
-        if kind not in allowed:
-            continue
         key = _format_media_type(kind, params)
-        if key in seen:
+        if kind not in allowed or (wildcard and key in seen):  # a type named twice stays twice, as in Istio
             continue
         seen.add(key)
         kept.append((kind, params))
