@@ -20,6 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 from pilotfish.common.settings import ConfigError, parse_bool
 
+from .httpclient import FIELD_VALUE, TOKEN
+
 VARIABLE = "ISTIO_KUBE_APP_PROBERS"
 LEGACY_LOCALHOST = "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"
 PATH_PATTERN = re.compile(r"/(app-health|app-lifecycle)/[^/]+/(livez|readyz|startupz|prestopz|poststartz)")
@@ -148,8 +150,8 @@ def _http_get(body: dict[str, object], port: int, where: str) -> HttpGet:
     for header in headers:
         name = header.get("name") if isinstance(header, dict) else None
         value = header.get("value", "") if isinstance(header, dict) else None
-        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) \
-                or not isinstance(value, str) or not re.fullmatch(r"[\t\x20-\x7e\x80-\xff]*", value):
+        if not isinstance(name, str) or not TOKEN.fullmatch(name) \
+                or not isinstance(value, str) or not FIELD_VALUE.fullmatch(value):
             raise ConfigError(f"{where}: httpHeaders: want {{name, value}} a request can carry, got {header!r}")
         pairs.append((name, value))
     return HttpGet(path if path.startswith("/") else "/" + path, port, scheme == "HTTPS", tuple(pairs))

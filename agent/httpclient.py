@@ -11,6 +11,7 @@ one byte more, so that "over the cap" is known). Any failure is a FetchError.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import trio
 
 MAX_HEAD = 64 * 1024  # the response's status line and headers
 READ_SIZE = 65536
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header's name (RFC 9110 §5.6.2)
+FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # a header's value: no CR, LF, NUL (RFC 9110 §5.5)
 
 
 class FetchError(Exception):
@@ -97,7 +100,7 @@ class _Reader:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._buffer = b""
+        self._buffer = bytearray()  # appended to and cut from the front: no copy of what stays
         self.eof = False
 
     async def _fill(self) -> None:
@@ -112,14 +115,16 @@ class _Reader:
             if len(self._buffer) > limit or self.eof:
                 raise FetchError("response head too long" if not self.eof else "connection closed mid-response")
             await self._fill()
-        out, self._buffer = self._buffer[:at], self._buffer[at + len(mark):]
+        out = bytes(self._buffer[:at])
+        del self._buffer[:at + len(mark)]
         return out
 
     async def take(self, size: int) -> bytes:
         """`size` bytes, fewer only at the end of the stream."""
         while len(self._buffer) < size and not self.eof:
             await self._fill()
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return out
 
 
@@ -144,7 +149,7 @@ async def _response(reader: _Reader, max_body: int) -> Reply:
 
 
 async def _chunked(reader: _Reader, cap: int) -> bytes:
-    body = b""
+    body = bytearray()
     while len(body) < cap:
         size_line = (await reader.until(b"\r\n", 1024)).split(b";", 1)[0].strip()
         try:
@@ -156,7 +161,7 @@ async def _chunked(reader: _Reader, cap: int) -> bytes:
         body += await reader.take(min(size, cap - len(body)))
         if len(body) < cap:
             await reader.until(b"\r\n", 2)
-    return body
+    return bytes(body)
 
 
 def parse_head(head: bytes) -> tuple[int, dict[str, str]]:

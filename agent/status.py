@@ -29,6 +29,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from pilotfish.common.ratelog import RateLimitedLog
 
 from .connlimits import HEADER_TIMEOUT as HEADER_TIMEOUT_REASON
 from .connlimits import Admission, Refuse, peer_key
+from .httpclient import FIELD_VALUE, TOKEN
 from .metricsmerge import MetricsMerge, merge, merged_format, render_agent
 from .prober import AppProber
 from .ratelimit import PeerRates
@@ -64,6 +66,7 @@ METRICS_ROUTES = ("/stats/prometheus", "/metrics")
 PROBE_PREFIXES = ("/app-health/", "/app-lifecycle/")
 LOOPBACK_ONLY = ("/quitquitquit", "/drain")  # and every /debug/ path
 FORBIDDEN = b"Only requests from localhost are allowed"
+_TARGET = re.compile(r"[\x21-\x7e\x80-\xff]+")
 # accept() failures that say "out of a resource, try again later", not "this listener is broken"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept() failures that concern one connection, not the listener: accept(2) on Linux passes a
@@ -100,17 +103,21 @@ class Request:
 
 
 def parse_request(head: bytes) -> Request | None:
-    """The request in a head (what arrived of it, up to MAX_REQUEST); None when it is not HTTP.
-    Header lines past MAX_HEADERS and lines without a colon are left out."""
+    """The request in a head (what arrived of it, up to MAX_REQUEST); None when it is not HTTP
+    or its target holds a control character. Header lines past MAX_HEADERS, and lines that are
+    not a header a request can carry (a name of token characters, a value without control
+    characters but tab), are left out: headers go on to the application (probes) and Envoy's
+    query string with the metrics, where a lone CR or LF would start a header of its own."""
     lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     words = lines[0].split()
-    if len(words) < 2:
+    if len(words) < 2 or not _TARGET.fullmatch(words[1]):
         return None
     headers = []
     for line in lines[1:MAX_HEADERS + 1]:
         name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers.append((name.strip(), value.strip()))
+        value = value.strip(" \t")
+        if sep and TOKEN.fullmatch(name) and FIELD_VALUE.fullmatch(value):
+            headers.append((name, value))
     return Request(words[0], words[1], tuple(headers))
 
 

@@ -5,6 +5,7 @@ blocking client talks to it from a thread."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -102,6 +103,8 @@ class TcpListener:
             conn.close()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self.sock.close()
 
 

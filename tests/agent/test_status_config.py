@@ -13,6 +13,7 @@ from pilotfish.agent.appprobe import (AppProbe, Follow, Grpc, HttpGet, TcpSocket
 from pilotfish.agent.metricsmerge import (OPENMETRICS_0_0_1, OPENMETRICS_1_0_0, TEXT, MetricsConfig, Target,
                                           accept_for_target, answer_format, merge, merged_format, metrics_config,
                                           strip_eof)
+from pilotfish.agent.status import parse_request
 from pilotfish.common.settings import ConfigError
 
 LIVEZ = "/app-health/web/livez"
@@ -161,3 +162,14 @@ def test_merge_keeps_one_eof_and_separates_parts() -> None:
     assert strip_eof(b"a 1\n") == b"a 1\n"
     assert merge(TEXT, b"agent 1\n", b"envoy 2", [b"app 3\n# EOF\n"]) == b"agent 1\nenvoy 2\napp 3\n"
     assert merge(OPENMETRICS_1_0_0, b"agent 1\n", None, [b"a 3\n# EOF\n", b"b 4"]) == b"agent 1\na 3\nb 4\n# EOF\n"
+
+
+def test_a_request_keeps_only_headers_it_may_pass_on() -> None:
+    head = (b"GET /app-health/web/livez?x=1 HTTP/1.1\r\nHost: pod:15020\r\nX-Ok: a\tb\r\nX-Bad: a\nInjected: 1\r\n"
+            b"X-Nul: a\x00\r\nBad Name: c\r\nno colon\r\n\r\n")
+    request = parse_request(head)
+    assert request is not None and request.route == "/app-health/web/livez" and request.query == "x=1"
+    assert request.headers == (("Host", "pod:15020"), ("X-Ok", "a\tb"))
+    assert parse_request(b"GET /stats/prometheus?a=\x01 HTTP/1.1\r\n\r\n") is None
+    assert parse_request(b"\r\n\r\n") is None
+    assert parse_request(b"GET /%61pp-health/web/livez HTTP/1.1\r\n\r\n").route == "/app-health/web/livez"  # type: ignore[union-attr]

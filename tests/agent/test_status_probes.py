@@ -6,6 +6,7 @@ probe requests never opens more than PROBES_AT_ONCE connections to the applicati
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -92,13 +93,13 @@ def test_http_probes_follow_kubelets_rules_from_127_0_0_6() -> None:
 
 def test_tcp_and_grpc_probes_from_127_0_0_6() -> None:
     listener = TcpListener()
-    closed = TcpListener()
-    closed.close()  # nothing listens on its port now
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections to its port are refused
     try:
         with grpc_health({b"": SERVING, b"\x0a\x04down": NOT_SERVING}) as (grpc_port, grpc_peers):
             config = {
                 "/app-health/tcp/livez": {"tcpSocket": {"port": listener.port}, "timeoutSeconds": 5},
-                "/app-health/tcp/readyz": {"tcpSocket": {"port": closed.port}, "timeoutSeconds": 5},
+                "/app-health/tcp/readyz": {"tcpSocket": {"port": closed.getsockname()[1]}, "timeoutSeconds": 5},
                 "/app-health/grpc/livez": {"grpc": {"port": grpc_port}, "timeoutSeconds": 5},
                 "/app-health/grpc/readyz": {"grpc": {"port": grpc_port, "service": "down"}, "timeoutSeconds": 5},
                 "/app-health/grpc/startupz": {"grpc": {"port": grpc_port, "service": "unknown"},
@@ -119,6 +120,7 @@ def test_tcp_and_grpc_probes_from_127_0_0_6() -> None:
             assert listener.peers and set(listener.peers) == {"127.0.0.6"}
     finally:
         listener.close()
+        closed.close()
 
 
 def test_a_probe_that_does_not_answer_fails_at_its_timeout() -> None:
