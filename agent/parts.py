@@ -76,7 +76,7 @@ class XdsPart:
 
 @dataclass
 class StatusPart:
-    """The status server on 15020: readiness, metrics, /debug/ndsz, /quitquitquit."""
+    """The status server on 15020 (agent/status.py)."""
 
     server: StatusServer
     name: str = "status"
