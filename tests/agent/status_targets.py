@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -145,7 +146,15 @@ def run_status(server: StatusServer, client: Callable[[int], object]) -> None:
 
 
 def loopback() -> list[socket.socket]:
+    """A listener on 127.0.0.1, on a port the kernel picks."""
     return open_listeners(0, "127.0.0.1")
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.01)
 
 
 def get(port: int, path: str, method: str = "GET", source: str = "127.0.0.1",

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry
@@ -18,7 +16,7 @@ from pilotfish.agent.appprobe import MAX_BODY, app_probe_config
 from pilotfish.agent.prober import AppProber
 from pilotfish.agent.status import PROBES_AT_ONCE, StatusServer, StatusSources
 
-from .status_targets import App, TcpListener, get, grpc_health, loopback, reply, run_status
+from .status_targets import App, TcpListener, get, grpc_health, loopback, poll, reply, run_status
 
 SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"
 
@@ -30,13 +28,6 @@ def prober(probes: dict[str, dict[str, object]]) -> AppProber:
 def status_server(probes: AppProber) -> StatusServer:
     sources = StatusSources(lambda: None, CollectorRegistry(), lambda: None, lambda: None, probes=probes)
     return StatusServer(loopback(), sources)
-
-
-def poll(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.01)
 
 
 def http_probe(port: int, path: str, **extra: object) -> dict[str, object]:

@@ -9,7 +9,6 @@ import logging
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -24,6 +23,8 @@ from pilotfish.agent.ratelimit import PeerRates, Rates
 from pilotfish.agent.status import StatusServer, StatusSources, is_local
 from pilotfish.common.limits import open_files_limit
 
+from .status_targets import loopback, poll, run_status
+
 DEADLINE = 0.3
 
 
@@ -31,28 +32,12 @@ def sources() -> StatusSources:
     return StatusSources(lambda: None, CollectorRegistry(), lambda: None, lambda: None)
 
 
-def loopback() -> list[socket.socket]:
-    """A listener on 127.0.0.1, on a port the kernel picks."""
-    return open_listeners(0, "127.0.0.1")
-
-
 def run_with_server(client: Callable[[int], object], **kw: object) -> StatusServer:
     """Start a server on 127.0.0.1, run the blocking `client(port)` in a thread, stop."""
     kw.setdefault("sources", sources())
     server = StatusServer(loopback(), header_timeout=DEADLINE, **kw)  # type: ignore[arg-type]
-    serve(server, client)
+    run_status(server, client)
     return server
-
-
-def serve(server: StatusServer, client: Callable[[int], object]) -> None:
-    async def main() -> None:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve)
-                await trio.to_thread.run_sync(client, server.bound_port)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -176,13 +161,6 @@ def status(sock: socket.socket) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def poll(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.01)
-
-
 class StuckRenders:
     """A collector whose renders do not finish until `release` is set; counts them."""
 
@@ -243,7 +221,7 @@ def test_a_local_render_does_not_wait_for_remote_ones() -> None:
 
     server = StatusServer(loopback(), header_timeout=DEADLINE, **kw)  # type: ignore[arg-type]
     servers.append(server)
-    serve(server, client)
+    run_status(server, client)
 
 
 def test_a_remote_peer_is_rate_limited_and_loopback_is_not() -> None:
@@ -261,7 +239,7 @@ def test_a_remote_peer_is_rate_limited_and_loopback_is_not() -> None:
 
     server = StatusServer(loopback(), sources(), header_timeout=DEADLINE, rates=rates,
                           local=lambda peer: peer == "127.0.0.1")
-    serve(server, client)
+    run_status(server, client)
     assert got == [200, 200, 429, 200, None] + [200] * 5
     assert server.rate_limited == 1 and server.admission.dropped == {"rate_limit": 1}
     text = generate_latest(server.sources.registry).decode()
@@ -315,5 +293,5 @@ def test_a_render_waiting_for_a_thread_makes_room_for_an_honest_peer() -> None:
 
     server = StatusServer(loopback(), header_timeout=DEADLINE, **kw)  # type: ignore[arg-type]
     servers.append(server)
-    serve(server, client)
+    run_status(server, client)
     assert server.admission.dropped == {"evicted": 1}
