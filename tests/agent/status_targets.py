@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ class App:
     """An HTTP server answering `routes` by path (query left out); records each request's peer
     address, path and headers, and how many requests it was serving at once at most."""
 
-    def __init__(self, routes: dict[str, Route]) -> None:
+    def __init__(self, routes: dict[str, Route], tls: ssl.SSLContext | None = None) -> None:
         self.routes = routes
         self.peers: list[str] = []
         self.paths: list[str] = []
@@ -56,6 +57,8 @@ class App:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
 
     def __enter__(self) -> App:
@@ -80,6 +83,21 @@ def reply(status: int, body: bytes = b"", content_type: str = "text/plain", head
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
+    return answer
+
+
+def framed(chunks: list[bytes], chunked: bool) -> Route:
+    """A 200 whose body is sent in chunked encoding, or without a length (to the close)."""
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        if chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for chunk in chunks:
+            handler.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if chunked:
+            handler.wfile.write(b"0\r\nTrailer: x\r\n\r\n")
+        handler.close_connection = True
     return answer
 
 

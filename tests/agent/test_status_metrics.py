@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pilotfish.agent.metricsmerge import APP_MAX_BODY, OPENMETRICS_1_0_0, TEXT, MetricsConfig, MetricsMerge, Target
 from pilotfish.agent.status import StatusServer, StatusSources
 
-from .status_targets import App, get, loopback, reply, run_status
+from .status_targets import App, framed, get, loopback, reply, run_status
 
 ENVOY_TEXT = (b"# TYPE envoy_cluster_upstream_cx_total counter\n"
               b'envoy_cluster_upstream_cx_total{envoy_cluster_name="xds-grpc"} 3\n')
@@ -86,6 +86,15 @@ def test_a_target_over_its_cap_or_hanging_is_left_out_and_counted() -> None:
         found = names(text)
         assert {"envoy_cluster_upstream_cx", "app_requests"} <= found and "big" not in found
         assert source.metrics.failures == {"envoy": 0, "application": 3, "agent": 0}
+
+
+def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
+    lines = [b"# TYPE chunky gauge\n", b"chunky 1\n" * 5000, b"chunky_more 2\n"]
+    with App({"/chunked": framed(lines, chunked=True), "/to-close": framed([APP_TEXT], chunked=False)}) as app:
+        source = sources(None, [(app, "/chunked"), (app, "/to-close")])
+        status, text, _ = scrape(source)
+        assert status == 200 and {"chunky", "app_requests"} <= names(text)
+        assert text.count("chunky 1") == 5000 and source.metrics.failures["application"] == 0
 
 
 def test_a_failing_envoy_is_left_out_and_counted() -> None:

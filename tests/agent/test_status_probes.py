@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from ca_harness import write_mounted_certs
 from prometheus_client import CollectorRegistry
 
 from pilotfish.agent.appprobe import MAX_BODY, app_probe_config
@@ -79,6 +82,23 @@ def test_http_probes_follow_kubelets_rules_from_127_0_0_6() -> None:
         assert sent["X-Kubelet"] == "kubelet" and sent["X-Probe"] == "configured"  # kubelet's win, config's added
         assert sent["Host"] == f"pod:{app.port}"  # the status port in Host becomes the application's
         assert sent["Connection"] == "close"
+        assert set(app.peers) == {"127.0.0.6"}
+
+
+def test_https_probes_do_not_check_the_certificate(tmp_path: Path) -> None:
+    write_mounted_certs(tmp_path)  # a certificate for a SPIFFE name, issued by a root nobody trusts
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert-chain.pem", tmp_path / "key.pem")
+    with App({"/ok": reply(200, b"secure"), "/hop": reply(302, headers={"Location": "/ok"})}, tls=tls) as app:
+        config = {"/app-health/c/livez": http_probe(app.port, "/ok", scheme="HTTPS"),
+                  "/app-health/c/readyz": http_probe(app.port, "/hop", scheme="HTTPS")}
+        answers = []
+
+        def client(port: int) -> None:
+            answers.extend(get(port, path)[:2] for path in config)
+
+        run_status(status_server(prober(config)), client)
+        assert answers == [(200, b"secure"), (200, b"secure")]  # the redirect followed over TLS too
         assert set(app.peers) == {"127.0.0.6"}
 
 
