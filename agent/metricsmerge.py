@@ -24,6 +24,7 @@ from prometheus_client import generate_latest as text_exposition
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_exposition
 
+from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.settings import ConfigError, parse_bool
 
 from . import httpclient
@@ -230,6 +231,8 @@ class MetricsMerge:
         self.host = host
         self.scrapes = 0
         self.failures = {"envoy": 0, "application": 0, "agent": 0}
+        # a line per kind per 10 s at most: a target down fails every scrape
+        self.warn = {kind: RateLimitedLog(log) for kind in self.failures}
 
     async def scrape(self, headers: Sequence[tuple[str, str]], query: str) -> Scrape:
         """Ask every target at once, each within the scraper's timeout
@@ -276,7 +279,8 @@ class MetricsMerge:
                 return reply
             why = f"response over {max_body} bytes" if reply.over else f"status code {reply.status}"
         self.failures[kind] += 1
-        log.warning("status: failed scraping %s metrics at port %d %r: %s", kind, target.port, target.path, why)
+        self.warn[kind](logging.WARNING, "status: failed scraping %s metrics at port %d %r: %s", kind, target.port,
+                        target.path, why)
         return None
 
     def collect(self) -> Iterator[Metric]:

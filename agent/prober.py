@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from pilotfish.common.ratelog import RateLimitedLog
+
 from . import grpchealth, httpclient
 from .appprobe import MAX_BODY, AppProbe, AppProbeConfig, Follow, Grpc, HttpGet, after_answer
 
@@ -38,6 +40,8 @@ class AppProber:
     def __init__(self, config: AppProbeConfig) -> None:
         self.config = config
         self._authority = f"[{config.destination}]" if ":" in config.destination else config.destination
+        # a line per probe per 10 s at most: anyone who reaches the port can make probes fail
+        self._log = {path: RateLimitedLog(log, clock=trio.current_time) for path in config.probes}
 
     def knows(self, path: str) -> bool:
         return unquote(path) in self.config.probes
@@ -45,7 +49,8 @@ class AppProber:
     async def probe(self, path: str, headers: Sequence[tuple[str, str]], status_port: int) -> ProbeAnswer:
         """Run the probe at `path` (knows(path) must hold) for a request with `headers` that came
         to `status_port`; 200 or the application's status, 500 when it fails."""
-        probe = self.config.probes[unquote(path)]
+        path = unquote(path)
+        probe = self.config.probes[path]
         action = probe.action
         try:
             with trio.fail_after(probe.timeout):
@@ -58,11 +63,13 @@ class AppProber:
                         serving = await grpchealth.check(stream, f"{self._authority}:{action.port}", action.service,
                                                          agent)
                         if serving != grpchealth.SERVING:
-                            log.info("probe %s: gRPC health status %d, not SERVING", path, serving)
+                            self._log[path](logging.INFO, "probe %s: gRPC health status %d, not SERVING", path,
+                                            serving)
                             return ProbeAnswer(500)
                 return ProbeAnswer(200)
         except (trio.TooSlowError, OSError, trio.BrokenResourceError, grpchealth.GrpcProbeError) as err:
-            log.info("probe %s failed: %s", path, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            self._log[path](logging.INFO, "probe %s failed: %s", path,
+                            f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             return ProbeAnswer(500)
 
     async def _http(self, path: str, action: HttpGet, probe: AppProbe, headers: Sequence[tuple[str, str]],
@@ -85,7 +92,7 @@ class AppProber:
         while True:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or parts.hostname is None:
-                log.info("probe %s: cannot follow a redirect to %s", path, url)
+                self._log[path](logging.INFO, "probe %s: cannot follow a redirect to %s", path, url)
                 return ProbeAnswer(500)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
@@ -94,7 +101,7 @@ class AppProber:
                                              max_body=MAX_BODY, source=self.config.source,
                                              tls=parts.scheme == "https")
             except httpclient.FetchError as err:
-                log.info("probe %s: request to %s failed: %s", path, url, err)
+                self._log[path](logging.INFO, "probe %s: request to %s failed: %s", path, url, err)
                 return ProbeAnswer(500)
             verdict = after_answer(reply.status, reply.headers.get("location"), url, first, redirects)
             if not isinstance(verdict, Follow):

@@ -409,7 +409,8 @@ class StatusServer:
                 agent = render_agent(self.sources.registry, fmt)
             except Exception:  # a collector's bug must not take the Envoy and application metrics with it
                 self.sources.metrics.failures["agent"] += 1
-                log.exception("status: failed rendering the agent's metrics")
+                self.sources.metrics.warn["agent"](logging.ERROR, "status: failed rendering the agent's metrics",
+                                                   exc_info=True)
                 agent = b""
             return merge(fmt, agent, scrape.envoy, [body for _, body in scrape.apps])
 

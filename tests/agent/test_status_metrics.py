@@ -6,8 +6,10 @@ peers only."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -123,3 +125,19 @@ def test_drain_is_post_from_loopback_only() -> None:
     run_status(server, client)
     assert answers == [405, 403, 403, 403, 200, 200]
     assert drained == ["drain"]
+
+
+class Broken:
+    """A collector with a bug."""
+
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a collector's bug")
+
+
+def test_a_broken_agent_collector_leaves_the_agent_out_not_the_scrape() -> None:
+    with App({"/metrics": reply(200, APP_TEXT)}) as app:
+        source = sources(None, [(app, "/metrics")])
+        source.registry.register(Broken())  # type: ignore[arg-type]
+        status, text, _ = scrape(source)
+        assert status == 200 and names(text) == {"app_requests"}
+        assert source.metrics.failures["agent"] == 1
