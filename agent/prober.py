@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import trio
 
@@ -44,12 +44,12 @@ class AppProber:
         self._log = {path: RateLimitedLog(log, clock=trio.current_time) for path in config.probes}
 
     def knows(self, path: str) -> bool:
-        return unquote(path) in self.config.probes
+        """Whether `path` (%-escapes decoded) is a configured probe."""
+        return path in self.config.probes
 
     async def probe(self, path: str, headers: Sequence[tuple[str, str]], status_port: int) -> ProbeAnswer:
         """Run the probe at `path` (knows(path) must hold) for a request with `headers` that came
         to `status_port`; 200 or the application's status, 500 when it fails."""
-        path = unquote(path)
         probe = self.config.probes[path]
         action = probe.action
         try:
@@ -67,7 +67,8 @@ class AppProber:
                                             serving)
                             return ProbeAnswer(500)
                 return ProbeAnswer(200)
-        except (trio.TooSlowError, OSError, trio.BrokenResourceError, grpchealth.GrpcProbeError) as err:
+        # ValueError: a Location that does not parse (Go's client fails the probe on it too)
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError, grpchealth.GrpcProbeError, ValueError) as err:
             self._log[path](logging.INFO, "probe %s failed: %s", path,
                             f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             return ProbeAnswer(500)

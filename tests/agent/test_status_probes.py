@@ -49,12 +49,15 @@ def test_http_probes_follow_kubelets_rules_from_127_0_0_6() -> None:
         "/no-location": reply(302),
         "/long": reply(200, long_body),
         "/headers": reply(200),
+        "/bad-ipv6": reply(302, headers={"Location": "http://[::1/x"}),
+        "/bad-port": reply(302, headers={"Location": "http://127.0.0.1:port/"}),
+        "/ftp": reply(302, headers={"Location": "ftp://127.0.0.1/"}),
     }
     with App(routes) as app:
         config = {f"/app-health/c/{name}": http_probe(app.port, target) for name, target in [
             ("livez", "/ok"), ("readyz", "/fail"), ("startupz", "/same-host")]}
         config |= {f"/app-health/{name}/livez": http_probe(app.port, "/" + name) for name in [
-            "same-host-fail", "other-host", "loop", "no-location", "long"]}
+            "same-host-fail", "other-host", "loop", "no-location", "long", "bad-ipv6", "bad-port", "ftp"]}
         config["/app-lifecycle/c/prestopz"] = http_probe(app.port, "headers",
                                                          httpHeaders=[{"name": "X-Probe", "value": "configured"},
                                                                       {"name": "X-Kubelet", "value": "not sent"}])
@@ -77,6 +80,8 @@ def test_http_probes_follow_kubelets_rules_from_127_0_0_6() -> None:
         assert answers["/app-health/no-location/livez"][:2] == (200, b"")
         assert answers["/app-health/long/livez"][:2] == (200, long_body[:MAX_BODY])
         assert answers["/app-lifecycle/c/prestopz"][0] == 200
+        for bad in ("bad-ipv6", "bad-port", "ftp"):  # a Location that cannot be followed fails the probe
+            assert answers[f"/app-health/{bad}/livez"][0] == 500
         assert answers["unknown"][:2] == (400, b"app prober config does not exists for /app-health/c/poststartz")
         sent = app.headers[app.paths.index("/headers")]
         assert sent["X-Kubelet"] == "kubelet" and sent["X-Probe"] == "configured"  # kubelet's win, config's added
