@@ -127,7 +127,7 @@ class StatusSources:
 
     `readiness` is called on the trio loop and must be cheap (it is what probes ask, and must
     never wait behind anything); the other callables are called from a worker thread (`handle`
-    in `_render`): the /debug/ndsz view of a large table takes seconds to build (100,000
+    in `_slow_answer`): the /debug/ndsz view of a large table takes seconds to build (100,000
     services: ~4 s), a drain waits for Envoy's admin, and the loop also serves DNS over TCP.
     `drain` None: nothing to drain (no Envoy), /drain answers OK. `probes` None: no application
     probes (every /app-health/ path answers 400). `metrics`: the targets merged into the agent's
