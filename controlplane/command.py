@@ -41,7 +41,7 @@ from pilotfish.common.watch import file_signature, watch_file
 from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
-from .ads import AdsServicer, MeshHub, Snapshot, start_server
+from .ads import AdsServicer, MeshHub, start_server
 from .casvc import CertificateService, IdentitiesFile, read_identities
 from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
@@ -55,9 +55,11 @@ from .ca import (
     new_root,
     serving_names,
 )
+from .envoyconfig import SidecarConfig, sidecar_config
 from .files import check_output_path
 from .mesh import MeshError, load_mesh, mesh_version
 from .nametable import ProxyInfo
+from .served import Snapshot
 
 log = logging.getLogger("pilotfish.controlplane")
 
@@ -235,11 +237,19 @@ def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
     # The last few proxies' tables are kept for this version: a client re-requesting without a
     # nonce had the whole table rebuilt each time (8 such streams on 20,000 services slowed an
     # honest agent's push from 1.5 to 12.8 s). Few: each is the size of the mesh.
+    def served(proxy: ProxyInfo) -> ProxyInfo:
+        return replace(proxy, dual_stack_enabled=True) if dual_stack else proxy
+
     @functools.lru_cache(maxsize=TABLES_KEPT)
     def table_for(proxy: ProxyInfo) -> NameTable:
-        return mesh.name_table(replace(proxy, dual_stack_enabled=True) if dual_stack else proxy)
+        return mesh.name_table(served(proxy))
 
-    return Snapshot(version, table_for, len({s.hostname for s in mesh.services}))
+    # the same few proxies' Envoy config (small, but built for every push and request)
+    @functools.lru_cache(maxsize=TABLES_KEPT)
+    def envoy_for(proxy: ProxyInfo) -> SidecarConfig:
+        return sidecar_config(mesh, served(proxy))
+
+    return Snapshot(version, table_for, len({s.hostname for s in mesh.services}), envoy_for)
 
 
 @contextmanager
