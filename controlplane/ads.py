@@ -46,7 +46,7 @@ from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
 
 from .delta import DeltaStreamState
-from .served import NAME_TABLE_TYPE, SERVED_TYPES, Resource, Snapshot
+from .served import NAME_TABLE_TYPE, Resource, Snapshot
 from .stream import (
     Acked,
     Connected,
@@ -123,12 +123,8 @@ class _Watch:
     version_acked: str | None = None
 
 
-class StreamState(StreamBase):
+class StreamState(StreamBase[_Watch]):
     """The server side of one SotW ADS stream; no I/O, no clock, no randomness."""
-
-    def __init__(self, nonce_prefix: str) -> None:
-        super().__init__(nonce_prefix)
-        self._watches: dict[str, _Watch] = {}
 
     def acked_version(self, type_url: str) -> str | None:
         watch = self._watches.get(type_url)
@@ -136,10 +132,10 @@ class StreamState(StreamBase):
 
     def on_request(self, request: DiscoveryRequest, snapshot: Snapshot) -> Outcome[DiscoveryResponse]:
         """Answer one request given what is served now. StreamError if the stream must end."""
-        events = self._connect(request.node)
+        events, served = self._start(request.node, request.type_url)
+        if not served:
+            return Outcome(events=tuple(events))
         type_url = request.type_url
-        if type_url not in SERVED_TYPES:
-            return Outcome(events=(*events, Ignored(type_url)))
         watch = self._watches.get(type_url)
         nonce = request.response_nonce
         if watch is not None and nonce and nonce == watch.nonce_sent:

@@ -33,8 +33,8 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 from envoy.service.discovery.v3.discovery_pb2 import Resource as ResourceMessage
 
-from .served import SERVED_TYPES, Snapshot
-from .stream import Acked, Event, Ignored, Nacked, Outcome, Sent, Stale, StreamBase, StreamError
+from .served import Snapshot
+from .stream import Acked, Event, Nacked, Outcome, Sent, Stale, StreamBase, StreamError
 
 WILDCARD = "*"
 # names one stream may subscribe to per type: Envoy subscribes to a few per cluster or listener,
@@ -57,19 +57,15 @@ class _Watch:
         return self.wildcard or name in self.names
 
 
-class DeltaStreamState(StreamBase):
+class DeltaStreamState(StreamBase[_Watch]):
     """The server side of one delta ADS stream; no I/O, no clock, no randomness."""
-
-    def __init__(self, nonce_prefix: str) -> None:
-        super().__init__(nonce_prefix)
-        self._watches: dict[str, _Watch] = {}
 
     def on_request(self, request: DeltaDiscoveryRequest, snapshot: Snapshot) -> Outcome[DeltaDiscoveryResponse]:
         """Answer one request given what is served now. StreamError if the stream must end."""
-        events = self._connect(request.node)
+        events, served = self._start(request.node, request.type_url)
+        if not served:
+            return Outcome(events=tuple(events))
         type_url = request.type_url
-        if type_url not in SERVED_TYPES:
-            return Outcome(events=(*events, Ignored(type_url)))
         watch = self._watches.get(type_url)
         nonce = request.response_nonce
         if watch is not None and self._is_ours(nonce):

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 from envoy.config.core.v3.base_pb2 import Node
 
 from .nametable import ProxyInfo, is_ip
-from .served import NAME_TABLE_TYPE
+from .served import NAME_TABLE_TYPE, SERVED_TYPES
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel")  # istiod's valid node types
 TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
@@ -130,8 +130,11 @@ class Outcome(Generic[R]):
     events: tuple[Event, ...] = field(default=())
 
 
-class StreamBase:
-    """The node and the nonces of one stream, either variant.
+W = TypeVar("W")
+
+
+class StreamBase(Generic[W]):
+    """The node, the nonces and the subscribed types (a `W` each) of one stream, either variant.
 
     `nonce_prefix` must differ between streams (the shell draws it at random): it is how a nonce
     from an earlier connection, or another control plane, is told apart from a stale one of ours.
@@ -142,15 +145,22 @@ class StreamBase:
         self._counter = 0
         self.node_id: str | None = None
         self.proxy: ProxyInfo | None = None
+        self._watches: dict[str, W] = {}
 
-    def _connect(self, node: Node) -> list[Event]:
-        """On every request: the first one must carry the node (StreamError if it does not
-        name a proxy istiod would accept); later ones need not, and their node is not read."""
-        if self.proxy is not None:
-            return []
-        self.proxy = proxy_info(node)
-        self.node_id = node.id
-        return [Connected(self.node_id, self.proxy)]
+    def _start(self, node: Node, type_url: str) -> tuple[list[Event], bool]:
+        """On every request: what to report so far, and whether its type is served (one that
+        is not is ignored, as istiod ignores types it has no generator for). The first request
+        must carry the node (StreamError if it does not name a proxy istiod would accept); later
+        ones need not, and their node is not read."""
+        events: list[Event] = []
+        if self.proxy is None:
+            self.proxy = proxy_info(node)
+            self.node_id = node.id
+            events.append(Connected(self.node_id, self.proxy))
+        if type_url in SERVED_TYPES:
+            return events, True
+        events.append(Ignored(type_url))
+        return events, False
 
     def _proxy(self) -> ProxyInfo:
         assert self.proxy is not None  # _connect sets it before any type is subscribed

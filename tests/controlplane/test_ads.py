@@ -457,16 +457,17 @@ def test_bad_node_ends_the_stream_with_invalid_argument(served: Served) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 @pytest.mark.parametrize(("metadata", "details"), [
     ((), "missing bearer token"),
     ((("authorization", "Bearer wrong"),), "bearer token rejected"),
 ])
-def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Path,
+def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Path, delta: bool,
                                                    metadata: tuple[tuple[str, str], ...], details: str) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     served.servicer.token_file = str(token)
-    client = served.client(metadata)
+    client = served.client(metadata, delta=delta)
     try:
         code, got = client.status()
         assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, details)
@@ -567,17 +568,6 @@ def test_a_flood_of_nacks_is_one_log_line(served: Served) -> None:
                                               error_detail=Status(code=3, message="no")))
         wait_for(lambda: served.servicer.counters.nacks == 20)
         assert sum("rejected NDS" in m for m in served.log.messages(logging.WARNING)) == 1
-    finally:
-        client.close()
-
-
-def test_delta_streams_need_the_token_too(served: Served, tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("s3cret\n")
-    served.servicer.token_file = str(token)
-    client = served.client((("authorization", "Bearer wrong"),), delta=True)
-    try:
-        assert client.status() == (grpc.StatusCode.UNAUTHENTICATED, "bearer token rejected")
     finally:
         client.close()
 

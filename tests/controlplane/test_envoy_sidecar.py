@@ -29,7 +29,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,17 +36,14 @@ from typing import Any
 import pytest
 
 import netns as N
-from envoy_proc import ENVOY, available
+from envoy_proc import ENVOY, Envoy, available
 from netns import APP_UID, POD_V4, PROXY_UID, SVC_V4, Topology
 from procs import PILOTFISH, Process
 
 TOKEN = "envoy-test-token"
 MESH = """\
 services:
-  - name: reviews
-    namespace: default
-    clusterIP: 10.96.0.10
-    ports: [9080]
+  - {name: details, namespace: default, clusterIP: 10.96.0.20, ports: [9080]}
 """
 INIT_FLAGS = ["-p", "15001", "-z", "15006", "-u", str(PROXY_UID), "-m", "REDIRECT", "-i", "*", "-x", "",
               "-b", "*", "-d", "15090,15021,15020", "--ipv6", "off"]
@@ -86,9 +82,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-class Sidecar:
+class Sidecar(Envoy):
     """Envoy as uid 1337 in the pod namespace, in a directory of its own (tmp_path's parents are
-    closed to other users), with an ADS bootstrap pointing at the control plane."""
+    closed to other users), with an ADS bootstrap pointing at the control plane; its admin API on
+    a unix socket."""
 
     def __init__(self, topo: Topology, api_type: str, cp_port: int, root_pem: bytes) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="pilotfish-envoy-"))
@@ -101,55 +98,28 @@ class Sidecar:
         argv = [str(ENVOY), "-c", str(config), "--disable-hot-restart", "-l", "info", "--log-path", str(self.log)]
         self.proc = subprocess.Popen(N.ns_argv(topo.pod, argv, PROXY_UID), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
+        self._wait(lambda: os.path.exists(self.admin_socket), "admin socket")
 
-    def admin(self, path: str) -> tuple[int, str]:
+    def admin(self, path: str) -> str:
         connection = UnixHTTPConnection(self.admin_socket)
         try:
             connection.request("GET", path)
             response = connection.getresponse()
-            return response.status, response.read().decode()
+            body = response.read().decode()
         finally:
             connection.close()
+        if response.status != 200:
+            raise OSError(f"{path}: HTTP {response.status}: {body[:200]}")
+        return body
 
-    def stat(self, name: str) -> int:
-        try:
-            _, text = self.admin(f"/stats?filter=^{name}$")
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
+    def wait_live(self) -> None:
+        self._wait(lambda: self._ready() == "LIVE", "/ready LIVE")
 
-    def ready(self) -> str:
-        try:
-            return self.admin("/ready")[1].strip()
-        except OSError:  # the socket is not there yet
-            return ""
-
-    def wait(self, what: str, probe: Any, timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"envoy exited ({self.proc.returncode}):\n{self.text()[-4000:]}")
-            value = probe()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"envoy: no {what} within {timeout}s:\n{self.text()[-4000:]}")
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        super().stop()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -212,9 +182,9 @@ def test_envoy_becomes_ready_and_carries_captured_traffic(
     port = int(cp.wait_for(r"listening on 127\.0\.0\.1:(\d+)", timeout=30).group(1))
     envoy = Sidecar(topo, api_type, port, (tmp_path / "root-cert.pem").read_bytes())
     try:
-        envoy.wait("CDS", lambda: envoy.stat("cluster_manager.cds.update_success") >= 1)
-        envoy.wait("LDS", lambda: envoy.stat("listener_manager.lds.update_success") >= 1)
-        envoy.wait("/ready LIVE", lambda: envoy.ready() == "LIVE")
+        envoy.wait_stat("cluster_manager.cds.update_success", 1)
+        envoy.wait_stat("listener_manager.lds.update_success", 1)
+        envoy.wait_live()
         kind = "delta stream" if api_type == "DELTA_GRPC" else "stream"
         cp.wait_for(rf"controlplane: {kind} from \S+: node sidecar~{POD_V4}~")
         cp.wait_for(r"accepted CDS version")
@@ -222,8 +192,7 @@ def test_envoy_becomes_ready_and_carries_captured_traffic(
         assert envoy.stat("cluster_manager.cds.update_rejected") == 0
         assert envoy.stat("listener_manager.lds.update_rejected") == 0
 
-        status, dump = envoy.admin("/config_dump?resource=dynamic_listeners")
-        assert status == 200
+        dump = envoy.admin("/config_dump?resource=dynamic_listeners")
         listeners = {entry["name"]: entry["active_state"]["listener"]["address"]["socket_address"]
                      for entry in json.loads(dump)["configs"]}
         assert listeners == {"virtualOutbound": {"address": "0.0.0.0", "port_value": 15001},
@@ -232,7 +201,7 @@ def test_envoy_becomes_ready_and_carries_captured_traffic(
         # outbound: the app dials the service, Envoy's passthrough reaches the peer's listener
         topo.tcp_listener(topo.peer, SVC_V4, UPSTREAM_PORT, tag="upstream")
         result = topo.tcp_connect(topo.pod, SVC_V4, UPSTREAM_PORT, uid=APP_UID)
-        assert result.get("ok"), f"outbound: {result}\n{envoy.text()[-4000:]}"
+        assert result.get("ok"), f"outbound: {result}\n{envoy.tail()}"
         assert result["reply"]["tag"] == "upstream"
         assert result["reply"]["peer"].startswith(f"{POD_V4}:")
         assert envoy.stat("cluster.PassthroughCluster.upstream_cx_total") >= 1
@@ -240,7 +209,7 @@ def test_envoy_becomes_ready_and_carries_captured_traffic(
         # inbound: the peer dials the app, Envoy's inbound passthrough dials it from 127.0.0.6
         topo.tcp_listener(topo.pod, "0.0.0.0", APP_PORT, uid=APP_UID, tag="app")
         result = topo.tcp_connect(topo.peer, POD_V4, APP_PORT, uid=0)
-        assert result.get("ok"), f"inbound: {result}\n{envoy.text()[-4000:]}"
+        assert result.get("ok"), f"inbound: {result}\n{envoy.tail()}"
         assert result["reply"]["tag"] == "app"
         assert result["reply"]["peer"].startswith("127.0.0.6:")
         assert envoy.stat("cluster.InboundPassthroughCluster.upstream_cx_total") >= 1
