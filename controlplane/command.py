@@ -4,7 +4,9 @@ An agent connects to it exactly as to istiod (docs/istio-compat.md "ADS stream t
 ADS over TLS on
 15012, server name `istiod.istio-system.svc`, trusting the root certificate this command writes
 (`--root-cert-out`, Istio's default agent path is ./var/run/secrets/istio/root-cert.pem),
-optionally with a bearer token. It serves each proxy its NameTable from a mesh file.
+optionally with a bearer token. It serves each proxy its NameTable from a mesh file, and an
+Envoy sidecar the clusters and listeners capture needs, over state-of-the-world and delta ADS
+(controlplane/ads.py, controlplane/delta.py, controlplane/envoyconfig.py).
 
 The root CA lives in --state-dir so that restarts keep the root agents already trust; the serving
 certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled,
@@ -76,9 +78,10 @@ T = TypeVar("T")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "controlplane",
-        help="run a small control plane: NameTables from a mesh file over istiod's xDS, with its own CA",
-        description="A small istiod-compatible control plane for demos and tests: ADS over TLS, "
-                    "NameTable (NDS) per proxy from a mesh file, a self-signed root CA.",
+        help="run a small control plane: NameTables and a sidecar's Envoy config over istiod's xDS, with its own CA",
+        description="A small istiod-compatible control plane for demos and tests: ADS (SotW and delta) "
+                    "over TLS, NameTable (NDS) per proxy from a mesh file, the capture clusters and "
+                    "listeners (CDS, LDS) an Envoy sidecar needs, a self-signed root CA.",
     )
     p.add_argument("--mesh", required=True, metavar="MESH.yaml",
                    help="the mesh file; reloaded on change and on SIGHUP")

@@ -18,6 +18,8 @@ from pilotfish.controlplane.delta import MAX_NAMES, DeltaStreamState
 from pilotfish.controlplane.envoyconfig import SidecarConfig
 from pilotfish.controlplane.served import NAME_TABLE_TYPE
 from pilotfish.controlplane.stream import Acked, Connected, Ignored, Nacked, Sent, Stale, StreamError
+from pilotfish.xds_client.core import Accepted, DeltaCore
+from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from streams import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
 
@@ -198,3 +200,31 @@ def test_subscriptions_are_bounded() -> None:
     state, _ = opened(subscribe=("BlackHoleCluster",))
     with pytest.raises(StreamError, match=f"more than {MAX_NAMES} resource names"):
         state.on_request(request(subscribe=tuple(f"c{i}" for i in range(MAX_NAMES + 1))), snapshot("v1"))
+
+
+def test_the_projects_delta_client_core_gets_acks_and_resumes() -> None:
+    """xds_client/core.py's DeltaCore (what an agent's delta stream runs) against this server's
+    state: the table arrives and is ACKed, a change is pushed, and a client that reconnects with
+    the version it holds is sent nothing again but still answered."""
+    def table_of(event: object) -> list[str]:
+        assert isinstance(event, Accepted), event
+        return list(NameTable.FromString(event.value.serialized).table)
+
+    client = DeltaCore(node(), [NameTableType(bytes)], {})
+    server = DeltaStreamState("s1")
+    (subscribe,) = client.initial_requests()
+    (response,) = server.on_request(subscribe, snapshot("v1")).responses
+    event = client.on_response(response)
+    assert table_of(event) == ["v1.example.com"]
+    assert server.on_request(client.ack(event), snapshot("v1")).events == (Acked(NAME_TABLE_TYPE, "v1", response.nonce),)
+    (pushed,) = server.on_snapshot(snapshot("v2")).responses
+    event = client.on_response(pushed)
+    assert table_of(event) == ["v2.example.com"]
+    server.on_request(client.ack(event), snapshot("v2"))
+
+    again = DeltaCore(node(), [NameTableType(bytes)], client.states)  # a reconnect
+    (resume,) = again.initial_requests()
+    assert dict(resume.initial_resource_versions) == {"": pushed.resources[0].version}
+    (answer,) = DeltaStreamState("s2").on_request(resume, snapshot("v2")).responses
+    assert (list(answer.resources), list(answer.removed_resources)) == ([], [])
+    assert table_of(again.on_response(answer)) == ["v2.example.com"]
