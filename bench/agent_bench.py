@@ -36,8 +36,12 @@ import grpc
 from benchlib import git_commit, med, pilotfish_exe, write_report
 from dnslib import DNSRecord
 
-from pilotfish.controlplane.ads import AdsServicer, MeshHub, Snapshot, start_server
+from pilotfish.controlplane.ads import AdsServicer, MeshHub, start_server
 from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
+from pilotfish.controlplane.envoyconfig import SidecarConfig, sidecar_config
+from pilotfish.controlplane.mesh import parse_mesh
+from pilotfish.controlplane.nametable import ProxyInfo
+from pilotfish.controlplane.served import Snapshot
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 SERVICES_PER_NS = 100
@@ -105,9 +109,14 @@ class Result(TypedDict):
     table_bytes: int
 
 
+def capture_only(proxy: ProxyInfo) -> SidecarConfig:
+    """The Envoy config of a mesh without services (the agent asks for no Envoy resource)."""
+    return sidecar_config(parse_mesh(""), proxy)
+
+
 def measure(n: int, pushes: int, credentials: grpc.ServerCredentials, root_pem: bytes) -> Result:
     tables = [table(n, k) for k in range(pushes + 1)]
-    hub = MeshHub(Snapshot("v0", lambda proxy: tables[0], n))
+    hub = MeshHub(Snapshot("v0", lambda proxy: tables[0], n, capture_only))
     server, port = start_server(AdsServicer(hub), "127.0.0.1:0", credentials)
     work = Path(tempfile.mkdtemp(prefix="pilotfish-agentbench-"))
     (work / "var/run/secrets/istio").mkdir(parents=True)
@@ -127,7 +136,7 @@ def measure(n: int, pushes: int, credentials: grpc.ServerCredentials, root_pem: 
         for k in range(1, pushes + 1):
             time.sleep(0.3)  # let the previous table's save and ACK finish
             started = time.perf_counter()
-            hub.publish(Snapshot(f"v{k}", lambda proxy, t=tables[k]: t, n + k))
+            hub.publish(Snapshot(f"v{k}", lambda proxy, t=tables[k]: t, n + k, capture_only))
             wait_resolves(dns_port, f"push-{k - 1}.ns-0.svc.cluster.local", f"10.250.0.{k}", timeout=120)
             times.append(time.perf_counter() - started)
         rss, hwm = status_mib(agent.pid, "VmRSS"), status_mib(agent.pid, "VmHWM")

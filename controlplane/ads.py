@@ -1,20 +1,24 @@
-"""ADS as istiod speaks it: state-of-the-world `StreamAggregatedResources`, serving the NameTable.
+"""ADS as istiod speaks it, both variants: state of the world (`StreamAggregatedResources`, here)
+and delta (`DeltaAggregatedResources`, controlplane/delta.py), serving each proxy its NameTable and
+Envoy's clusters and listeners (controlplane/served.py).
 
-Two halves. `StreamState` is the protocol of one stream without I/O: requests and mesh snapshots
-go in, responses and events come out, so every rule below is tested without gRPC. `AdsServicer`
-is the thin gRPC shell around it: authentication, one queue per stream, log lines and counters.
+Two halves. `StreamState` is the protocol of one SotW stream without I/O (delta.DeltaStreamState
+the delta one): requests and mesh snapshots go in, responses and events come out, so every rule
+below is tested without gRPC. `AdsServicer` is the thin gRPC shell around both: authentication,
+the bounds, one queue per stream, log lines and counters.
 
-The rules are istiod's (docs/istio-compat.md "ADS stream to istiod", "istiod: NDS generation"):
+The SotW rules are istiod's (docs/istio-compat.md "ADS stream to istiod", "istiod: NDS generation"):
 - the first request carries the node; its id (`sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local`) and
-  metadata say who the proxy is, and the table is computed for that proxy;
+  metadata say who the proxy is, and the resources are computed for that proxy;
 - a request for a served type without a nonce, or with a nonce this stream never sent (a client
-  that reconnected from another control plane), gets the current resource with a fresh nonce;
+  that reconnected from another control plane), gets the current resources with a fresh nonce;
 - a request echoing the last nonce is an ACK, or a NACK if it carries `error_detail`; neither is
-  answered, and a NACK keeps the stream open (the client keeps its last good table);
+  answered, and a NACK keeps the stream open (the client keeps its last good resources);
 - a request echoing an older nonce of this stream is stale and ignored: answering it would make a
   client that is one response behind ping-pong with the server forever;
 - types not served here are ignored, as istiod ignores types it has no generator for;
-- a new mesh version is pushed to every stream that subscribed.
+- a new mesh version is pushed to every stream that subscribed to a type whose resources changed
+  for its proxy.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import logging
 import queue
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Protocol, TypeVar, cast
 
 import grpc
-from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
@@ -37,19 +41,31 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryRequest,
     DiscoveryResponse,
 )
-from google.protobuf import any_pb2
 from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.tokens import TokenFileError, read_token_file
-from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
-from pilotfish.xds_client.nds import TYPE_URL as NAME_TABLE_TYPE
 
-from .nametable import ProxyInfo, is_ip
+from .delta import DeltaStreamState
+from .served import NAME_TABLE_TYPE, Resource, Snapshot
+from .stream import (
+    Acked,
+    Connected,
+    Event,
+    Ignored,
+    Nacked,
+    Outcome,
+    Sent,
+    Stale,
+    StreamBase,
+    StreamError,
+    proxy_info,
+    short_type,
+)
+
+__all__ = ["NAME_TABLE_TYPE", "Acked", "Connected", "Ignored", "Nacked", "Sent", "Snapshot", "Stale",
+           "StreamError", "proxy_info"]  # what the tests and the command import from here
 
 log = logging.getLogger("pilotfish.controlplane")
-
-NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel")  # istiod's valid node types
-TRUE_STRINGS = ("1", "t", "true")  # Go's strconv.ParseBool, lower-cased
 
 # Each open stream holds one of grpcio's worker threads for its whole life (the sync server has
 # no other way to wait for both requests and pushes); beyond this, new streams are refused with
@@ -97,154 +113,29 @@ class Keepalive:
 ISTIOD_KEEPALIVE = Keepalive()
 
 
-class StreamError(ValueError):
-    """The client broke the protocol; the stream ends with INVALID_ARGUMENT and this message."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the control plane serves right now: a mesh version and the table for any proxy."""
-
-    version: str
-    table_for: Callable[[ProxyInfo], NameTable]
-    hosts: int  # for log lines only
-
-
-def short_type(type_url: str) -> str:
-    return "NDS" if type_url == NAME_TABLE_TYPE else type_url
-
-
-def _metadata_strings(node: Node) -> dict[str, str]:
-    """String (and bool) metadata values; istiod reads the rest as typed fields we don't need."""
-    out: dict[str, str] = {}
-    for key, value in node.metadata.fields.items():
-        kind = value.WhichOneof("kind")
-        if kind == "string_value":
-            out[key] = value.string_value
-        elif kind == "bool_value":
-            out[key] = "true" if value.bool_value else "false"
-    return out
-
-
-def proxy_info(node: Node) -> ProxyInfo:
-    """Who the proxy is, read as istiod's ParseServiceNodeWithMetadata reads it.
-
-    IPs come from metadata INSTANCE_IPS when every entry is an IP, else from the node id; the DNS
-    domain is the id's last field. Errors carry istiod's wording.
-    """
-    if not node.id:
-        raise StreamError("missing node information")
-    parts = node.id.split("~")
-    if len(parts) != 4:
-        raise StreamError(f"missing parts in the service node {node.id!r}")
-    if parts[0] not in NODE_TYPES:
-        raise StreamError(
-            f"invalid node type (valid types: {', '.join(NODE_TYPES)}) in the service node {node.id!r}"
-        )
-    meta = _metadata_strings(node)
-    ips = tuple(ip.strip() for ip in meta.get("INSTANCE_IPS", "").split(",") if ip.strip())
-    if not ips or not all(is_ip(ip) for ip in ips):
-        ips = (parts[1],) if is_ip(parts[1]) else ()
-    if not ips:
-        raise StreamError("no valid IP address in the service node id or metadata")
-    return ProxyInfo(
-        ips=ips,
-        network=meta.get("NETWORK", ""),
-        cluster=meta.get("CLUSTER_ID", ""),
-        dns_domain=parts[3],
-        dns_capture=meta.get("DNS_CAPTURE", "").lower() in TRUE_STRINGS,
-    )
-
-
-# What happened on a stream, for the shell to log and count.
-
-
-@dataclass(frozen=True)
-class Connected:
-    node_id: str
-    proxy: ProxyInfo
-
-
-@dataclass(frozen=True)
-class Sent:
-    type_url: str
-    version: str
-    nonce: str
-    entries: int  # hosts in the table this proxy got
-
-
-@dataclass(frozen=True)
-class Acked:
-    type_url: str
-    version: str
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Nacked:
-    type_url: str
-    version: str  # the version the client still has
-    nonce: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Stale:
-    type_url: str
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Ignored:
-    type_url: str
-
-
-Event = Connected | Sent | Acked | Nacked | Stale | Ignored
-
-
-@dataclass(frozen=True)
-class Outcome:
-    responses: tuple[DiscoveryResponse, ...] = ()
-    events: tuple[Event, ...] = ()
-
-
 @dataclass
 class _Watch:
     """One subscribed type: what was last sent and what the client last accepted."""
 
     version_sent: str
     nonce_sent: str
+    content_sent: tuple[tuple[str, str], ...]  # (name, version) of each resource sent
     version_acked: str | None = None
 
 
-class StreamState:
-    """The server side of one SotW ADS stream; no I/O, no clock, no randomness.
-
-    `nonce_prefix` must differ between streams (the shell draws it at random): it is how a nonce
-    from an earlier connection, or another control plane, is told apart from a stale one of ours.
-    """
-
-    def __init__(self, nonce_prefix: str) -> None:
-        self._prefix = nonce_prefix + "-"
-        self._counter = 0
-        self._watches: dict[str, _Watch] = {}
-        self.node_id: str | None = None
-        self.proxy: ProxyInfo | None = None
+class StreamState(StreamBase[_Watch]):
+    """The server side of one SotW ADS stream; no I/O, no clock, no randomness."""
 
     def acked_version(self, type_url: str) -> str | None:
         watch = self._watches.get(type_url)
         return watch.version_acked if watch else None
 
-    def on_request(self, request: DiscoveryRequest, snapshot: Snapshot) -> Outcome:
+    def on_request(self, request: DiscoveryRequest, snapshot: Snapshot) -> Outcome[DiscoveryResponse]:
         """Answer one request given what is served now. StreamError if the stream must end."""
-        events: list[Event] = []
-        if self.proxy is None:
-            self.proxy = proxy_info(request.node)
-            self.node_id = request.node.id
-            events.append(Connected(self.node_id, self.proxy))
+        events, served = self._start(request.node, request.type_url)
+        if not served:
+            return Outcome(events=tuple(events))
         type_url = request.type_url
-        if type_url != NAME_TABLE_TYPE:
-            return Outcome(events=(*events, Ignored(type_url)))
         watch = self._watches.get(type_url)
         nonce = request.response_nonce
         if watch is not None and nonce and nonce == watch.nonce_sent:
@@ -256,33 +147,36 @@ class StreamState:
             return Outcome(events=tuple(events))
         if watch is not None and self._is_ours(nonce):
             return Outcome(events=(*events, Stale(type_url, nonce)))
-        response, sent = self._respond(type_url, snapshot)
+        response, sent = self._respond(type_url, snapshot, snapshot.resources(type_url, self._proxy()))
         return Outcome((response,), (*events, sent))
 
-    def on_snapshot(self, snapshot: Snapshot) -> Outcome:
-        """Push a new mesh version to this stream if it subscribed and has not got it yet."""
-        watch = self._watches.get(NAME_TABLE_TYPE)
-        if watch is None or watch.version_sent == snapshot.version:
-            return Outcome()
-        response, sent = self._respond(NAME_TABLE_TYPE, snapshot)
-        return Outcome((response,), (sent,))
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome[DiscoveryResponse]:
+        """Push each subscribed type whose resources for this proxy changed (a new mesh version
+        that leaves them as they were is not sent again)."""
+        responses: list[DiscoveryResponse] = []
+        events: list[Event] = []
+        for type_url, watch in list(self._watches.items()):
+            resources = snapshot.resources(type_url, self._proxy())
+            if watch.version_sent == snapshot.version or watch.content_sent == _content(resources):
+                continue
+            response, sent = self._respond(type_url, snapshot, resources)
+            responses.append(response)
+            events.append(sent)
+        return Outcome(tuple(responses), tuple(events))
 
-    def _is_ours(self, nonce: str) -> bool:
-        return nonce.startswith(self._prefix) and nonce[len(self._prefix):].isdigit()
-
-    def _respond(self, type_url: str, snapshot: Snapshot) -> tuple[DiscoveryResponse, Sent]:
-        assert self.proxy is not None  # on_request sets it before any response
-        table = snapshot.table_for(self.proxy)
-        resource = any_pb2.Any()
-        resource.Pack(table)
-        self._counter += 1
-        nonce = f"{self._prefix}{self._counter}"
+    def _respond(self, type_url: str, snapshot: Snapshot,
+                 resources: dict[str, Resource]) -> tuple[DiscoveryResponse, Sent]:
+        nonce = self._next_nonce()
         previous = self._watches.get(type_url)
-        self._watches[type_url] = _Watch(snapshot.version, nonce, previous.version_acked if previous else None)
-        response = DiscoveryResponse(
-            version_info=snapshot.version, resources=[resource], type_url=type_url, nonce=nonce
-        )
-        return response, Sent(type_url, snapshot.version, nonce, len(table.table))
+        self._watches[type_url] = _Watch(snapshot.version, nonce, _content(resources),
+                                         previous.version_acked if previous else None)
+        response = DiscoveryResponse(version_info=snapshot.version, type_url=type_url, nonce=nonce,
+                                     resources=[r.body for r in resources.values()])
+        return response, Sent(type_url, snapshot.version, nonce, sum(r.entries for r in resources.values()))
+
+
+def _content(resources: dict[str, Resource]) -> tuple[tuple[str, str], ...]:
+    return tuple((r.name, r.version) for r in resources.values())
 
 
 def check_bearer(header: str | None, token: str) -> str | None:
@@ -351,8 +245,27 @@ def read_token(path: str, report: RateLimitedLog) -> str:
     return token
 
 
+Req = TypeVar("Req", DiscoveryRequest, DeltaDiscoveryRequest)
+Resp = TypeVar("Resp", DiscoveryResponse, DeltaDiscoveryResponse)
+_Req_contra = TypeVar("_Req_contra", contravariant=True)
+_Resp_co = TypeVar("_Resp_co", covariant=True)
+
+
+class _State(Protocol[_Req_contra, _Resp_co]):
+    """A stream's protocol, either variant: StreamState or delta.DeltaStreamState."""
+
+    @property
+    def node_id(self) -> str | None: ...
+
+    def on_request(self, request: _Req_contra, snapshot: Snapshot) -> Outcome[_Resp_co]: ...
+
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome[_Resp_co]: ...
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """The gRPC shell: authenticates a stream, then runs its StreamState until either side ends it."""
+    """The gRPC shell: authenticates a stream, then runs its state (SotW or delta) until either
+    side ends it. Both variants share the bounds (MAX_STREAMS in all), the token check and the
+    rate-limited log lines."""
 
     def __init__(self, hub: MeshHub, token_file: str | None = None) -> None:
         self.hub = hub
@@ -363,6 +276,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         # interval saying how many were left out, not a line each (common/ratelog.py).
         self._refusal_log = RateLimitedLog(log)
         self._token_file_log = RateLimitedLog(log)
+        self._nack_log = RateLimitedLog(log)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         if self.token_file is None:
@@ -376,50 +290,52 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def StreamAggregatedResources(
         self, request_iterator: Iterator[DiscoveryRequest], context: grpc.ServicerContext
     ) -> Iterator[DiscoveryResponse]:
+        return self._serve(request_iterator, context, StreamState(secrets.token_hex(4)), "stream")
+
+    def DeltaAggregatedResources(
+        self, request_iterator: Iterator[DeltaDiscoveryRequest], context: grpc.ServicerContext
+    ) -> Iterator[DeltaDiscoveryResponse]:
+        return self._serve(request_iterator, context, DeltaStreamState(secrets.token_hex(4)), "delta stream")
+
+    def _serve(self, requests: Iterator[Req], context: grpc.ServicerContext, state: _State[Req, Resp],
+               kind: str) -> Iterator[Resp]:
+        """One stream of either variant: its requests and the mesh's new snapshots through
+        `state`, until either side ends it."""
         self._authenticate(context)
         peer = context.peer()
-        state = StreamState(secrets.token_hex(4))
-        inbox = open_inbox(request_iterator, context, "ads-requests", f"controlplane: the stream from {peer}")
+        inbox = open_inbox(requests, context, "ads-requests", f"controlplane: the {kind} from {peer}")
         self.hub.subscribe(inbox)
         with self._lock:
             self.counters.streams += 1
         try:
             while (item := inbox.get()) is not CLOSED:
                 try:
-                    if isinstance(item, DiscoveryRequest):
-                        outcome = state.on_request(item, self.hub.current)
-                    else:
-                        assert isinstance(item, Snapshot)
+                    if isinstance(item, Snapshot):
                         outcome = state.on_snapshot(item)
+                    else:
+                        outcome = state.on_request(cast(Req, item), self.hub.current)
                 except StreamError as err:
-                    log.warning("controlplane: closing stream from %s: %s", peer, err)
+                    log.warning("controlplane: closing %s from %s: %s", kind, peer, err)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
                 for event in outcome.events:
-                    self._record(peer, state.node_id or "?", event)
+                    self._record(kind, peer, state.node_id or "?", event)
                 yield from outcome.responses
         finally:
             self.hub.unsubscribe(inbox)
-            log.info("controlplane: stream from %s closed (node %s)", peer, state.node_id or "unknown")
+            log.info("controlplane: %s from %s closed (node %s)", kind, peer, state.node_id or "unknown")
 
-    def DeltaAggregatedResources(
-        self, request_iterator: Iterator[DeltaDiscoveryRequest], context: grpc.ServicerContext
-    ) -> Iterator[DeltaDiscoveryResponse]:
-        self._refusal_log(logging.INFO, "controlplane: refused delta xDS stream from %s", context.peer())
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details("delta xDS is not supported; use state-of-the-world "
-                            "StreamAggregatedResources (Istio: ISTIO_DELTA_XDS=false)")
-        return iter(())
-
-    def _record(self, peer: str, node: str, event: Event) -> None:
+    def _record(self, kind: str, peer: str, node: str, event: Event) -> None:
         match event:
             case Connected(node_id=node_id, proxy=proxy):
-                log.info("controlplane: stream from %s: node %s (ips %s, cluster %r, network %r)",
-                         peer, node_id, ",".join(proxy.ips), proxy.cluster, proxy.network)
-            case Sent(type_url=type_url, version=version, nonce=nonce, entries=entries):
+                log.info("controlplane: %s from %s: node %s (ips %s, cluster %r, network %r)",
+                         kind, peer, node_id, ",".join(proxy.ips), proxy.cluster, proxy.network)
+            case Sent(type_url=type_url, version=version, nonce=nonce, entries=entries, removed=removed):
                 with self._lock:
                     self.counters.pushes += 1
-                log.info("controlplane: sent %s version %s to %s (%d hosts, nonce %s)",
-                         short_type(type_url), version, node, entries, nonce)
+                what = "hosts" if type_url == NAME_TABLE_TYPE else "resources"
+                gone = f", {removed} removed" if removed else ""
+                log.info("controlplane: sent %s version %s to %s (%d %s%s, nonce %s)",
+                         short_type(type_url), version, node, entries, what, gone, nonce)
             case Acked(type_url=type_url, version=version):
                 with self._lock:
                     self.counters.acks += 1
@@ -427,8 +343,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             case Nacked(type_url=type_url, version=version, nonce=nonce, detail=detail):
                 with self._lock:
                     self.counters.nacks += 1
-                log.warning("controlplane: %s rejected %s (nonce %s; keeps version %r): %s",
-                            node, short_type(type_url), nonce, version, detail)
+                # a client may NACK every push, or loop on one: a line per interval, the count
+                # in the counters
+                self._nack_log(logging.WARNING, "controlplane: %s rejected %s (nonce %s; keeps version %r): %.500s",
+                               node, short_type(type_url), nonce, version, detail)
             case Stale(type_url=type_url, nonce=nonce):
                 log.debug("controlplane: %s answered an old %s nonce %s; ignored",
                           node, short_type(type_url), nonce)

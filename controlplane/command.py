@@ -4,7 +4,9 @@ An agent connects to it exactly as to istiod (docs/istio-compat.md "ADS stream t
 ADS over TLS on
 15012, server name `istiod.istio-system.svc`, trusting the root certificate this command writes
 (`--root-cert-out`, Istio's default agent path is ./var/run/secrets/istio/root-cert.pem),
-optionally with a bearer token. It serves each proxy its NameTable from a mesh file.
+optionally with a bearer token. It serves each proxy its NameTable from a mesh file, and an
+Envoy sidecar the clusters and listeners capture needs, over state-of-the-world and delta ADS
+(controlplane/ads.py, controlplane/delta.py, controlplane/envoyconfig.py).
 
 The root CA lives in --state-dir so that restarts keep the root agents already trust; the serving
 certificate is issued afresh at every start. The mesh file is reloaded when it changes (polled,
@@ -41,7 +43,7 @@ from pilotfish.common.watch import file_signature, watch_file
 from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
-from .ads import AdsServicer, MeshHub, Snapshot, start_server
+from .ads import AdsServicer, MeshHub, start_server
 from .casvc import CertificateService, IdentitiesFile, read_identities
 from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
@@ -55,9 +57,11 @@ from .ca import (
     new_root,
     serving_names,
 )
+from .envoyconfig import SidecarConfig, sidecar_config
 from .files import check_output_path
 from .mesh import MeshError, load_mesh, mesh_version
 from .nametable import ProxyInfo
+from .served import Snapshot
 
 log = logging.getLogger("pilotfish.controlplane")
 
@@ -74,9 +78,10 @@ T = TypeVar("T")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "controlplane",
-        help="run a small control plane: NameTables from a mesh file over istiod's xDS, with its own CA",
-        description="A small istiod-compatible control plane for demos and tests: ADS over TLS, "
-                    "NameTable (NDS) per proxy from a mesh file, a self-signed root CA.",
+        help="run a small control plane: NameTables and a sidecar's Envoy config over istiod's xDS, with its own CA",
+        description="A small istiod-compatible control plane for demos and tests: ADS (SotW and delta) "
+                    "over TLS, NameTable (NDS) per proxy from a mesh file, the capture clusters and "
+                    "listeners (CDS, LDS) an Envoy sidecar needs, a self-signed root CA.",
     )
     p.add_argument("--mesh", required=True, metavar="MESH.yaml",
                    help="the mesh file; reloaded on change and on SIGHUP")
@@ -235,11 +240,19 @@ def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
     # The last few proxies' tables are kept for this version: a client re-requesting without a
     # nonce had the whole table rebuilt each time (8 such streams on 20,000 services slowed an
     # honest agent's push from 1.5 to 12.8 s). Few: each is the size of the mesh.
+    def served(proxy: ProxyInfo) -> ProxyInfo:
+        return replace(proxy, dual_stack_enabled=True) if dual_stack else proxy
+
     @functools.lru_cache(maxsize=TABLES_KEPT)
     def table_for(proxy: ProxyInfo) -> NameTable:
-        return mesh.name_table(replace(proxy, dual_stack_enabled=True) if dual_stack else proxy)
+        return mesh.name_table(served(proxy))
 
-    return Snapshot(version, table_for, len({s.hostname for s in mesh.services}))
+    # the same few proxies' Envoy config (small, but built for every push and request)
+    @functools.lru_cache(maxsize=TABLES_KEPT)
+    def envoy_for(proxy: ProxyInfo) -> SidecarConfig:
+        return sidecar_config(mesh, served(proxy))
+
+    return Snapshot(version, table_for, len({s.hostname for s in mesh.services}), envoy_for)
 
 
 @contextmanager

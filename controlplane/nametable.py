@@ -126,7 +126,7 @@ def build_name_table(
     Order matters only where istiod's does: IPs of ServiceEntries sharing a hostname are
     appended in service order.
     """
-    v4, v6 = _proxy_families(proxy.ips)
+    v4, v6 = proxy_families(proxy.ips)
     entries: dict[str, _Entry] = {}
     for svc in services:
         ips: list[str] = []
@@ -243,7 +243,7 @@ def _merge(entries: dict[str, _Entry], svc: Service, ips: list[str]) -> None:
             entry.ips += ips
 
 
-def _proxy_families(ips: Iterable[str]) -> tuple[bool, bool]:
+def proxy_families(ips: Iterable[str]) -> tuple[bool, bool]:
     """(supports IPv4, supports IPv6) as istiod's IP mode: no parseable IP counts as IPv4."""
     families = {f for f in map(_family, ips) if f}
     if families <= {4}:

@@ -1,7 +1,9 @@
-"""The control plane's ADS: the stream protocol without gRPC, then a real gRPC client over TLS.
+"""The control plane's ADS: the state-of-the-world stream protocol without gRPC, then a real gRPC
+client over TLS, for both variants (the delta protocol's vectors are in test_delta.py).
 
-The mesh is a stand-in: a table whose one host is named after the mesh version and answers with
-the proxy's own IPs, so a test sees both which version it got and that it was built for it.
+The mesh is a stand-in (streams.py): a table whose one host is named after the mesh version and
+answers with the proxy's own IPs, so a test sees both which version it got and that it was built
+for it, and the real Envoy config.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +28,6 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryRequest,
     DiscoveryResponse,
 )
-from google.protobuf.struct_pb2 import Struct
 from google.rpc.status_pb2 import Status
 
 import pilotfish.controlplane.ads as ads_module
@@ -40,7 +42,6 @@ from pilotfish.controlplane.ads import (
     MeshHub,
     Nacked,
     Sent,
-    Snapshot,
     Stale,
     StreamError,
     StreamState,
@@ -51,23 +52,9 @@ from pilotfish.controlplane.ads import (
 from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
 from pilotfish.controlplane.nametable import ProxyInfo
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
+from streams import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
 
-NODE_ID = "sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local"
 SERVER_NAME = "istiod.istio-system.svc"
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-
-
-def snapshot(version: str) -> Snapshot:
-    def table_for(proxy: ProxyInfo) -> NameTable:
-        return NameTable(table={f"{version}.example.com": NameTable.NameInfo(ips=list(proxy.ips))})
-
-    return Snapshot(version, table_for, hosts=1)
-
-
-def node(node_id: str = NODE_ID, **metadata: str) -> Node:
-    meta = Struct()
-    meta.update(metadata)
-    return Node(id=node_id, cluster="istio-proxy", metadata=meta)
 
 
 def request(node: Node | None = None, version: str = "", nonce: str = "", error: str | None = None,
@@ -191,10 +178,48 @@ def test_stale_nonce_is_ignored() -> None:
 
 def test_types_not_served_are_ignored() -> None:
     state = StreamState("s1")
-    outcome = state.on_request(request(node(), type_url=LISTENER_TYPE), snapshot("v1"))
+    outcome = state.on_request(request(node(), type_url=ENDPOINT_TYPE), snapshot("v1"))
     assert outcome.responses == ()
     assert isinstance(outcome.events[0], Connected)
-    assert outcome.events[1:] == (Ignored(LISTENER_TYPE),)
+    assert outcome.events[1:] == (Ignored(ENDPOINT_TYPE),)
+
+
+def test_envoy_gets_its_clusters_and_listeners() -> None:
+    state = StreamState("s1")
+    (clusters,) = state.on_request(request(node(), type_url=CLUSTER_TYPE), snapshot("v1")).responses
+    assert [names_of(clusters)] == [["PassthroughCluster", "InboundPassthroughCluster", "BlackHoleCluster"]]
+    outcome = state.on_request(request(type_url=LISTENER_TYPE), snapshot("v1"))
+    (listeners,) = outcome.responses
+    assert (listeners.type_url, listeners.version_info) == (LISTENER_TYPE, "v1")
+    assert names_of(listeners) == ["virtualOutbound", "virtualInbound"]
+    assert outcome.events == (Sent(LISTENER_TYPE, "v1", listeners.nonce, 2),)
+    ack = state.on_request(request(version="v1", nonce=listeners.nonce, type_url=LISTENER_TYPE), snapshot("v1"))
+    assert ack.events == (Acked(LISTENER_TYPE, "v1", listeners.nonce),)
+
+
+def test_a_new_mesh_version_pushes_only_the_types_that_changed_for_the_proxy() -> None:
+    """The stand-in's table changes with every version, its Envoy config does not; a version
+    whose table is the same as the last one's is not pushed either."""
+    state = StreamState("s1")
+    for type_url in (NAME_TABLE_TYPE, CLUSTER_TYPE, LISTENER_TYPE):
+        state.on_request(request(node(), type_url=type_url), snapshot("v1"))
+    (pushed,) = state.on_snapshot(snapshot("v2")).responses
+    assert pushed.type_url == NAME_TABLE_TYPE and pushed.version_info == "v2"
+    assert state.on_snapshot(snapshot("v3", host="v2")).responses == ()
+
+
+def names_of(response: DiscoveryResponse) -> list[str]:
+    """The names of the clusters or listeners in a response."""
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+    from envoy.config.listener.v3.listener_pb2 import Listener
+
+    kind = Cluster if response.type_url == CLUSTER_TYPE else Listener
+    names = []
+    for packed in response.resources:
+        message = kind()
+        assert packed.Unpack(message)
+        names.append(message.name)
+    return names
 
 
 def test_new_version_is_pushed_only_to_a_subscribed_stream() -> None:
@@ -249,23 +274,26 @@ class Collect(logging.Handler):
 
 
 class AdsClient:
-    """One StreamAggregatedResources call over TLS, as an agent dials istiod; responses are read
-    on a thread so a test can wait for one, or check that none comes."""
+    """One StreamAggregatedResources call over TLS (DeltaAggregatedResources with `delta`), as an
+    agent dials istiod; responses are read on a thread so a test can wait for one, or check that
+    none comes."""
 
-    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = (),
+                 delta: bool = False) -> None:
         self.channel = grpc.secure_channel(
             address, grpc.ssl_channel_credentials(root_certificates=root_pem),
             options=[("grpc.ssl_target_name_override", SERVER_NAME)],
         )
-        self._requests: queue.Queue[DiscoveryRequest | None] = queue.Queue()
-        self._responses: queue.Queue[DiscoveryResponse | None] = queue.Queue()
+        self._requests: queue.Queue[DiscoveryRequest | DeltaDiscoveryRequest | None] = queue.Queue()
+        self._responses: queue.Queue[Any] = queue.Queue()
         self.error: grpc.RpcError | None = None
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
-        self.call = stub.StreamAggregatedResources(self._outgoing(), metadata=metadata)
+        method = stub.DeltaAggregatedResources if delta else stub.StreamAggregatedResources
+        self.call = method(self._outgoing(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _outgoing(self) -> Iterator[DiscoveryRequest]:
+    def _outgoing(self) -> Iterator[DiscoveryRequest | DeltaDiscoveryRequest]:
         while (req := self._requests.get()) is not None:
             yield req
 
@@ -278,10 +306,10 @@ class AdsClient:
         finally:
             self._responses.put(None)
 
-    def send(self, req: DiscoveryRequest) -> None:
+    def send(self, req: DiscoveryRequest | DeltaDiscoveryRequest) -> None:
         self._requests.put(req)
 
-    def receive(self, timeout: float = 5.0) -> DiscoveryResponse:
+    def receive(self, timeout: float = 5.0) -> Any:
         response = self._responses.get(timeout=timeout)
         assert response is not None, f"stream ended: {self.error}"
         return response
@@ -313,8 +341,9 @@ class Served:
     root_pem: bytes
     log: Collect
 
-    def client(self, metadata: tuple[tuple[str, str], ...] = (), root_pem: bytes | None = None) -> AdsClient:
-        return AdsClient(self.address, root_pem or self.root_pem, metadata)
+    def client(self, metadata: tuple[tuple[str, str], ...] = (), root_pem: bytes | None = None,
+               delta: bool = False) -> AdsClient:
+        return AdsClient(self.address, root_pem or self.root_pem, metadata, delta)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -404,7 +433,7 @@ def test_mesh_change_is_pushed_to_every_subscribed_stream(served: Served) -> Non
             client.send(request(node(f"sidecar~10.1.1.{i + 1}~p{i}.ns~ns.svc.cluster.local")))
             first = client.receive()
             client.send(request(version=first.version_info, nonce=first.nonce))
-        idle.send(request(node(), type_url=LISTENER_TYPE))
+        idle.send(request(node(), type_url=ENDPOINT_TYPE))
         wait_for(lambda: served.servicer.counters.acks == 2)
         assert served.hub.publish(snapshot("v2")) == 3
         for i, client in enumerate(clients):
@@ -428,16 +457,17 @@ def test_bad_node_ends_the_stream_with_invalid_argument(served: Served) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 @pytest.mark.parametrize(("metadata", "details"), [
     ((), "missing bearer token"),
     ((("authorization", "Bearer wrong"),), "bearer token rejected"),
 ])
-def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Path,
+def test_wrong_or_missing_token_is_unauthenticated(served: Served, tmp_path: Path, delta: bool,
                                                    metadata: tuple[tuple[str, str], ...], details: str) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     served.servicer.token_file = str(token)
-    client = served.client(metadata)
+    client = served.client(metadata, delta=delta)
     try:
         code, got = client.status()
         assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, details)
@@ -503,18 +533,43 @@ def test_client_trusting_another_root_fails_the_handshake(served: Served) -> Non
     assert served.servicer.counters.streams == 0
 
 
-def test_delta_is_unimplemented(served: Served) -> None:
-    channel = grpc.secure_channel(served.address, grpc.ssl_channel_credentials(served.root_pem),
-                                  options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+def test_delta_stream_serves_the_table_and_envoy_and_pushes_only_what_changed(served: Served) -> None:
+    client = served.client(delta=True)
     try:
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        call = stub.DeltaAggregatedResources(iter([DeltaDiscoveryRequest(type_url=NAME_TABLE_TYPE)]), timeout=5)
-        with pytest.raises(grpc.RpcError) as err:
-            list(call)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-        assert "state-of-the-world" in err.value.details()  # type: ignore[attr-defined]
+        client.send(DeltaDiscoveryRequest(node=node(), type_url=NAME_TABLE_TYPE))
+        first = client.receive()
+        assert (first.type_url, first.system_version_info) == (NAME_TABLE_TYPE, "v1")
+        table = NameTable()
+        assert first.resources[0].resource.Unpack(table)
+        assert list(table.table) == ["v1.example.com"]
+        client.send(DeltaDiscoveryRequest(type_url=NAME_TABLE_TYPE, response_nonce=first.nonce))
+        client.send(DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, resource_names_subscribe=["*"]))
+        clusters = client.receive()
+        assert [r.name for r in clusters.resources] == ["PassthroughCluster", "InboundPassthroughCluster",
+                                                         "BlackHoleCluster"]
+        client.send(DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=clusters.nonce))
+        wait_for(lambda: served.servicer.counters.acks == 2)
+        assert any("delta stream from" in m and NODE_ID in m for m in served.log.messages(logging.INFO))
+        served.hub.publish(snapshot("v2"))
+        pushed = client.receive()
+        assert (pushed.type_url, pushed.system_version_info) == (NAME_TABLE_TYPE, "v2")
+        client.expect_silence()  # the clusters did not change
     finally:
-        channel.close()
+        client.close()
+
+
+def test_a_flood_of_nacks_is_one_log_line(served: Served) -> None:
+    client = served.client(delta=True)
+    try:
+        client.send(DeltaDiscoveryRequest(node=node(), type_url=NAME_TABLE_TYPE))
+        nonce = client.receive().nonce
+        for _ in range(20):
+            client.send(DeltaDiscoveryRequest(type_url=NAME_TABLE_TYPE, response_nonce=nonce,
+                                              error_detail=Status(code=3, message="no")))
+        wait_for(lambda: served.servicer.counters.nacks == 20)
+        assert sum("rejected NDS" in m for m in served.log.messages(logging.WARNING)) == 1
+    finally:
+        client.close()
 
 
 def test_a_stream_whose_requests_pile_up_unread_is_cut_off() -> None:

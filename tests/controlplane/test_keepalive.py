@@ -18,7 +18,6 @@ from pilotfish.controlplane.ads import (
     AdsServicer,
     Keepalive,
     MeshHub,
-    Snapshot,
     start_server,
 )
 from pilotfish.controlplane.ca import (
@@ -30,11 +29,11 @@ from pilotfish.controlplane.ca import (
     serving_names,
 )
 from pilotfish.xds_client import transport
-from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
+from streams import snapshot
 
 # grpc core sends a client's pings at least 1 s apart, whatever its keepalive time: the agent's
 # 30 s becomes 1 s here, and istiod's figures are divided by the same factor.
@@ -68,7 +67,7 @@ def link(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     credentials = grpc.ssl_server_credentials([(key_pem(key), cert_pem(issue_serving(ca, key, serving_names(), now)))])
     root = tmp_path / "root-cert.pem"
     root.write_bytes(cert_pem(ca.cert))
-    servicer = AdsServicer(MeshHub(Snapshot("v1", lambda proxy: NameTable(), 0)))
+    servicer = AdsServicer(MeshHub(snapshot("v1")))
     server, port = start_server(servicer, "127.0.0.1:0", credentials, keepalive=request.param)
     settings = XdsSettings(address=f"127.0.0.1:{port}", server_name="istiod.istio-system.svc",
                            root_cert=str(root), token_file=str(tmp_path / "no-token"))

@@ -1,0 +1,163 @@
+"""The Envoy configuration of a sidecar: the clusters (CDS) and listeners (LDS) istiod sends every
+sidecar whatever the mesh holds, so that captured traffic flows in plaintext.
+
+A pure function of the mesh and the proxy. What it builds is the minimum of istiod's sidecar
+config that makes capture work (docs/istio-compat.md "istiod: sidecar capture listeners and
+clusters"), with istiod's names:
+
+- `virtualOutbound` on 0.0.0.0:15001, where istio-iptables redirects the pod's outbound TCP:
+  `use_original_dst`, a chain that drops connections made to 15001 itself (a loop), and a
+  catch-all chain proxying to `PassthroughCluster` (ORIGINAL_DST: the address the app dialled);
+- `virtualInbound` on 0.0.0.0:15006, where inbound TCP is redirected: the `original_dst`
+  listener filter, the same loop guard, and a catch-all chain to `InboundPassthroughCluster`,
+  which dials the original destination from 127.0.0.6 (::6), the source the capture rules let
+  through instead of redirecting it back to 15006;
+- `BlackHoleCluster`, STATIC with no endpoints, where the loop guards send what they catch.
+
+The mesh's services are not here yet: per-service clusters, endpoints and mTLS are a later step
+(docs/controlplane.md "Envoy's configuration"). `mesh` is taken already so that the signature
+does not change when they come.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.address_pb2 import Address, BindConfig, ExtraSourceAddress, SocketAddress
+from envoy.config.core.v3.base_pb2 import TrafficDirection
+from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain, FilterChainMatch, ListenerFilter
+from envoy.config.listener.v3.listener_pb2 import AdditionalAddress, Listener
+from envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2 import OriginalDst
+from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
+from google.protobuf.any_pb2 import Any
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
+
+from .mesh import Mesh
+from .nametable import ProxyInfo, proxy_families
+
+# istiod's names (docs/istio-compat.md "istiod: sidecar capture listeners and clusters")
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+OUTBOUND_BLACKHOLE_CHAIN = "virtualOutbound-blackhole"
+OUTBOUND_CATCHALL_CHAIN = "virtualOutbound-catchall-tcp"
+INBOUND_BLACKHOLE_CHAIN = "virtualInbound-blackhole"
+INBOUND_CATCHALL_CHAIN = "virtualInbound"  # istiod names the plaintext passthrough chain so
+
+# mesh config's proxyListenPort and proxyInboundListenPort, istio-iptables' -p and -z
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+CONNECT_TIMEOUT = Duration(seconds=10)  # mesh config's connectTimeout default
+INBOUND_BIND_V4 = "127.0.0.6"
+INBOUND_BIND_V6 = "::6"
+WILDCARD_V4 = "0.0.0.0"
+WILDCARD_V6 = "::"
+
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+ORIGINAL_DST = "envoy.filters.listener.original_dst"
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """What one sidecar is sent: its clusters (CDS) and listeners (LDS), each named."""
+
+    clusters: tuple[Cluster, ...]
+    listeners: tuple[Listener, ...]
+
+
+def sidecar_config(mesh: Mesh, proxy: ProxyInfo) -> SidecarConfig:
+    """The CDS and LDS resources istiod's capture needs for `proxy`.
+
+    The address families come from the proxy's INSTANCE_IPS as istiod reads them: IPv4 only, IPv6
+    only, or both. A dual-stack proxy's listeners get the IPv6 wildcard as an additional address
+    only with dual-stack support on (istiod's ISTIO_DUAL_STACK, `proxy.dual_stack_enabled`); its
+    inbound passthrough has both bind addresses either way, as istiod gives them.
+    """
+    del mesh  # not used yet: see the module docstring
+    v4, v6 = proxy_families(proxy.ips)
+    wildcards = [WILDCARD_V4] if v4 else []
+    if v6:
+        wildcards.append(WILDCARD_V6)
+    if not proxy.dual_stack_enabled:
+        wildcards = wildcards[:1]
+    return SidecarConfig(
+        clusters=(_passthrough(), _inbound_passthrough(v4, v6), _blackhole()),
+        listeners=(_virtual_outbound(wildcards), _virtual_inbound(wildcards)),
+    )
+
+
+def _passthrough() -> Cluster:
+    return Cluster(name=PASSTHROUGH_CLUSTER, type=Cluster.ORIGINAL_DST, connect_timeout=CONNECT_TIMEOUT,
+                   lb_policy=Cluster.CLUSTER_PROVIDED)
+
+
+def _inbound_passthrough(v4: bool, v6: bool) -> Cluster:
+    """PassthroughCluster dialling from 127.0.0.6 (or ::6): the capture rules return traffic from
+    that source on lo instead of redirecting it to 15006 again (docs/istio-compat.md "istio-iptables
+    rules"). Envoy picks the bind address of the destination's family from the extra one."""
+    cluster = _passthrough()
+    cluster.name = INBOUND_PASSTHROUGH_CLUSTER
+    cluster.upstream_bind_config.CopyFrom(BindConfig(source_address=_socket(INBOUND_BIND_V4 if v4 else INBOUND_BIND_V6, 0)))
+    if v4 and v6:
+        cluster.upstream_bind_config.extra_source_addresses.append(
+            ExtraSourceAddress(address=_socket(INBOUND_BIND_V6, 0)))
+    return cluster
+
+
+def _blackhole() -> Cluster:
+    return Cluster(name=BLACKHOLE_CLUSTER, type=Cluster.STATIC, connect_timeout=CONNECT_TIMEOUT,
+                   lb_policy=Cluster.ROUND_ROBIN)
+
+
+def _virtual_outbound(wildcards: list[str]) -> Listener:
+    listener = _listener(VIRTUAL_OUTBOUND, wildcards, OUTBOUND_PORT, TrafficDirection.OUTBOUND, [
+        _chain(OUTBOUND_BLACKHOLE_CHAIN, BLACKHOLE_CLUSTER, OUTBOUND_PORT),
+        _chain(OUTBOUND_CATCHALL_CHAIN, PASSTHROUGH_CLUSTER),
+    ])
+    # hand a redirected connection to the listener of its original destination (none yet), else
+    # serve it here
+    listener.use_original_dst.CopyFrom(BoolValue(value=True))
+    return listener
+
+
+def _virtual_inbound(wildcards: list[str]) -> Listener:
+    listener = _listener(VIRTUAL_INBOUND, wildcards, INBOUND_PORT, TrafficDirection.INBOUND, [
+        _chain(INBOUND_BLACKHOLE_CHAIN, BLACKHOLE_CLUSTER, INBOUND_PORT),
+        _chain(INBOUND_CATCHALL_CHAIN, INBOUND_PASSTHROUGH_CLUSTER),
+    ])
+    listener.continue_on_listener_filters_timeout = True
+    listener.listener_filters.append(ListenerFilter(name=ORIGINAL_DST, typed_config=_pack(OriginalDst())))
+    return listener
+
+
+def _listener(name: str, wildcards: list[str], port: int, direction: int, chains: list[FilterChain]) -> Listener:
+    listener = Listener(name=name, address=Address(socket_address=_socket(wildcards[0], port)),
+                        traffic_direction=direction, filter_chains=chains)
+    for extra in wildcards[1:]:
+        listener.additional_addresses.append(AdditionalAddress(address=Address(socket_address=_socket(extra, port))))
+    return listener
+
+
+def _chain(name: str, cluster: str, only_port: int | None = None) -> FilterChain:
+    """A chain proxying TCP to `cluster`; with `only_port`, for connections whose (original)
+    destination port is that one."""
+    chain = FilterChain(name=name, filters=[
+        Filter(name=TCP_PROXY, typed_config=_pack(TcpProxy(stat_prefix=cluster, cluster=cluster)))])
+    if only_port is not None:
+        chain.filter_chain_match.CopyFrom(FilterChainMatch(destination_port=UInt32Value(value=only_port)))
+    return chain
+
+
+def _socket(address: str, port: int) -> SocketAddress:
+    return SocketAddress(address=address, port_value=port)
+
+
+def _pack(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
