@@ -25,7 +25,7 @@ SUBCOMMANDS = {
 SUMMARIES = {
     "dns": "run the DNS proxy with a NameTable from a file",
     "agent": "run the agent: xDS client, DNS proxy fed by it, status server",
-    "controlplane": "run a small control plane: NameTables from a mesh file over istiod's xDS, with its own CA",
+    "controlplane": "run a small control plane: NameTables and a sidecar's Envoy config over istiod's xDS, with its own CA",
 }
 
 
