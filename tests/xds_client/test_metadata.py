@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from envoy.config.core.v3.base_pb2 import Node
-
-from pilotfish.xds_client.resources import ResourceCache
-from pilotfish.xds_client.transport import XdsClient, XdsSettings
+from pilotfish.xds_client.channel import XdsChannel, XdsSettings
 
 
 def test_headers_and_binary_headers_as_bytes(tmp_path: Path) -> None:
@@ -17,6 +14,6 @@ def test_headers_and_binary_headers_as_bytes(tmp_path: Path) -> None:
     token.write_text("abc\n")
     settings = XdsSettings("a:1", "a", None, str(token), cluster_id="Kubernetes",
                            headers=(("X-Team", "blue"), ("Trace-Bin", "\udcff\x00")))
-    metadata = XdsClient(settings, Node(), ResourceCache(), [])._metadata()
+    metadata = XdsChannel(settings).metadata()
     assert metadata == [("clusterid", "Kubernetes"), ("x-team", "blue"), ("trace-bin", b"\xff\x00"),
                         ("authorization", "Bearer abc")]
