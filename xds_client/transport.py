@@ -35,7 +35,7 @@ from .channel import XdsChannel, XdsSettings
 from .core import Accepted, DeltaCore, Rejected, Request, SotwCore, TypeState
 from .outcome import connection_made, termination
 from .resources import ResourceCache
-from .saved import SavedCopy
+from .saved import SavedCopy, serve_saved
 
 log = logging.getLogger("pilotfish.xds")
 
@@ -133,15 +133,8 @@ class XdsClient:
         return sum(t.accepted for t in self.state.types.values())
 
     def load_saved(self) -> int:
-        """At start, before the control plane answers: serve the copies saved by an earlier run
-        (those that load; the others are moved aside). Returns how many serve."""
-        loaded = 0
-        for url, subscription in self.subscriptions.items():
-            value = subscription.load()
-            if value is not None:
-                self.cache.swap(url, "saved", value)
-                loaded += 1
-        return loaded
+        """The copies saved by an earlier run, served at start (saved.py); how many serve."""
+        return serve_saved(self.cache, self.subscriptions.values())
 
     async def run(self) -> None:
         """Stream forever; when a stream ends, wait (backoff with jitter) and reconnect."""
