@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trio
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
@@ -346,3 +347,30 @@ def test_an_envoy_that_floods_without_reading_holds_the_proxy_to_a_bounded_memor
             break
     assert upstream.count == 10_000
     envoy.close()
+
+
+def test_as_a_component_it_serves_until_cancelled_and_ends_its_streams(tmp_path: Path) -> None:
+    fake = FakeAds()
+    server, address = start_fake(fake)
+    channel = XdsChannel(XdsSettings(address, "x", None, "/nonexistent"))
+    proxy = XdsProxy(channel, ResourceCache(), [], str(tmp_path / "XDS"))
+
+    async def main() -> Envoyish:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve)
+                envoy = await trio.to_thread.run_sync(Envoyish, str(tmp_path / "XDS"), True)
+                envoy.send(request(True, CDS, node=NODE))
+                await trio.to_thread.run_sync(fake.next_stream)
+                nursery.cancel_scope.cancel()
+        return envoy
+
+    try:
+        envoy = trio.run(main)
+        assert proxy.counters.streams == 0
+        assert envoy.status()[0] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        wait_for(fake.streams[0].ended.is_set, "the upstream stream cancelled")
+        envoy.close()
+    finally:
+        channel.close()
+        server.stop(0)
