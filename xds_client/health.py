@@ -1,5 +1,6 @@
 """The workload's health as the agent tells the control plane (VMs: WorkloadEntry health), without
-I/O: probe results in, a change of state out, and the request that reports it.
+I/O: probe results in, a change of state out, and the request that reports it; and the loop
+that probes (the probe itself is the agent's: an HTTP, TCP, gRPC or exec check of the app).
 
 As Istio's agent (docs/istio-compat.md "Workload health over xDS"), only when a readiness probe
 is configured: consecutive results are counted, and the state is reported only when it changes
@@ -11,8 +12,10 @@ reason). The xDS proxy sends the latest on every upstream stream once Envoy aske
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import trio
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from google.rpc.status_pb2 import Status
 
@@ -59,3 +62,16 @@ class HealthTracker:
                 self._failures, self._reported = 0, False
                 return Health(False, reason)
         return None
+
+
+async def watch_health(probe: Callable[[], Awaitable[str | None]], tracker: HealthTracker,
+                       report: Callable[[Health], None], period: float = 10.0, initial_delay: float = 0.0) -> None:
+    """Forever (until cancelled): after `initial_delay`, run `probe` (None when healthy, else
+    why not) at once and then every `period` seconds, and `report` each change (XdsProxy.report_health)."""
+    await trio.sleep(initial_delay)
+    while True:
+        reason = await probe()
+        health = tracker.observe(reason is None, reason or "")
+        if health is not None:
+            report(health)
+        await trio.sleep(period)
