@@ -257,7 +257,7 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         except grpc.RpcError as err:
             if pair.ended is not None:
                 return  # Envoy's went away (or a newer stream took over): nothing to tell
-            code, details = err.code(), err.details()  # type: ignore[attr-defined]
+            code, details = err.code(), err.details() or ""  # type: ignore[attr-defined]
             self._ended(pair, code.name, details, made=connection_made(code.name, answered))
             pair.context.abort(code, details)
         else:
