@@ -6,7 +6,6 @@ the agent takes on the same stream: Envoy gets its configuration, the agent its 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
-from envoy_proc import ENVOY, Envoy, available
+from envoy_proc import Envoy, available, pipe_cluster
 from fake_ads import FakeAds, start_fake, wait_for
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any
@@ -66,31 +65,8 @@ def bootstrap(api_type: str, socket_path: str) -> dict[str, object]:
                            "set_node_on_first_message_only": True,
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
             "cds_config": ads, "lds_config": ads},
-        "static_resources": {"clusters": [{
-            "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
-            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}},
-            "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": {"pipe": {"path": socket_path}}}}]}]},
-        }]},
+        "static_resources": {"clusters": [pipe_cluster("xds-grpc", socket_path)]},
     }
-
-
-class AdsEnvoy(Envoy):
-    """tests/envoy_proc.py's Envoy, with the bootstrap above."""
-
-    def __init__(self, work: Path, api_type: str, socket_path: str) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        config = work / "envoy.json"
-        config.write_text(json.dumps(bootstrap(api_type, socket_path)))
-        self.admin_file = work / "admin-address"
-        self.log = work / "envoy.log"
-        self.proc = subprocess.Popen(
-            [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--admin-address-path", str(self.admin_file),
-             "-l", "info", "--log-path", str(self.log)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.admin_address = self._wait(lambda: self.admin_file.exists() and self.admin_file.read_text().strip(),
-                                        "admin address")
 
 
 @pytest.fixture
@@ -113,7 +89,7 @@ def proxied(tmp_path: Path) -> Iterator[tuple[FakeAds, XdsProxy, ResourceCache, 
 def test_envoy_gets_its_cluster_and_listener_through_the_proxy(
         tmp_path: Path, proxied: tuple[FakeAds, XdsProxy, ResourceCache, str], api_type: str) -> None:
     fake, proxy, cache, path = proxied
-    envoy = AdsEnvoy(tmp_path / "envoy", api_type, path)
+    envoy = Envoy(tmp_path / "envoy", "", bootstrap(api_type, path))
     try:
         assert envoy.wait_stat("cluster_manager.cds.update_success", 1) >= 1
         assert envoy.wait_stat("listener_manager.lds.update_success", 1) >= 1
