@@ -56,10 +56,15 @@ class DnsPart:
 class XdsPart:
     """The ADS stream to the control plane. Started once the copies saved by an earlier run
     serve (so a restart without a control plane serves at once); the stream itself never makes
-    the pod unready: what it feeds says so (a DNS proxy without a table)."""
+    the pod unready: what it feeds says so (a DNS proxy without a table).
+
+    With Envoy (`stream` False) the agent opens no stream of its own: its subscriptions ride
+    Envoy's streams through the xDS proxy (xds_client/proxy.py, one connection per pod as
+    Istio's agent has), and this part only serves the saved copies."""
 
     client: XdsClient
     name: str = "xds"
+    stream: bool = True
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.client.subscriptions:
@@ -68,7 +73,8 @@ class XdsPart:
             return
         await trio.to_thread.run_sync(self.client.load_saved)
         task_status.started()
-        await self.client.run()
+        if self.stream:
+            await self.client.run()
 
     def ready(self) -> str | None:
         return None

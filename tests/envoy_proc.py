@@ -24,19 +24,25 @@ def _sds(name: str) -> dict[str, object]:
             "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}}}]}}}
 
 
+def pipe_cluster(name: str, path: str) -> dict[str, object]:
+    """A cluster of one HTTP/2 endpoint on a unix socket: how Istio's bootstrap reaches the
+    agent's gRPC servers (sds-grpc, xds-grpc)."""
+    return {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": path}}}}]}]},
+    }
+
+
 def bootstrap(sds_socket: str) -> dict[str, object]:
     return {
         "node": {"id": "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local", "cluster": "test"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
-            "clusters": [{
-                "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
-                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}}}},
-                "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"pipe": {"path": sds_socket}}}}]}]},
-            }],
+            "clusters": [pipe_cluster("sds-grpc", sds_socket)],
             "listeners": [{
                 "name": "tls", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                 "filter_chains": [{
@@ -63,10 +69,11 @@ def bootstrap(sds_socket: str) -> dict[str, object]:
 class Envoy:
     """An Envoy process; `admin(path)` reads its admin API."""
 
-    def __init__(self, work: Path, sds_socket: str) -> None:
+    def __init__(self, work: Path, sds_socket: str, config_json: dict[str, object] | None = None) -> None:
+        """Envoy with the bootstrap above, or `config_json` (then `sds_socket` is not used)."""
         work.mkdir(parents=True, exist_ok=True)
         config = work / "envoy.json"
-        config.write_text(json.dumps(bootstrap(sds_socket)))
+        config.write_text(json.dumps(config_json or bootstrap(sds_socket)))
         self.admin_file = work / "admin-address"
         self.log = work / "envoy.log"
         self.proc = subprocess.Popen(

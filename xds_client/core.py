@@ -81,9 +81,10 @@ Event: TypeAlias = "Accepted[object] | Rejected"
 
 
 class _Core(ABC):
-    """What both protocols share: the types, their states, the node on the first request."""
+    """What both protocols share: the types, their states, the node on the first request (none
+    on a stream whose first request is Envoy's, through the xDS proxy: Envoy's node is the one)."""
 
-    def __init__(self, node: Node, types: Sequence[ResourceType[object]], known: Mapping[str, TypeState]) -> None:
+    def __init__(self, node: Node | None, types: Sequence[ResourceType[object]], known: Mapping[str, TypeState]) -> None:
         self.node = node
         self.types = {t.type_url: t for t in types}
         # versions, counts and (delta) the resource set carry over a reconnect; nonces do not
@@ -91,7 +92,7 @@ class _Core(ABC):
         self._node_sent = False
 
     def _with_node(self, request: Request) -> Request:
-        if not self._node_sent:  # Envoy's set_node_on_first_message_only, which istiod expects
+        if self.node is not None and not self._node_sent:  # Envoy's set_node_on_first_message_only, which istiod expects
             request.node.CopyFrom(self.node)
             self._node_sent = True
         return request

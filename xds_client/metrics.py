@@ -1,4 +1,4 @@
-"""Metrics of the control-plane connection, read from the client's state at scrape time."""
+"""Metrics of the control-plane connection and of the xDS proxy, read from their state at scrape time."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .outcome import CANCELLED, ERROR
+from .proxy import ProxyCounters
 from .transport import ConnectionState
 
 
@@ -39,3 +40,26 @@ class XdsMetrics:
             rejected.add_metric([type_url], type_state.rejected)
         yield accepted
         yield rejected
+
+
+class ProxyMetrics:
+    """prometheus-client collector over the xDS proxy's counters, with Istio's names where Istio
+    has the metric (docs/istio-compat.md "Agent metrics"). The upstream side (connection
+    failures, terminations, accepted and rejected) is XdsMetrics over the proxy's state."""
+
+    def __init__(self, counters: Callable[[], ProxyCounters]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters: ProxyCounters = self._counters()
+        yield GaugeMetricFamily("pilotfish_xds_proxy_streams", "Envoy's ADS streams open through the xDS proxy.",
+                                value=counters.streams)
+        yield CounterMetricFamily("istio_agent_xds_proxy_requests", "The total number of Xds Proxy Requests",
+                                  value=counters.requests)
+        yield CounterMetricFamily("istio_agent_xds_proxy_responses", "The total number of Xds Proxy Responses",
+                                  value=counters.responses)
+        terminations = CounterMetricFamily("istio_agent_envoy_connection_terminations",
+                                           "The total number of connection errors from envoy", labels=["type"])
+        for kind in (CANCELLED, ERROR):
+            terminations.add_metric([kind], counters.envoy_terminations[kind])
+        yield terminations

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import TypeVar
 
 from pilotfish.common import atomic
 
-from .resources import ResourceType
+from .resources import ResourceCache, ResourceType
 
 log = logging.getLogger("pilotfish.xds")
 
@@ -68,3 +69,15 @@ class SavedCopy:
             atomic.write_atomic(self.path, self.rtype.to_bytes(value))
         except OSError as err:
             log.warning("xds: cannot save the %s to %s: %s", self.rtype.name, self.path, err.strerror or err)
+
+
+def serve_saved(cache: ResourceCache, subscriptions: Iterable[SavedCopy]) -> int:
+    """At start, before the control plane answers: serve the copies saved by an earlier run
+    (those that load; the others are moved aside). Returns how many serve."""
+    loaded = 0
+    for subscription in subscriptions:
+        value = subscription.load()
+        if value is not None:
+            cache.swap(subscription.rtype.type_url, "saved", value)
+            loaded += 1
+    return loaded

@@ -1,19 +1,17 @@
-"""The ADS connection to an istiod-compatible control plane: gRPC over TLS, reconnecting forever.
+"""The agent's own ADS stream to an istiod-compatible control plane, reconnecting forever.
 
 grpcio's streaming API is blocking and thread-based, so each stream runs in a worker thread
 (`trio.to_thread`) while the trio task owns its lifetime: cancelling the task cancels the call,
 which ends the thread. What a response means is decided by the core (core.py) and the resource
-types (resources.py); this module moves bytes, handles credentials and retries, and acts on the
-core's events in one order for every type (`settle`): swap the value in, save it, then ACK.
+types (resources.py); the channel, its credentials and headers are channel.py's (shared with the
+xDS proxy); this module moves requests and responses, retries, and acts on the core's events in
+one order for every type (`settle`, which the xDS proxy uses too): swap the value in, save it,
+then ACK.
 
-As istiod expects (docs/istio-compat.md "ADS stream to istiod"): TLS to the discovery address
-with the server
-name `istiod.istio-system.svc` unless the address names another host (or ISTIOD_SAN says so), a
-`ClusterID` header, `XDS_HEADER_*` headers, and `authorization: Bearer <token>` read from the token
-file on every (re)connection so a rotated projected token is picked up. Unlike Istio's agent (which
-leaves retrying to Envoy), this client retries by itself (backoff.py): exponential backoff from
-0.5 s, doubled per failure up to 30 s, with full jitter, reset after a stream that delivered a
-resource however it ended.
+Unlike Istio's agent (which leaves retrying to Envoy), this client retries by itself
+(backoff.py): exponential backoff from 0.5 s, doubled per failure up to 30 s, with full jitter,
+reset after a stream that delivered a resource however it ended. Once Envoy runs, the agent
+does not open this stream: its subscriptions ride Envoy's streams through the xDS proxy.
 """
 
 from __future__ import annotations
@@ -30,34 +28,17 @@ from dataclasses import dataclass, field
 import grpc
 import trio
 from envoy.config.core.v3.base_pb2 import Node
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from pilotfish.common.memory import release_freed_memory
-from pilotfish.common.tokens import TokenFileError, read_token_file
 
-from .backoff import BACKOFF_BASE, BACKOFF_CAP, Backoff
+from .backoff import Backoff
+from .channel import XdsChannel, XdsSettings
 from .core import Accepted, DeltaCore, Rejected, Request, SotwCore, TypeState
 from .outcome import connection_made, termination
 from .resources import ResourceCache
-from .saved import SavedCopy
+from .saved import SavedCopy, serve_saved
 
 log = logging.getLogger("pilotfish.xds")
 
-SYSTEM_ROOTS = "SYSTEM"
-
-
-@dataclass(frozen=True)
-class XdsSettings:
-    """Where and how to connect."""
-
-    address: str  # host:port
-    server_name: str  # the name the server's certificate must carry
-    root_cert: str | None  # PEM file, SYSTEM_ROOTS for the OS trust store, None for plaintext
-    token_file: str  # re-read on every connection; missing or empty means no header
-    cluster_id: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
-    backoff_base: float = BACKOFF_BASE
-    backoff_cap: float = BACKOFF_CAP
-    delta: bool = False  # DeltaAggregatedResources instead of the state of the world
 
 
 @dataclass
@@ -89,42 +70,13 @@ def settle(core: SotwCore | DeltaCore, event: Accepted[object] | Rejected, cache
     return core.ack(event)
 
 
-def read_token(path: str) -> str:
-    """The bearer token, trimmed; '' when the file cannot give one (common/tokens.py), so a bad
-    token file costs a refused stream (and a retry) instead of the stream thread."""
-    try:
-        return read_token_file(path)
-    except TokenFileError:
-        return ""
-
-
-# pilot-agent's keepalive on its connection to istiod (docs/istio-compat.md
-# "ADS stream to istiod", "istiod: TLS and keepalive"): a ping after 30 s without traffic (GRPC_KEEPALIVE_INTERVAL), the
-# connection given up when it is not answered within 10 s (GRPC_KEEPALIVE_TIMEOUT). istiod lets a
-# client with a stream ping every 15 s (its EnforcementPolicy.MinTime) and closes the connection
-# of one that pings faster (GOAWAY too_many_pings), so 30 s is twice the margin. Module values
-# so that tests can shorten them.
-KEEPALIVE_TIME_MS = 30_000
-KEEPALIVE_TIMEOUT_MS = 10_000
-
-
-def keepalive_options() -> list[tuple[str, int]]:
-    """The channel arguments for the keepalive above."""
-    return [
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 0),  # as grpc-go's default: no stream, no pings
-        # grpc core stops keepalive pings after two without data in between (then one a minute);
-        # grpc-go, pilot-agent's, has no such limit: an idle stream is checked every 30 s.
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
 class XdsClient:
     """Keeps one ADS stream open to the control plane, for as long as `run` runs."""
 
-    def __init__(self, settings: XdsSettings, node: Node, cache: ResourceCache, subscriptions: list[SavedCopy]) -> None:
+    def __init__(self, settings: XdsSettings, node: Node, cache: ResourceCache, subscriptions: list[SavedCopy],
+                 channel: XdsChannel | None = None) -> None:
         self.settings = settings
+        self.channel = channel or XdsChannel(settings)  # the agent's, shared with the xDS proxy
         self.node = node
         self.cache = cache
         self.subscriptions = {s.rtype.type_url: s for s in subscriptions}  # each type with its copy on disk
@@ -132,43 +84,10 @@ class XdsClient:
         self._call: grpc.Future | None = None
         self._lock = threading.Lock()
 
-    def _credentials(self) -> grpc.ChannelCredentials | None:
-        root = self.settings.root_cert
-        if root is None:
-            return None
-        if root == SYSTEM_ROOTS:
-            return grpc.ssl_channel_credentials()
-        with open(root, "rb") as f:  # read at every connection: the file may have rotated
-            return grpc.ssl_channel_credentials(root_certificates=f.read())
-
-    def _metadata(self) -> list[tuple[str, str | bytes]]:
-        metadata: list[tuple[str, str | bytes]] = [("clusterid", self.settings.cluster_id)]
-        for name, value in self.settings.headers:
-            key = name.lower()
-            # a binary header's value is bytes: the environment's own (os.environ decoded them
-            # with surrogateescape), as Go's os.Getenv hands them to Istio's agent
-            metadata.append((key, value.encode("utf-8", "surrogateescape") if key.endswith("-bin") else value))
-        token = read_token(self.settings.token_file)
-        if token:
-            metadata.append(("authorization", f"Bearer {token}"))
-        return metadata
-
-    def _channel(self) -> grpc.Channel:
-        options: list[tuple[str, int | str]] = [
-            *keepalive_options(),
-            ("grpc.max_receive_message_length", -1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-        ]
-        credentials = self._credentials()
-        if credentials is None:
-            return grpc.insecure_channel(self.settings.address, options=options)
-        options.append(("grpc.ssl_target_name_override", self.settings.server_name))
-        return grpc.secure_channel(self.settings.address, credentials, options=options)
-
     def _serve_stream(self, answered: threading.Event) -> None:
         """One stream, start to end (runs in a worker thread); `answered` is set at its first
         response."""
-        channel = self._channel()
+        stub = self.channel.stub()
         outbox: queue.Queue[Request | None] = queue.Queue()
         types = [s.rtype for s in self.subscriptions.values()]
         core = (DeltaCore if self.settings.delta else SotwCore)(self.node, types, self.state.types)
@@ -181,9 +100,8 @@ class XdsClient:
                 yield item
 
         try:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             method = stub.DeltaAggregatedResources if self.settings.delta else stub.StreamAggregatedResources
-            call = method(requests(), metadata=self._metadata())
+            call = method(requests(), metadata=self.channel.metadata())
             with self._lock:
                 self._call = call
             for response in call:
@@ -204,7 +122,6 @@ class XdsClient:
             self.state.connected = False
             with self._lock:
                 self._call = None
-            channel.close()
 
     def _cancel(self) -> None:
         with self._lock:
@@ -216,15 +133,8 @@ class XdsClient:
         return sum(t.accepted for t in self.state.types.values())
 
     def load_saved(self) -> int:
-        """At start, before the control plane answers: serve the copies saved by an earlier run
-        (those that load; the others are moved aside). Returns how many serve."""
-        loaded = 0
-        for url, subscription in self.subscriptions.items():
-            value = subscription.load()
-            if value is not None:
-                self.cache.swap(url, "saved", value)
-                loaded += 1
-        return loaded
+        """The copies saved by an earlier run, served at start (saved.py); how many serve."""
+        return serve_saved(self.cache, self.subscriptions.values())
 
     async def run(self) -> None:
         """Stream forever; when a stream ends, wait (backoff with jitter) and reconnect."""

@@ -34,11 +34,11 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, Discovery
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf.any_pb2 import Any
 
-from pilotfish.common.dirs import make_dirs
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.watch import Signature, file_signature
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
 from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.uds import listen_unix
 
 from .issued import Issued
 from .sdscore import SECRET_TYPE, SdsStream, StreamEnd
@@ -56,7 +56,6 @@ MAX_STREAMS = 256  # Envoy opens one per secret name: a handful
 FILE_POLL = 1.0  # seconds between looks at a stream's file secrets
 FIRST_REQUEST = 10.0  # seconds a new stream has to send its first request (Envoy sends at once)
 MAX_REQUEST_BYTES = 320 * 1024  # 64 names of 4 KiB and a node: grpc's default would be 4 MiB
-SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path, less the NUL)
 
 
 class UnknownSecret(ValueError):
@@ -264,27 +263,14 @@ def someone_listens(path: str) -> bool:
 def start_sds(service: SdsService, path: str) -> grpc.Server | None:
     """Listen on `path` and start; None when another server already answers there. OSError when
     the socket cannot be made."""
-    directory = os.path.dirname(os.path.abspath(path))
-    make_dirs(directory, 0o700)
-    if os.path.exists(path):
-        if someone_listens(path):
-            log.info("sds: a server already listens on %s (SPIRE?): Envoy uses it, this agent serves none", path)
-            return None
-        os.unlink(path)  # a socket left by an earlier run
+    if os.path.exists(path) and someone_listens(path):
+        log.info("sds: a server already listens on %s (SPIRE?): Envoy uses it, this agent serves none", path)
+        return None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 4, thread_name_prefix="sds"),
                          maximum_concurrent_rpcs=MAX_STREAMS,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
-    if len(os.fsencode(path)) > SUN_PATH_MAX:  # as given: a relative path is short where an absolute one is not
-        raise OSError(f"the socket's path is longer than a unix socket allows ({SUN_PATH_MAX} bytes)")
-    old = os.umask(0o177)  # the socket is born 0600: never a moment when others could connect
-    try:
-        server.add_insecure_port(f"unix:{path}")
-    except RuntimeError as err:  # grpcio raises where it once returned 0
-        raise OSError(str(err)) from None
-    finally:
-        os.umask(old)
+    listen_unix(server, path)  # a socket left by an earlier run is replaced
     server.start()
-    os.chmod(path, 0o600)
     log.info("sds: serving secrets on %s", path)
     return server

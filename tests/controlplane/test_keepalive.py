@@ -28,7 +28,7 @@ from pilotfish.controlplane.ca import (
     new_root,
     serving_names,
 )
-from pilotfish.xds_client import transport
+from pilotfish.xds_client import channel
 from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.saved import SavedCopy
@@ -37,8 +37,8 @@ from streams import snapshot
 
 # grpc core sends a client's pings at least 1 s apart, whatever its keepalive time: the agent's
 # 30 s becomes 1 s here, and istiod's figures are divided by the same factor.
-SCALE = transport.KEEPALIVE_TIME_MS // 1000
-PERIOD = transport.KEEPALIVE_TIME_MS / SCALE / 1000  # the agent's ping period in the test, seconds
+SCALE = channel.KEEPALIVE_TIME_MS // 1000
+PERIOD = channel.KEEPALIVE_TIME_MS / SCALE / 1000  # the agent's ping period in the test, seconds
 # A policy breach ends the stream at the 4th ping (the first is never a strike; GOAWAY comes
 # with the third strike); the idle stream is watched for one more.
 IDLE_PERIODS = 5
@@ -60,7 +60,7 @@ class Link:
 
 @pytest.fixture
 def link(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Link]:
-    monkeypatch.setattr(transport, "KEEPALIVE_TIME_MS", transport.KEEPALIVE_TIME_MS // SCALE)
+    monkeypatch.setattr(channel, "KEEPALIVE_TIME_MS", channel.KEEPALIVE_TIME_MS // SCALE)
     now = datetime.now(UTC)
     ca = new_root(new_key(), now)
     key = new_key()

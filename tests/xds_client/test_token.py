@@ -5,7 +5,7 @@ import os
 import threading
 from pathlib import Path
 
-from pilotfish.xds_client.transport import read_token
+from pilotfish.xds_client.channel import read_token
 
 
 def test_token_is_trimmed(tmp_path: Path) -> None:
