@@ -8,24 +8,24 @@ the default with a warning, which hides typos).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pilotfish.common.settings import ConfigError, parse_bool, split_host_port
 
 from .files import MISSING, root_cert_problem, saved_table_problem
+from .meshconfig import MESH_CONFIG, ConfigSources, effective_proxy_config, with_defaults
+from .nodemeta import NodeInputs, node_facts
 
 DEFAULT_DISCOVERY = "istiod.istio-system.svc:15012"
 DEFAULT_SERVER_NAME = "istiod.istio-system.svc"
 DEFAULT_ROOT_CERT = "./var/run/secrets/istio/root-cert.pem"
 LEGACY_ROOT_CERT = "./etc/certs/root-cert.pem"
 TOKEN_FILE = "./var/run/secrets/tokens/istio-token"
-DEFAULT_NAMETABLE_CACHE = "./var/lib/pilotfish/nametable.pb"
+DEFAULT_NAMETABLE_CACHE = "./var/lib/istio/data/nametable.pb"  # an emptyDir in the template: the root is read-only
 PROXY_TYPES = ("sidecar", "router", "waypoint")
-TOO_DEEP = "PROXY_CONFIG: nested too deeply to parse (a ProxyConfig is a few levels deep)"
 
 
 @dataclass(frozen=True)
@@ -47,77 +47,16 @@ class AgentConfig:
     dns_enabled: bool
     status: tuple[str, int] | None  # (host, port) the status server listens on, "" every interface; None: off
     nametable_cache: str  # "" turns persistence off
-    metadata: dict[str, str] = field(default_factory=dict)
+    proxy_config: dict[str, object] = field(default_factory=dict)  # the fields the sources set (meshconfig.py)
+    cluster: str = "istio-proxy"  # node.cluster
+    locality: tuple[str, str, str] = ("", "", "")
+    metadata: dict[str, object] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
         """`<type>~<first IP>~<pod>.<namespace>~<domain>`, as pilot-agent builds it."""
         ip = self.instance_ips[0] if self.instance_ips else ""
         return f"{self.proxy_type}~{ip}~{self.pod_name}.{self.pod_namespace}~{self.domain}"
-
-
-def proxy_config(env: Mapping[str, str]) -> dict[str, object]:
-    """PROXY_CONFIG (YAML or JSON ProxyConfig): the fields the agent reads, checked; {} when unset.
-
-    JSON is tried first: it is what Istio's injection template writes, and PyYAML (1.3 MB of the
-    agent's memory once imported) is then never loaded. Whatever either parser raises is bad
-    input, not only its own error class: PyYAML's constructors raise ValueError, IndexError and
-    the like for values such as `2001-13-45` or `!!int ""`, and both parsers recurse per level of
-    nesting, so a value nested deeper than Python's recursion limit (about 1,000 levels; a
-    ProxyConfig has fewer than ten) raises RecursionError. See `_fields` for what is kept."""
-    text = env.get("PROXY_CONFIG", "")
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ConfigError(TOO_DEEP) from None
-    except ValueError:
-        import yaml
-
-        try:
-            value = yaml.safe_load(text)
-        except RecursionError:
-            raise ConfigError(TOO_DEEP) from None
-        except Exception as err:  # noqa: BLE001  any failure to parse untrusted text is the same bad input
-            raise ConfigError(f"PROXY_CONFIG: not YAML or JSON: {type(err).__name__}: {_one_line(err)}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"PROXY_CONFIG: want a ProxyConfig object, got {type(value).__name__}")
-    return _fields(value)
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
-
-
-def _text(value: object, what: str) -> str:
-    """A scalar (string, number, boolean) as text; anything else is an error naming `what`.
-
-    Checked before anything turns a value into text: YAML aliases let a short PROXY_CONFIG hold
-    a list of lists shared a billion times over (`a1: &a1 [*a0, *a0, ...]`), which parses at once
-    but whose str() never ends; and str() of an int over 4,300 digits (`0xfff...` in YAML) raises
-    ValueError."""
-    if isinstance(value, (str, int, float)):  # bool is an int
-        try:
-            return str(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"PROXY_CONFIG: {what}: want a string or a number, got {type(value).__name__}")
-
-
-def _fields(pc: Mapping[object, object]) -> dict[str, object]:
-    """The ProxyConfig fields the agent reads, as text (proxyMetadata: a map of text); the rest
-    is not looked at. A ProxyConfig holds strings and numbers in these places."""
-    out: dict[str, object] = {}
-    for name in ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy"):
-        if pc.get(name) is not None:
-            out[name] = _text(pc[name], name)
-    metadata = pc.get("proxyMetadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise ConfigError(f"PROXY_CONFIG: proxyMetadata: want a map of strings, got {type(metadata).__name__}")
-        out["proxyMetadata"] = {_text(k, "proxyMetadata"): _text(v, "proxyMetadata") for k, v in metadata.items()}
-    return out
 
 
 def _bool_env(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -253,16 +192,27 @@ def status_address(listen: str | None, port: int | None, pc: Mapping[str, object
     return ("", number) if number else None
 
 
-def metadata(env: Mapping[str, str], pc: Mapping[str, object], cfg_values: Mapping[str, str]) -> dict[str, str]:
-    """Node metadata: every ISTIO_META_<K> (from the environment, then PROXY_CONFIG's
-    proxyMetadata) as <K>, plus the identity fields istiod reads."""
-    out: dict[str, str] = {}
-    for source in (_metadata_of(pc), env):  # the environment wins over proxyMetadata
-        for name, value in source.items():
-            if name.startswith("ISTIO_META_"):
-                out[name[len("ISTIO_META_"):]] = value
-    out.update(cfg_values)
-    return out
+EXCLUDE_INTERFACES_ANNOTATION = "traffic.sidecar.istio.io/excludeInterfaces"
+
+
+def instance_ips(env: Mapping[str, str], interfaces: Sequence[tuple[str, str]],
+                 annotations: Mapping[str, str]) -> tuple[str, ...]:
+    """INSTANCE_IPS as pilot-agent orders them: INSTANCE_IP first (istiod takes the first as the
+    pod's IP), then the interfaces' global addresses but those of the interfaces the pod
+    annotation `traffic.sidecar.istio.io/excludeInterfaces` names, or the loopback addresses
+    when there is none of either."""
+    import ipaddress
+
+    ips: list[str] = []
+    instance_ip = env.get("INSTANCE_IP", "")
+    if instance_ip:
+        try:
+            ips.append(str(ipaddress.ip_address(instance_ip)))
+        except ValueError:
+            raise ConfigError(f"INSTANCE_IP: not an IP address: {instance_ip!r}") from None
+    excluded = {name.strip() for name in annotations.get(EXCLUDE_INTERFACES_ANNOTATION, "").split(",")}
+    found = [ip for name, ip in interfaces if name not in excluded]
+    return tuple(dict.fromkeys(ips + found)) or ("127.0.0.1", "::1")
 
 
 def agent_config(
@@ -274,28 +224,25 @@ def agent_config(
     status_port: int | None = None,
     status_listen: str | None = None,
     nametable_cache: str | None = None,
-    interface_ips: tuple[str, ...] = (),
+    interfaces: Sequence[tuple[str, str]] = (),
+    mesh_config: str | None = None,
+    mesh_config_path: str = MESH_CONFIG,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
     root_problem: Callable[[str], str | None] = root_cert_problem,
     cache_problem: Callable[[str], str | None] = saved_table_problem,
 ) -> AgentConfig:
-    """Validate everything; ConfigError names the variable or flag and the bad value."""
+    """Validate everything; ConfigError names the variable or flag and the bad value.
+
+    `interfaces` are (name, address) pairs; `mesh_config`, `labels` and `annotations` the
+    contents of the files the injection template mounts (None: no file)."""
     if proxy_type not in PROXY_TYPES:
         raise ConfigError(f"proxy type: want one of {', '.join(PROXY_TYPES)}, got {proxy_type!r}")
-    pc = proxy_config(env)
+    pc = effective_proxy_config(ConfigSources(mesh_config, mesh_config_path, env.get("PROXY_CONFIG", ""),
+                                              annotations or {}))
     namespace = env.get("POD_NAMESPACE", "")
     pod = env.get("POD_NAME", "")
-    ips = []
-    instance_ip = env.get("INSTANCE_IP", "")
-    if instance_ip:
-        import ipaddress
-
-        try:
-            ips.append(str(ipaddress.ip_address(instance_ip)))
-        except ValueError:
-            raise ConfigError(f"INSTANCE_IP: not an IP address: {instance_ip!r}") from None
-    ips += [ip for ip in interface_ips if ip not in ips]
-    if not ips:
-        ips = ["127.0.0.1", "::1"]
+    ips = instance_ips(env, interfaces, annotations or {})
     address, _ = discovery_address(discovery, env, pc)
     dns_capture = _bool_env(env, "ISTIO_META_DNS_CAPTURE")
     dns_enabled = (dns_capture and proxy_type == "sidecar") or _bool_env(env, "ISTIO_META_ENABLE_DNS_SERVER")
@@ -303,23 +250,18 @@ def agent_config(
     headers = tuple(sorted(xds_header(k, v) for k, v in env.items() if k.startswith("XDS_HEADER_")))
     cache = saved_table(nametable_cache, env, cache_problem)
     domain = domain or f"{namespace}.svc.cluster.local"
-    identity = {
-        "NAMESPACE": namespace,
-        "NAME": pod,
-        "INSTANCE_IPS": ",".join(ips),
-        "CLUSTER_ID": cluster_id,
-        "SERVICE_ACCOUNT": env.get("SERVICE_ACCOUNT", ""),
-        "DNS_CAPTURE": "true" if dns_capture else "",
-    }
+    name = server_name(address, env)
+    facts = node_facts(NodeInputs(env, with_defaults({**pc, "discoveryAddress": address}), ips, name, labels,
+                                  annotations, extra={"DNS_CAPTURE": "true"} if dns_capture else {}))
     return AgentConfig(
         proxy_type=proxy_type,
         pod_name=pod,
         pod_namespace=namespace,
-        instance_ips=tuple(ips),
+        instance_ips=ips,
         service_account=env.get("SERVICE_ACCOUNT", ""),
         domain=domain,
         discovery_address=address,
-        server_name=server_name(address, env),
+        server_name=name,
         root_cert=xds_root(env, pc, root_problem),
         token_file=TOKEN_FILE,
         cluster_id=cluster_id,
@@ -327,5 +269,8 @@ def agent_config(
         dns_enabled=dns_enabled,
         status=status_address(status_listen, status_port, pc),
         nametable_cache=cache,
-        metadata=metadata(env, pc, {k: v for k, v in identity.items() if v}),
+        proxy_config=pc,
+        cluster=facts.cluster,
+        locality=facts.locality,
+        metadata=facts.metadata,
     )

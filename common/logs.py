@@ -44,3 +44,14 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def istio_level(spec: str) -> str | None:
+    """Istio's `--log_output_level=default:debug,dns:info` (or a bare level) as the Python level
+    name of the default scope; None when it names none."""
+    for part in spec.split(","):
+        scope, _, level = part.rpartition(":")
+        if scope in ("", "default") and level:
+            level = {"warn": "warning", "none": "critical", "fatal": "critical"}.get(level, level)
+            return level if level in ("debug", "info", "warning", "error", "critical") else None
+    return None

@@ -19,22 +19,28 @@ def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     Read with SIOCGIFCONF (IPv4) and /proc/net/if_inet6 (IPv6) rather than netlink, so detection
     costs no pyroute2 import.
     """
-    found: list[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    return [ip for _, ip in interface_addresses()]
+
+
+def interface_addresses() -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """(interface, address) of every global address, by interface index: what the agent reports
+    as INSTANCE_IPS, less the interfaces a pod annotation excludes."""
+    found: list[tuple[int, str, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
     for name, address in _ipv4_addresses():
-        found.append((_index(name), address))
+        found.append((_index(name), name, address))
     try:
         with open("/proc/net/if_inet6") as f:
             for line in f:
                 fields = line.split()
-                found.append((int(fields[1], 16), ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+                found.append((int(fields[1], 16), fields[-1], ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
     except OSError:
         pass
     out = []
-    for _, ip in sorted(found, key=lambda item: item[0]):
+    for _, name, ip in sorted(found, key=lambda item: item[0]):
         mapped = getattr(ip, "ipv4_mapped", None)
         ip = mapped or ip
         if not (ip.is_loopback or ip.is_link_local):
-            out.append(ip)
+            out.append((name, ip))
     return out
 
 

@@ -52,8 +52,9 @@ def test_discovery_address_precedence() -> None:
 
 def test_json_proxy_config_does_not_load_yaml() -> None:
     """Istio's injector writes PROXY_CONFIG as JSON; parsing it must not import PyYAML (memory)."""
-    code = ("import sys; from pilotfish.agent.config import proxy_config; "
-            "assert proxy_config({'PROXY_CONFIG': '{\"discoveryAddress\": \"a:1\"}'}) == {'discoveryAddress': 'a:1'}; "
+    code = ("import sys; from pilotfish.agent.meshconfig import ConfigSources, effective_proxy_config; "
+            "assert effective_proxy_config(ConfigSources(env='{\"discoveryAddress\": \"a:1\"}')) "
+            "== {'discoveryAddress': 'a:1'}; "
             "print('yaml' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -122,11 +123,11 @@ def test_xds_headers() -> None:
     ({"INSTANCE_IP": "10.0.0.300"}, {}, "INSTANCE_IP: not an IP address: '10.0.0.300'"),
     ({"PILOT_DISCOVERY_ADDRESS": "istiod"}, {}, "PILOT_DISCOVERY_ADDRESS: invalid address 'istiod'"),
     ({"PROXY_CONFIG": "[1, 2"}, {}, "PROXY_CONFIG: not YAML or JSON"),
-    ({"PROXY_CONFIG": "- a\n- b"}, {}, "PROXY_CONFIG: want a ProxyConfig object"),
+    ({"PROXY_CONFIG": "- a\n- b"}, {}, "PROXY_CONFIG: want an object"),
     ({"PROXY_CONFIG": "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a: " + "[" * 5000 + "]" * 5000}, {}, "PROXY_CONFIG: nested too deeply"),
     ({"PROXY_CONFIG": "a:\n  " + "- " * 5000 + "x\n"}, {}, "PROXY_CONFIG: nested too deeply"),
-    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got '70000'"),
+    ({"PROXY_CONFIG": '{"statusPort": 70000}'}, {}, "status port: want 0-65535, got 70000"),
     # PyYAML's constructors raise plain ValueError / IndexError for these, not YAMLError
     ({"PROXY_CONFIG": "a: 2001-13-45"}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: month must be in 1..12"),
     ({"PROXY_CONFIG": 'x: !!int ""'}, {}, "PROXY_CONFIG: not YAML or JSON: IndexError"),
@@ -134,7 +135,7 @@ def test_xds_headers() -> None:
     ({"PROXY_CONFIG": "x: " + "9" * 5000}, {}, "PROXY_CONFIG: not YAML or JSON: ValueError: Exceeds the limit"),
     ({"PROXY_CONFIG": "statusPort: 0x" + "f" * 5000}, {}, "PROXY_CONFIG: statusPort: want a string or a number, got int"),
     ({"PROXY_CONFIG": "discoveryAddress: [a, b]"}, {}, "PROXY_CONFIG: discoveryAddress: want a string or a number, got list"),
-    ({"PROXY_CONFIG": "proxyMetadata: [a]"}, {}, "PROXY_CONFIG: proxyMetadata: want a map of strings, got list"),
+    ({"PROXY_CONFIG": "proxyMetadata: [a]"}, {}, "PROXY_CONFIG: proxyMetadata: want a map of at most 1024 strings, got list"),
     ({"PROXY_CONFIG": LAUGHS}, {}, "PROXY_CONFIG: proxyMetadata: want a string or a number, got list"),
     ({}, {"proxy_type": "ztunnel"}, "proxy type: want one of sidecar, router, waypoint, got 'ztunnel'"),
     # gRPC refuses these at every stream (or, undecodable bytes, raises and the agent dies)
@@ -170,7 +171,7 @@ def test_status_routes() -> None:
 
 
 @pytest.mark.parametrize("env,flag,setting,path", [
-    ({}, None, "PILOTFISH_NAMETABLE_CACHE (unset: the default)", "./var/lib/pilotfish/nametable.pb"),
+    ({}, None, "PILOTFISH_NAMETABLE_CACHE (unset: the default)", "./var/lib/istio/data/nametable.pb"),
     ({"PILOTFISH_NAMETABLE_CACHE": "/data/t.pb"}, None, "PILOTFISH_NAMETABLE_CACHE", "/data/t.pb"),
     ({"PILOTFISH_NAMETABLE_CACHE": "/data/t.pb"}, "/flag/t.pb", "--nametable-cache", "/flag/t.pb"),
 ])
