@@ -23,7 +23,7 @@ import socket
 from functools import partial
 
 import trio
-from envoy.config.core.v3.base_pb2 import Node
+from envoy.config.core.v3.base_pb2 import Locality, Node
 from google.protobuf.struct_pb2 import Struct
 from prometheus_client import CollectorRegistry
 
@@ -36,6 +36,8 @@ from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config, grpc_header_value
+from .meshconfig import MESH_CONFIG, proxy_metadata
+from .podinfo import ANNOTATIONS_FILE, LABELS_FILE, read_mesh_config, read_pod_info
 from .files import token_problem
 from .components import Component, Shutdown, Signals, readiness, run_components
 from .identity.caclient import CaClient
@@ -49,20 +51,26 @@ from .status import StatusServer, StatusSources
 
 log = logging.getLogger("pilotfish.agent")
 
-# pilot-agent flags the injection template passes; accepted so the template works unchanged.
-PILOT_AGENT_FLAGS = ("--proxyLogLevel", "--proxyComponentLogLevel", "--log_output_level", "--concurrency",
-                     "--serviceCluster", "--meshConfig", "--templateFile", "--outlierLogPath", "--stsPort",
-                     "--profiling", "--log_as_json", "--log_target", "--log_caller", "--log_stacktrace_level")
+# pilot-agent flags accepted and not acted on (yet): said in docs/istio-compat.md "pilot-agent words".
+SUMMARIES = {
+    "agent": "run the agent: xDS client, DNS proxy fed by it, status server",
+    "proxy": "run the agent with Envoy (pilot-agent proxy [sidecar|router])",
+}
+IGNORED_FLAGS = ("--serviceCluster", "--templateFile", "--outlierLogPath", "--stsPort", "--log_target",
+                 "--log_caller", "--log_stacktrace_level")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str = "agent") -> None:  # type: ignore[type-arg]
+    """`agent` (pilotfish's word: Envoy only with --envoy) or `proxy` (pilot-agent's: with Envoy)."""
     p = subparsers.add_parser(
-        "agent",
-        help="run the agent: xDS client, DNS proxy fed by it, status server",
-        description="The sidecar agent (pilot-agent proxy): xDS, DNS, status server.",
+        name, allow_abbrev=False, help=SUMMARIES[name],
+        description="The sidecar agent (pilot-agent proxy): xDS, DNS, identity, Envoy, status server.",
     )
-    p.add_argument("words", nargs="*", metavar="proxy [TYPE]",
-                   help="pilot-agent's `proxy sidecar` (the default), `proxy router` or `proxy waypoint`")
+    p.add_argument("words", nargs="*", metavar="[proxy] [TYPE]",
+                   help="the proxy type: sidecar (the default), router or waypoint; `agent proxy sidecar` as "
+                        "pilot-agent's `proxy sidecar`")
+    p.add_argument("--envoy", action=argparse.BooleanOptionalAction, default=name == "proxy",
+                   help=f"run Envoy beside the agent (default {'on' if name == 'proxy' else 'off'})")
     p.add_argument("--discovery-address", metavar="HOST:PORT",
                    help="control plane (default $PILOT_DISCOVERY_ADDRESS, PROXY_CONFIG's discoveryAddress, "
                         "istiod.istio-system.svc:15012)")
@@ -72,9 +80,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                         "(port 0: a free one, which the log gives)")
     p.add_argument("--nametable-cache", metavar="PATH",
                    help="where the last good name table is saved and served from at start "
-                        "(default $PILOTFISH_NAMETABLE_CACHE or ./var/lib/pilotfish/nametable.pb; '' turns it off)")
+                        "(default $PILOTFISH_NAMETABLE_CACHE or ./var/lib/istio/data/nametable.pb; '' turns it off)")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
-    for flag in PILOT_AGENT_FLAGS:
+    p.add_argument("--meshConfig", default=MESH_CONFIG, metavar="PATH",
+                   help=f"the mesh config file; its defaultConfig is the base ProxyConfig (default {MESH_CONFIG})")
+    p.add_argument("--log_as_json", nargs="?", const="true", default="false", metavar="BOOL",
+                   help="log lines as JSON (pilot-agent's flag; bare means true)")
+    p.add_argument("--log_output_level", default="", metavar="LEVELS",
+                   help="pilot-agent's scope:level list, e.g. default:info (the default scope's level is used)")
+    p.add_argument("--proxyLogLevel", default="warning", metavar="LEVEL", help="Envoy's log level (default warning)")
+    p.add_argument("--proxyComponentLogLevel", default="misc:error", metavar="LIST",
+                   help="Envoy's per-component log levels (default misc:error)")
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="Envoy's worker threads when neither ProxyConfig.concurrency nor ISTIO_CPU_LIMIT says")
+    p.add_argument("--profiling", nargs="?", const="true", default="true", metavar="BOOL", help=argparse.SUPPRESS)
+    for flag in IGNORED_FLAGS:
         p.add_argument(flag, help=argparse.SUPPRESS)
     add_dns_arguments(p)
     p.set_defaults(run=run)
@@ -89,20 +109,23 @@ def proxy_type(words: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pilotfish.common.netfacts import local_addresses
+    from pilotfish.common.netfacts import interface_addresses
 
     # First: the status port, the DNS proxy and the xDS stream all draw from this table, and a
     # container's soft limit (often 1024) is far below its hard one (as Go's runtime does).
     log.info("agent: open files limit %d", raise_open_files_limit())
     env = os.environ
     try:
+        annotations = read_pod_info(ANNOTATIONS_FILE)
         config = agent_config(
             env, proxy_type=proxy_type(args.words), domain=args.domain, discovery=args.discovery_address,
             status_port=args.status_port, status_listen=args.status_listen, nametable_cache=args.nametable_cache,
-            interface_ips=tuple(str(ip) for ip in local_addresses()),
+            interfaces=[(name, str(ip)) for name, ip in interface_addresses()],
+            mesh_config=read_mesh_config(args.meshConfig), mesh_config_path=args.meshConfig,
+            labels=read_pod_info(LABELS_FILE), annotations=annotations,
         )
         dns, warnings = dns_config(args, env, os.geteuid() == 0) if config.dns_enabled else (None, [])
-        mounted = mounted_files(env, config.metadata)
+        mounted = mounted_files(env, proxy_metadata(config.proxy_config))
         identity = None if mounted else identity_config(
             env, config.pod_namespace, config.service_account, config.discovery_address, config.server_name,
             header_value=grpc_header_value)
@@ -154,9 +177,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def node(config: AgentConfig) -> Node:
+    """The node the agent presents to the control plane (Envoy's bootstrap carries the same)."""
     metadata = Struct()
     metadata.update(config.metadata)
-    return Node(id=config.node_id, cluster="istio-proxy", metadata=metadata)
+    region, zone, subzone = config.locality
+    return Node(id=config.node_id, cluster=config.cluster, metadata=metadata,
+                locality=Locality(region=region, zone=zone, sub_zone=subzone))
 
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket], cache: ResourceCache,

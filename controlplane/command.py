@@ -75,9 +75,9 @@ MESH_POLL = 0.2  # seconds between looks at the mesh file; a change is pushed we
 T = TypeVar("T")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str = "controlplane") -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "controlplane",
+        name,
         help="run a small control plane: NameTables and a sidecar's Envoy config over istiod's xDS, with its own CA",
         description="A small istiod-compatible control plane for demos and tests: ADS (SotW and delta) "
                     "over TLS, NameTable (NDS) per proxy from a mesh file, the capture clusters and "

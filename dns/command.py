@@ -56,9 +56,9 @@ class DnsCommand:
     warnings: tuple[str, ...]
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str = "dns") -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "dns",
+        name,
         help="run the DNS proxy with a NameTable from a file",
         description="The sidecar DNS proxy (Istio's agent DNS on :15053), fed from a file.",
     )

@@ -156,7 +156,7 @@ class World:
         cp = self.start_cp()
         agent = self.start_agent()
         wait_answer(self.dns_port, "productpage", ["10.96.0.7"], timeout=10)
-        saved = self.agent_dir / "var/lib/pilotfish/nametable.pb"
+        saved = self.agent_dir / "var/lib/istio/data/nametable.pb"
         wait_until(saved.exists, 10, "the table saved")  # it serves first, then it is saved
         assert agent.stop() == 0
         cp.stop()
@@ -341,7 +341,7 @@ def test_table_that_does_not_build_is_nacked_the_old_one_serves_and_stays_saved(
     try:
         agent = world.start_agent()
         wait_answer(world.dns_port, "productpage", ["10.96.0.7"], timeout=10)
-        saved = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+        saved = world.agent_dir / "var/lib/istio/data/nametable.pb"
         wait_until(saved.exists, 10, "the v1 table saved")
         saved_v1 = saved.read_bytes()
         wait_until(lambda: servicer.nacks, 10, "a NACK of v2")
@@ -363,7 +363,7 @@ def test_table_that_does_not_build_is_nacked_the_old_one_serves_and_stays_saved(
 
 @pytest.mark.parametrize("saved", [GARBAGE.value, _poisoned().value], ids=["undecodable", "poisoned"])
 def test_saved_table_that_does_not_load_is_moved_aside_at_start(world: World, saved: bytes) -> None:
-    path = world.agent_dir / "var/lib/pilotfish/nametable.pb"
+    path = world.agent_dir / "var/lib/istio/data/nametable.pb"
     path.parent.mkdir(parents=True)
     path.write_bytes(saved)
     world.start_cp()

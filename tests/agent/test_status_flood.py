@@ -233,7 +233,7 @@ def agent_in(pod: str, tmp_path: Path) -> Iterator[tuple[Process, int]]:
     upstream; (the process, its DNS port). Stopped with POST /quitquitquit (exit 0 asserted)."""
     table = NameTable()
     table.table["productpage.ns1.svc.cluster.local"].ips.append("10.96.0.7")
-    saved = tmp_path / "var/lib/pilotfish/nametable.pb"
+    saved = tmp_path / "var/lib/istio/data/nametable.pb"
     saved.parent.mkdir(parents=True)
     saved.write_bytes(table.SerializeToString())
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\nsearch ns1.svc.cluster.local svc.cluster.local\n")
