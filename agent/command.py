@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -31,7 +32,9 @@ from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.command import add_dns_arguments, dns_config
 from pilotfish.common.settings import ConfigError
 from pilotfish.dns.server import DnsProxy
-from pilotfish.xds_client.metrics import XdsMetrics
+from pilotfish.xds_client.channel import XdsChannel
+from pilotfish.xds_client.metrics import ProxyMetrics, XdsMetrics
+from pilotfish.xds_client.proxy import XdsProxy
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
@@ -45,7 +48,10 @@ from .identity.mounted import MountedCertificate, mounted_files
 from .identity.sds import SdsService, SecretStore, socket_path, start_sds
 from .identity.settings import identity_config
 from .identity.workload import Identity
+from .appprobe import AppProbeConfig, app_probe_config
 from .listeners import open_listeners
+from .metricsmerge import MetricsConfig, MetricsMerge, metrics_config
+from .prober import AppProber
 from .parts import DnsPart, StatusPart, XdsPart
 from .status import StatusServer, StatusSources
 
@@ -129,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         identity = None if mounted else identity_config(
             env, config.pod_namespace, config.service_account, config.discovery_address, config.server_name,
             header_value=grpc_header_value)
+        probes = app_probe_config(env)
+        metrics = metrics_config(env, config.status[1] if config.status else 0, envoy=args.envoy,
+                                 sidecar=config.proxy_type == "sidecar")
     except ConfigError as err:
         log.error("agent: %s", err)
         return 2
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         source = MountedCertificate(mounted, cache)
         log.info("agent: identity from %s (%s), not from the CA", mounted.chain, mounted.why)
     try:
-        trio.run(_serve, config, proxy, listeners, cache, source)
+        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, args.envoy)
     finally:
         if sds is not None:
             sds.stop(None)
@@ -185,8 +194,17 @@ def node(config: AgentConfig) -> Node:
                 locality=Locality(region=region, zone=zone, sub_zone=subzone))
 
 
-async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[socket.socket], cache: ResourceCache,
-                 identity: Identity | MountedCertificate) -> None:
+@dataclass(frozen=True)
+class StatusPlan:
+    """What the status port serves beyond readiness, checked before anything starts."""
+
+    listeners: list[socket.socket]
+    probes: AppProbeConfig
+    metrics: MetricsConfig
+
+
+async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan, cache: ResourceCache,
+                 identity: Identity | MountedCertificate, envoy: bool) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
     dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
@@ -194,20 +212,30 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, listeners: list[so
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
     )
-    client = XdsClient(settings, node(config), cache, [dns.subscription] if dns else [])
-    registry.register(XdsMetrics(lambda: client.state))
+    subscriptions = [dns.subscription] if dns else []
+    channel = XdsChannel(settings)  # one connection per pod: the agent's own stream or Envoy's through the proxy
+    client = XdsClient(settings, node(config), cache, subscriptions, channel)
+    xds_proxy = XdsProxy(channel, cache, subscriptions) if envoy else None
+    if xds_proxy is not None:  # the upstream is Envoy's streams, relayed
+        registry.register(XdsMetrics(lambda: xds_proxy.state))
+        registry.register(ProxyMetrics(lambda: xds_proxy.counters))
+    else:
+        registry.register(XdsMetrics(lambda: client.state))
     if isinstance(identity, Identity):
         registry.register(identity)
 
     shutdown = Shutdown()
     parts: list[Component] = [Signals(shutdown)]
-    if listeners:  # probes are answered from the start: 503 until every part is ready
+    if status.listeners:  # probes are answered from the start: 503 until every part is ready
         quit_agent = partial(trio.from_thread.run_sync, shutdown.stop, "quitquitquit")
-        sources = StatusSources(readiness(shutdown, parts), registry, dns.ndsz if dns else lambda: None, quit_agent)
-        parts.append(StatusPart(StatusServer(listeners, sources)))
-    parts.append(XdsPart(client))  # serves the saved copies first
+        sources = StatusSources(readiness(shutdown, parts), registry, dns.ndsz if dns else lambda: None, quit_agent,
+                                probes=AppProber(status.probes) if status.probes.probes else None,
+                                metrics=MetricsMerge(status.metrics))
+        parts.append(StatusPart(StatusServer(status.listeners, sources)))
+    parts.append(XdsPart(client, stream=xds_proxy is None))  # serves the saved copies first
     parts.append(identity)  # the workload certificate, served over SDS (already listening) once held
     if dns:
         parts.append(dns)
-    # Envoy and the xDS proxy for it will start last: they need the certificate and the name table.
+    if xds_proxy is not None:
+        parts.append(xds_proxy)
     await run_components(parts, shutdown)
