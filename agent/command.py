@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from pilotfish.common.limits import raise_open_files_limit
 from pilotfish.dns.command import add_dns_arguments, dns_config
-from pilotfish.common.settings import ConfigError
+from pilotfish.common.settings import ConfigError, parse_bool
 from pilotfish.dns.server import DnsProxy
 from pilotfish.xds_client.channel import XdsChannel
 from pilotfish.xds_client.metrics import ProxyMetrics, XdsMetrics
@@ -39,7 +39,7 @@ from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
 from .config import AgentConfig, agent_config, grpc_header_value
-from .meshconfig import MESH_CONFIG, proxy_metadata
+from .meshconfig import DEFAULTS, MESH_CONFIG, proxy_metadata, with_defaults
 from .podinfo import ANNOTATIONS_FILE, LABELS_FILE, read_mesh_config, read_pod_info
 from .files import token_problem
 from .components import Component, Shutdown, Signals, readiness, run_components
@@ -49,6 +49,8 @@ from .identity.sds import SdsService, SecretStore, socket_path, start_sds
 from .identity.settings import identity_config
 from .identity.workload import Identity
 from .appprobe import AppProbeConfig, app_probe_config
+from .envoy.settings import EnvoyInputs, EnvoySettings, envoy_settings
+from .envoy.supervisor import EnvoyExited, EnvoyPart, describe
 from .listeners import open_listeners
 from .metricsmerge import MetricsConfig, MetricsMerge, metrics_config
 from .prober import AppProber
@@ -58,6 +60,8 @@ from .status import StatusServer, StatusSources
 log = logging.getLogger("pilotfish.agent")
 
 # pilot-agent flags accepted and not acted on (yet): said in docs/istio-compat.md "pilot-agent words".
+ENVOY_FAILED = 255  # pilot-agent's os.Exit(-1) when its Envoy fails
+DEFAULTS_STATUS_PORT = int(str(DEFAULTS["statusPort"]))
 SUMMARIES = {
     "agent": "run the agent: xDS client, DNS proxy fed by it, status server",
     "proxy": "run the agent with Envoy (pilot-agent proxy [sidecar|router])",
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     # container's soft limit (often 1024) is far below its hard one (as Go's runtime does).
     log.info("agent: open files limit %d", raise_open_files_limit())
     env = os.environ
+    sds_path = socket_path(env.get("WORKLOAD_IDENTITY_SOCKET_FILE", ""))
     try:
         annotations = read_pod_info(ANNOTATIONS_FILE)
         config = agent_config(
@@ -135,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
         identity = None if mounted else identity_config(
             env, config.pod_namespace, config.service_account, config.discovery_address, config.server_name,
             header_value=grpc_header_value)
+        envoy = envoy_settings(
+            EnvoyInputs(config.proxy_type, config.node_id, config.cluster, config.locality, config.metadata,
+                        config.instance_ips, with_defaults(config.proxy_config),
+                        config.status[1] if config.status else DEFAULTS_STATUS_PORT, sds_path),
+            env, log_level=args.proxyLogLevel, component_log_level=args.proxyComponentLogLevel,
+            concurrency_flag=args.concurrency, log_as_json=parse_bool(args.log_as_json, "--log_as_json"),
+        ) if args.envoy else None
         probes = app_probe_config(env)
         metrics = metrics_config(env, config.status[1] if config.status else 0, envoy=args.envoy,
                                  sidecar=config.proxy_type == "sidecar")
@@ -161,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
                   err.strerror or err)
         return 1
     cache = ResourceCache()  # what the xDS client received and the certificate, watched by what serves them
-    sds_path = socket_path(env.get("WORKLOAD_IDENTITY_SOCKET_FILE", ""))
     try:  # Envoy's secrets from the start: a stream asking before the first certificate waits for it
         sds = start_sds(SdsService(SecretStore(cache)), sds_path)
     except OSError as err:
@@ -176,13 +187,29 @@ def run(args: argparse.Namespace) -> int:
         assert mounted is not None
         source = MountedCertificate(mounted, cache)
         log.info("agent: identity from %s (%s), not from the CA", mounted.chain, mounted.why)
+    code = 0
     try:
-        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, args.envoy)
+        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, envoy)
+    except* EnvoyExited as group:
+        status = first(group, EnvoyExited).status
+        code = 0 if status == 0 else ENVOY_FAILED
+        log.log(logging.INFO if status == 0 else logging.ERROR, "agent: Envoy exited (%s): the agent ends",
+                describe(status))
     finally:
         if sds is not None:
             sds.stop(None)
     log.info("agent: stopped")
-    return 0
+    return code
+
+
+def first(group: BaseExceptionGroup, kind: type[EnvoyExited]) -> EnvoyExited:
+    """The first `kind` in a (nested) exception group."""
+    for err in group.exceptions:
+        if isinstance(err, kind):
+            return err
+        if isinstance(err, BaseExceptionGroup):
+            return first(err, kind)
+    raise LookupError(kind.__name__)
 
 
 def node(config: AgentConfig) -> Node:
@@ -204,7 +231,7 @@ class StatusPlan:
 
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan, cache: ResourceCache,
-                 identity: Identity | MountedCertificate, envoy: bool) -> None:
+                 identity: Identity | MountedCertificate, envoy: EnvoySettings | None) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
     dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
@@ -215,7 +242,7 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
     subscriptions = [dns.subscription] if dns else []
     channel = XdsChannel(settings)  # one connection per pod: the agent's own stream or Envoy's through the proxy
     client = XdsClient(settings, node(config), cache, subscriptions, channel)
-    xds_proxy = XdsProxy(channel, cache, subscriptions) if envoy else None
+    xds_proxy = XdsProxy(channel, cache, subscriptions) if envoy is not None else None
     if xds_proxy is not None:  # the upstream is Envoy's streams, relayed
         registry.register(XdsMetrics(lambda: xds_proxy.state))
         registry.register(ProxyMetrics(lambda: xds_proxy.counters))
@@ -225,10 +252,12 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         registry.register(identity)
 
     shutdown = Shutdown()
+    envoy_part = EnvoyPart(envoy, lambda: shutdown.reason) if envoy is not None else None
     parts: list[Component] = [Signals(shutdown)]
     if status.listeners:  # probes are answered from the start: 503 until every part is ready
         quit_agent = partial(trio.from_thread.run_sync, shutdown.stop, "quitquitquit")
         sources = StatusSources(readiness(shutdown, parts), registry, dns.ndsz if dns else lambda: None, quit_agent,
+                                drain=envoy_part.drain if envoy_part else None,
                                 probes=AppProber(status.probes) if status.probes.probes else None,
                                 metrics=MetricsMerge(status.metrics))
         parts.append(StatusPart(StatusServer(status.listeners, sources)))
@@ -238,4 +267,6 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         parts.append(dns)
     if xds_proxy is not None:
         parts.append(xds_proxy)
+    if envoy_part is not None:  # last: its certificate, name table and xDS socket are there before it asks
+        parts.append(envoy_part)
     await run_components(parts, shutdown)

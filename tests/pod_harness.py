@@ -1,0 +1,228 @@
+"""A Kubernetes pod as Istio's injection renders it (`hello.yaml.injected`), on one machine.
+
+What stands for what:
+- the pod's network namespace: `pod` of tests/init/netns.py's topology (eth0 10.77.0.2); the
+  rest of the cluster (istiod, kubelet, other pods): the `peer` namespace (10.77.0.1);
+- the container's `/`: a directory owned by root, read-only to uid 1337, with the template's
+  volumes as writable directories of 1337 (emptyDirs) or files written by the test (the
+  downward-API labels and annotations, the token, the root certificate of `istio-ca-root-cert`);
+  the agent runs with it as working directory, so Istio's relative paths
+  (`./etc/istio/proxy`, `./var/run/secrets/...`) land in it;
+- istiod: `pilotfish controlplane` in the peer namespace on 10.77.0.1:15012, reached by the
+  name the template gives (`istiod.istio-system.svc`) through /etc/netns/<pod>/hosts, which
+  `ip netns exec` mounts over /etc/hosts;
+- the istio-init container: `pilot-agent istio-iptables` with the template's argv, as root;
+- the istio-proxy container: `pilot-agent proxy sidecar ...` with the template's argv and
+  environment only (`env -i`), as uid/gid 1337 with no capabilities.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "init"))
+
+from netns import PEER_V4, POD_V4, Topology, ns_argv, run  # noqa: E402
+
+PROXY_UID = 1337
+ISTIOD = "istiod.istio-system.svc"
+NAMESPACE, POD, SERVICE_ACCOUNT = "default", "hello-7d4b9c-x2x9z", "hello"
+TOKEN = "hello-pod-token"
+
+# `hello.yaml.injected` (Istio's pkg/kube/inject/testdata; docs/istio-compat.md "Injection template")
+INIT_ARGV = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
+             "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"]
+PROXY_ARGV = ["proxy", "sidecar", "--domain", f"{NAMESPACE}.svc.cluster.local", "--proxyLogLevel=warning",
+              "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info"]
+LABELS = {"app": "hello", "security.istio.io/tlsMode": "istio", "service.istio.io/canonical-name": "hello",
+          "service.istio.io/canonical-revision": "latest", "tier": "backend", "track": "stable"}
+ANNOTATIONS = {"istio.io/rev": "default", "kubectl.kubernetes.io/default-container": "hello",
+               "prometheus.io/path": "/stats/prometheus", "prometheus.io/port": "15020",
+               "prometheus.io/scrape": "true"}
+# the template's writable volumes (emptyDirs) under the container's `/`
+EMPTY_DIRS = ("var/run/secrets/workload-spiffe-uds", "var/run/secrets/credential-uds",
+              "var/run/secrets/workload-spiffe-credentials", "var/lib/istio/data", "etc/istio/proxy")
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def ns_connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made from inside network namespace `ns`, usable from this thread.
+
+    A socket belongs to the namespace of the thread that made it; a short-lived thread joins
+    `ns` (setns is per thread) and connects, so a test reaches a pod's ports as kubelet or a
+    peer would, without a process per request."""
+    result: list[socket.socket | BaseException] = []
+
+    def connect() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/var/run/netns/{ns}") as f:
+                if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns}")
+            result.append(socket.create_connection((host, port), timeout=timeout))
+        except BaseException as err:  # noqa: BLE001  handed to the caller's thread
+            result.append(err)
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+class NsHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a port inside a network namespace (ns_connect)."""
+
+    def __init__(self, ns: str, host: str, port: int, timeout: float = 5.0) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.ns = ns
+
+    def connect(self) -> None:
+        self.sock = ns_connect(self.ns, self.host, self.port, self.timeout)  # type: ignore[arg-type]
+
+
+def ns_http(ns: str, host: str, port: int, path: str, method: str = "GET",
+            headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """(status, body, headers) of one request made from inside `ns`."""
+    conn = NsHTTPConnection(ns, host, port)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read(), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+def template_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The istio-proxy container's environment as the template renders it for this pod (the
+    downward API's values filled in)."""
+    env = {
+        "PILOT_CERT_PROVIDER": "istiod",
+        "CA_ADDR": f"{ISTIOD}:15012",
+        "POD_NAME": POD,
+        "POD_NAMESPACE": NAMESPACE,
+        "INSTANCE_IP": POD_V4,
+        "SERVICE_ACCOUNT": SERVICE_ACCOUNT,
+        "HOST_IP": PEER_V4,
+        "ISTIO_CPU_LIMIT": "2",
+        "PROXY_CONFIG": "{}\n",
+        "ISTIO_META_POD_PORTS": '[\n    {"name":"http","containerPort":80}\n]',
+        "ISTIO_META_APP_CONTAINERS": "hello",
+        "GOMEMLIMIT": "1073741824",
+        "ISTIO_META_CLUSTER_ID": "Kubernetes",
+        "ISTIO_META_NODE_NAME": "node-1",
+        "ISTIO_META_INTERCEPTION_MODE": "REDIRECT",
+        "ISTIO_META_WORKLOAD_NAME": "hello",
+        "ISTIO_META_OWNER": "kubernetes://apis/apps/v1/namespaces/default/deployments/hello",
+        "ISTIO_META_MESH_ID": "cluster.local",
+        "TRUST_DOMAIN": "cluster.local",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+    }
+    env.update(extra or {})
+    return env
+
+
+def downward_file(values: dict[str, str]) -> str:
+    """The downward API's format: `key="value"` lines, values quoted as Go's strconv.Quote."""
+    return "".join(f"{k}={json.dumps(v)}\n" for k, v in sorted(values.items()))
+
+
+def pilot_agent() -> str:
+    """The `pilot-agent` console script of the virtualenv the tests run in."""
+    return str(Path(sys.executable).with_name("pilot-agent"))
+
+
+def controlplane() -> list[str]:
+    return [str(Path(sys.executable).with_name("pilotfish")), "controlplane"]
+
+
+@dataclass
+class Pod:
+    """One injected pod (see the module docstring), its control plane and its processes."""
+
+    topo: Topology
+    work: Path
+    root: Path = field(init=False)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = self.work / "root"
+        for d in EMPTY_DIRS:
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+            os.chown(self.root / d, PROXY_UID, PROXY_UID)
+        podinfo = self.root / "etc/istio/pod"
+        podinfo.mkdir(parents=True)
+        (podinfo / "labels").write_text(downward_file(LABELS))
+        (podinfo / "annotations").write_text(downward_file(ANNOTATIONS))
+        token = self.root / "var/run/secrets/tokens/istio-token"
+        token.parent.mkdir(parents=True)
+        token.write_text(TOKEN)
+        (self.root / "var/run/secrets/istio").mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.root.rglob("*")):  # the image's files: readable, not writable, by 1337
+            if not any(str(path.relative_to(self.root)).startswith(d) for d in EMPTY_DIRS):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        self.root.chmod(0o755)
+        self.work.chmod(0o755)
+        hosts = Path("/etc/netns") / self.topo.pod / "hosts"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(f"127.0.0.1 localhost\n{PEER_V4} {ISTIOD}\n")
+        # the cluster's DNS: names not in hosts fail at once (gRPC asks for AAAA too; with the
+        # host's resolv.conf, unreachable from the pod, each lookup would wait for its timeout)
+        (hosts.parent / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+
+    def start_controlplane(self, mesh: str) -> subprocess.Popen[bytes]:
+        cp = self.work / "cp"
+        cp.mkdir(exist_ok=True)
+        (cp / "mesh.yaml").write_text(mesh)
+        (cp / "identities").write_text(f"{TOKEN} {NAMESPACE}/{SERVICE_ACCOUNT}\n")
+        (cp / "token").write_text(TOKEN)
+        argv = [*controlplane(), "--mesh", str(cp / "mesh.yaml"), "--listen", f"{PEER_V4}:15012",
+                "--state-dir", str(cp / "state"), "--root-cert-out", str(self.root / "var/run/secrets/istio/root-cert.pem"),
+                "--token-file", str(cp / "token"), "--identities", str(cp / "identities"), "--san", ISTIOD]
+        return self.spawn(self.topo.peer, argv, cp / "log")
+
+    def spawn(self, ns: str, argv: list[str], log: Path, uid: int | None = None,
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        command = ns_argv(ns, argv, uid, uid)
+        if env is not None:
+            command = ["env", "-i", *[f"{k}={v}" for k, v in env.items()], *command]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def init(self) -> subprocess.CompletedProcess[str]:
+        """The istio-init container: the template's argv, as root, in the pod's namespace."""
+        return run(ns_argv(self.topo.pod, [pilot_agent(), *INIT_ARGV]), timeout=60, check=False)
+
+    def proxy(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """The istio-proxy container: the template's argv and environment, uid 1337, cwd its `/`."""
+        return self.spawn(self.topo.pod, [pilot_agent(), *PROXY_ARGV], self.work / "agent.log", uid=PROXY_UID,
+                          env=template_env(extra_env), cwd=self.root)
+
+    def log(self, name: str = "agent.log") -> str:
+        return (self.work / name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+        shutil.rmtree(Path("/etc/netns") / self.topo.pod, ignore_errors=True)
