@@ -238,3 +238,19 @@ def test_envoy_killed_ends_the_agent_non_zero(pod: Pod) -> None:
     code = proxy.wait(timeout=60)
     assert code != 0, pod.log()[-3000:]
     assert "envoy" in pod.log().lower() and "exit" in pod.log().lower()
+
+
+@pytest.mark.timeout(180)
+def test_agent_killed_leaves_no_envoy(pod: Pod) -> None:
+    """SIGKILL to the agent (OOM killer, a crash): Envoy must not outlive it holding the pod's
+    ports (PR_SET_PDEATHSIG), so a restarted container can start its own."""
+    proxy = pod.proxy()
+    _wait_ready(pod, proxy)
+    assert len(_envoys(pod)) == 1
+    proxy.kill()
+    proxy.wait(timeout=30)
+    _wait(lambda: not _envoys(pod), "Envoy gone after the agent was killed", pod)
+    again = pod.proxy()  # the container restarted: its Envoy binds the same ports and gets ready
+    _wait_ready(pod, again)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 0, pod.log()[-3000:]

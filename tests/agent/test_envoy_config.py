@@ -1,0 +1,144 @@
+"""Envoy's bootstrap and command line (agent/envoy/bootstrap.py, settings.py): Istio's fields,
+every variant accepted by the real Envoy (`--mode validate`), bad values named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from envoy_proc import ENVOY, available
+
+from pilotfish.agent.envoy.bootstrap import bootstrap, write_bootstrap
+from pilotfish.agent.envoy.settings import EnvoyInputs, EnvoySettings, concurrency, envoy_binary, envoy_settings, log_levels
+from pilotfish.agent.meshconfig import with_defaults
+from pilotfish.common.settings import ConfigError
+
+NODE = "sidecar~10.1.0.5~hello-1.default~default.svc.cluster.local"
+
+
+def settings(env: dict[str, str] | None = None, ips: tuple[str, ...] = ("10.1.0.5",),
+             pc: dict[str, object] | None = None, **flags: object) -> EnvoySettings:
+    inputs = EnvoyInputs("sidecar", NODE, "hello.default", ("us-east1", "b", ""), {"NAMESPACE": "default"}, ips,
+                         with_defaults({"binaryPath": str(ENVOY), **(pc or {})}), 15020,
+                         "./var/run/secrets/workload-spiffe-uds/socket")
+    return envoy_settings(inputs, env or {}, **flags)  # type: ignore[arg-type]
+
+
+def test_bootstrap_has_istios_fields() -> None:
+    s = settings({"ISTIO_CPU_LIMIT": "2"})
+    doc = bootstrap(s.params)
+    assert doc["node"] == {"id": NODE, "cluster": "hello.default", "locality": {"region": "us-east1", "zone": "b"},
+                           "metadata": {"NAMESPACE": "default"}}
+    assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}  # type: ignore[index]
+    ads = doc["dynamic_resources"]["ads_config"]  # type: ignore[index]
+    assert ads["api_type"] == "DELTA_GRPC" and ads["set_node_on_first_message_only"]
+    assert doc["dynamic_resources"]["cds_config"]["initial_fetch_timeout"] == "0s"  # type: ignore[index]
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}  # type: ignore[index]
+    assert set(clusters) == {"prometheus_stats", "agent", "sds-grpc", "xds-grpc"}
+    pipe = clusters["xds-grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert pipe == {"pipe": {"path": "./etc/istio/proxy/XDS"}}
+    assert "http2_protocol_options" in json.dumps(clusters["sds-grpc"])
+    agent = clusters["agent"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert agent["socket_address"]["port_value"] == 15020
+    listeners = {l["name"]: l for l in doc["static_resources"]["listeners"]}  # type: ignore[index]
+    assert set(listeners) == {"0.0.0.0_15090", "0.0.0.0_15021"}
+    assert "/healthz/ready" in json.dumps(listeners["0.0.0.0_15021"])
+    assert "/stats/prometheus" in json.dumps(listeners["0.0.0.0_15090"])
+    assert s.argv[1:] == ("-c", "./etc/istio/proxy/envoy-rev.json", "--drain-time-s", "45", "--drain-strategy",
+                          "immediate", "--local-address-ip-version", "v4", "--file-flush-interval-msec", "1000",
+                          "--disable-hot-restart", "--allow-unknown-static-fields", "-l", "warning",
+                          "--component-log-level", "misc:error", "--skip-deprecated-logs", "--concurrency", "2")
+
+
+def test_ip_family_follows_instance_ips() -> None:
+    v6 = settings(ips=("fd00::5",))
+    assert v6.admin == ("::1", 15000) and "v6" in v6.argv
+    listener = bootstrap(v6.params)["static_resources"]["listeners"][0]  # type: ignore[index]
+    assert listener["address"]["socket_address"]["address"] == "::"
+    dual = bootstrap(settings({"ISTIO_DUAL_STACK": "true"}, ips=("10.1.0.5", "fd00::5")).params)
+    listener = dual["static_resources"]["listeners"][0]  # type: ignore[index]
+    assert listener["additional_addresses"][0]["address"]["socket_address"]["address"] == "::"
+
+
+@pytest.mark.parametrize(("flag", "pc", "env", "want"), [
+    (0, {}, {}, 0),
+    (0, {}, {"ISTIO_CPU_LIMIT": "3"}, 3),
+    (0, {"concurrency": 1}, {"ISTIO_CPU_LIMIT": "3"}, 1),
+    (4, {"concurrency": 1}, {"ISTIO_CPU_LIMIT": "3"}, 4),  # the legacy flag wins, as pilot-agent
+])
+def test_concurrency_as_pilot_agent_resolves_it(flag: int, pc: dict[str, object], env: dict[str, str],
+                                                 want: int) -> None:
+    assert concurrency(pc, env, flag) == want
+
+
+def test_log_levels_as_istio_splits_them() -> None:
+    assert log_levels("warning", "misc:error") == ["-l", "warning", "--component-log-level", "misc:error"]
+    assert log_levels("info,upstream:debug", "misc:error") == ["-l", "info", "--component-log-level", "upstream:debug"]
+
+
+@pytest.mark.parametrize(("env", "pc", "flags", "words"), [
+    ({"ISTIO_CPU_LIMIT": "two"}, {}, {}, ("ISTIO_CPU_LIMIT", "'two'")),
+    ({}, {"terminationDrainDuration": "5 seconds"}, {}, ("terminationDrainDuration", "'5 seconds'")),
+    ({}, {"proxyAdminPort": 70000}, {}, ("proxyAdminPort", "70000")),
+    ({"MINIMUM_DRAIN_DURATION": "x"}, {}, {}, ("MINIMUM_DRAIN_DURATION", "'x'")),
+    ({"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "yes"}, {}, {}, ("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "'yes'")),
+    ({}, {}, {"log_level": "loud"}, ("--proxyLogLevel", "'loud'")),
+    ({"ISTIO_BOOTSTRAP_OVERRIDE": "/nonexistent/override.yaml"}, {}, {}, ("ISTIO_BOOTSTRAP_OVERRIDE",)),
+    ({}, {"binaryPath": "/nonexistent/envoy"}, {}, ("binaryPath", "/nonexistent/envoy")),
+])
+def test_bad_values_are_named(env: dict[str, str], pc: dict[str, object], flags: dict[str, object],
+                              words: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings(env, pc=pc, **flags)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_binary_falls_back_to_the_wheels_envoy() -> None:
+    assert envoy_binary({}, exists=lambda path: path != "/usr/local/bin/envoy").endswith("envoy/_bin/envoy")
+    assert envoy_binary({}, exists=lambda path: True) == "/usr/local/bin/envoy"
+
+
+VARIANTS = {
+    "default": ({}, ("10.1.0.5",), {}),
+    "ipv6": ({}, ("fd00::5",), {}),
+    "dual-stack": ({"ISTIO_DUAL_STACK": "true"}, ("10.1.0.5", "fd00::5"), {}),
+    "sotw-json-logs-matcher": (
+        {"ISTIO_DELTA_XDS": "false", "METRICS_LOCALHOST_ACCESS_ONLY": "true", "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true",
+         "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "1000"},
+        ("10.1.0.5",),
+        {"runtimeValues": {"envoy.reloadable_features.http_reject_path_with_fragment": "",
+                           "overload.global_downstream_max_connections": "5000"},
+         "proxyStatsMatcher": {"inclusionPrefixes": ["upstream_cx"], "inclusionSuffixes": ["rbac.allowed"],
+                               "inclusionRegexps": [".*{pod_ip}.*"]}}),
+}
+
+
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_passes_envoys_validation(tmp_path: Path, variant: str) -> None:
+    env, ips, pc = VARIANTS[variant]
+    s = settings(env, ips=ips, pc=pc, log_as_json=variant.startswith("sotw"))  # type: ignore[arg-type]
+    path = tmp_path / "envoy-rev.json"
+    write_bootstrap(str(path), bootstrap(s.params))
+    argv = [*s.argv, "--mode", "validate"]
+    argv[argv.index("-c") + 1] = str(path)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_bootstrap_override_is_passed_and_validated(tmp_path: Path) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text("node:\n  metadata:\n    HOST: $(HOST_IP)\n")
+    s = settings({"ISTIO_BOOTSTRAP_OVERRIDE": str(override), "HOST_IP": "10.0.0.9"})
+    yaml_at = s.argv.index("--config-yaml") + 1
+    assert s.argv[yaml_at] == "node:\n  metadata:\n    HOST: 10.0.0.9\n"
+    path = tmp_path / "envoy-rev.json"
+    write_bootstrap(str(path), bootstrap(s.params))
+    argv = [*s.argv, "--mode", "validate"]
+    argv[argv.index("-c") + 1] = str(path)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
