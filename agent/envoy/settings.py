@@ -22,6 +22,7 @@ from .bootstrap import SDS_SOCKET, XDS_SOCKET, BootstrapParams, StatsInclusion, 
 ISTIO_BINARY = "/usr/local/bin/envoy"  # ProxyConfig.binaryPath's default, where Istio's image has it
 CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
 MAX_OVERRIDE = 1 << 20  # ISTIO_BOOTSTRAP_OVERRIDE: a bootstrap fragment, never near this
+PROXY_UID = 1337  # Istio's proxy user, which capture exempts
 ENVOY_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -43,6 +44,7 @@ class EnvoySettings:
     known_listeners: frozenset[str]  # stats of listeners a drain does not wait for
     drain: DrainSettings
     params: BootstrapParams
+    run_as: int | None = None  # uid and gid for Envoy; None: the agent's
 
 
 def envoy_binary(pc: Mapping[str, object], exists: object = os.path.exists) -> str:
@@ -204,7 +206,10 @@ class EnvoyInputs:
 
 def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: str = "warning",
                    component_log_level: str = "misc:error", concurrency_flag: int = 0,
-                   log_as_json: bool = False) -> EnvoySettings:
+                   log_as_json: bool = False, uid: int | None = None) -> EnvoySettings:
+    """`uid`: the agent's (os.getuid() by default): an agent running as root to serve DNS on
+    port 53 (`DNS_PROXY_ADDR` ending in `:53`, the VM set-up) runs Envoy as 1337, as
+    pilot-agent does, so that capture leaves Envoy's own traffic alone."""
     pc = inputs.proxy_config
     admin_port = _int(pc, "proxyAdminPort", 15000, 1, 65535)
     envoy_status = _port_env(env, "ENVOY_STATUS_PORT", 15021)
@@ -249,4 +254,6 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
         minimum_drain=parse_duration(env.get("MINIMUM_DRAIN_DURATION", "5s"), "MINIMUM_DRAIN_DURATION"),
         inbound_only=inputs.proxy_type == "sidecar",
     )
-    return EnvoySettings(tuple(argv), config_path, (addr.localhost, admin_port), known, drain, params)
+    as_root = (os.getuid() if uid is None else uid) == 0 and env.get("DNS_PROXY_ADDR", "").endswith(":53")
+    return EnvoySettings(tuple(argv), config_path, (addr.localhost, admin_port), known, drain, params,
+                         PROXY_UID if as_root else None)

@@ -86,7 +86,9 @@ class EnvoyPart:
         self._token = trio.lowlevel.current_trio_token()
         document = bootstrap(self.settings.params)
         await trio.to_thread.run_sync(write_bootstrap, self.settings.config_path, document)
-        process = subprocess.Popen(self.settings.argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509  see _die_with_parent
+        run_as = self.settings.run_as
+        process = subprocess.Popen(self.settings.argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509  see _die_with_parent
+                                   user=run_as, group=run_as, extra_groups=[] if run_as is not None else None)
         log.info("envoy: started, pid %d: %s", process.pid, " ".join(self.settings.argv[:3]))
         pidfd = os.pidfd_open(process.pid)
         try:

@@ -142,3 +142,9 @@ def test_bootstrap_override_is_passed_and_validated(tmp_path: Path) -> None:
     argv[argv.index("-c") + 1] = str(path)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_envoy_runs_as_1337_when_the_agent_is_root_for_dns_on_53() -> None:
+    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=0).run_as == 1337
+    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=1337).run_as is None
+    assert settings({}, uid=0).run_as is None
