@@ -111,6 +111,12 @@ def _probe(path: str, spec: object) -> AppProbe:
     where = f"{VARIABLE}: {path!r}"
     if not PATH_PATTERN.fullmatch(path):
         raise ConfigError(f"{where}: invalid path, must match {PATH_PATTERN.pattern}")
+    return probe_spec(spec, where)
+
+
+def probe_spec(spec: object, where: str) -> AppProbe:
+    """One probe as Kubernetes writes it (`httpGet`, `tcpSocket` or `grpc`, `timeoutSeconds`);
+    also the workload's readiness probe of ProxyConfig (agent/workloadhealth.py)."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: want an object, got {type(spec).__name__}")
     actions = [key for key in ("httpGet", "tcpSocket", "grpc") if spec.get(key) is not None]
@@ -138,7 +144,7 @@ def _probe(path: str, spec: object) -> AppProbe:
 
 def _http_get(body: dict[str, object], port: int, where: str) -> HttpGet:
     path = body.get("path") or "/"
-    scheme = body.get("scheme") or "HTTP"
+    scheme = str(body.get("scheme") or "HTTP").upper()  # Istio's ReadinessProbe takes it in any case
     if not isinstance(path, str) or any(c in path for c in "\r\n ") or not path.isprintable():
         raise ConfigError(f"{where}: path: want a URL path, got {path!r}")
     if scheme not in ("HTTP", "HTTPS"):

@@ -56,6 +56,7 @@ from .metricsmerge import MetricsConfig, MetricsMerge, metrics_config
 from .prober import AppProber
 from .parts import DnsPart, StatusPart, XdsPart
 from .status import StatusServer, StatusSources
+from .workloadhealth import HealthConfig, WorkloadHealth, health_config
 
 log = logging.getLogger("pilotfish.agent")
 
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             env, log_level=args.proxyLogLevel, component_log_level=args.proxyComponentLogLevel,
             concurrency_flag=args.concurrency, log_as_json=parse_bool(args.log_as_json, "--log_as_json"),
         ) if args.envoy else None
+        health = health_config(with_defaults(config.proxy_config)) if envoy is not None else None
         probes = app_probe_config(env)
         metrics = metrics_config(env, config.status[1] if config.status else 0, envoy=args.envoy,
                                  sidecar=config.proxy_type == "sidecar")
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("agent: identity from %s (%s), not from the CA", mounted.chain, mounted.why)
     code = 0
     try:
-        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, envoy)
+        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, envoy, health)
     except* EnvoyExited as group:
         status = first(group, EnvoyExited).status
         code = 0 if status == 0 else ENVOY_FAILED
@@ -231,7 +233,8 @@ class StatusPlan:
 
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan, cache: ResourceCache,
-                 identity: Identity | MountedCertificate, envoy: EnvoySettings | None) -> None:
+                 identity: Identity | MountedCertificate, envoy: EnvoySettings | None,
+                 health: HealthConfig | None = None) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
     dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
@@ -269,4 +272,6 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         parts.append(xds_proxy)
     if envoy_part is not None:  # last: its certificate, name table and xDS socket are there before it asks
         parts.append(envoy_part)
+        if health is not None and xds_proxy is not None:  # VMs: the workload's health to the control plane
+            parts.append(WorkloadHealth(health, xds_proxy, envoy_part.ready, config.instance_ips[0]))
     await run_components(parts, shutdown)

@@ -50,6 +50,8 @@ SCALARS = ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy", "binaryPa
            "interceptionMode", "fileFlushInterval", "fileFlushMinSizeKb", "tracingServiceName")
 MAPS = ("proxyMetadata", "runtimeValues")
 LISTS = {"proxyStatsMatcher": ("inclusionPrefixes", "inclusionSuffixes", "inclusionRegexps")}
+OBJECTS = ("readinessProbe",)  # kept whole (bounded): checked where used (agent/workloadhealth.py)
+MAX_OBJECT_NODES = 256  # values in one such object: a probe has about ten
 MAX_MAP = 1024  # entries in proxyMetadata or runtimeValues (Istio's injector writes a handful)
 MAX_LIST = 1024  # strings in each proxyStatsMatcher list
 TOO_DEEP = "nested too deeply to parse (a ProxyConfig is a few levels deep)"
@@ -133,6 +135,12 @@ def proxy_fields(pc: Mapping[object, object], source: str) -> dict[str, object]:
             got = f"{len(value)} entries" if isinstance(value, dict) else type(value).__name__
             raise ConfigError(f"{source}: {name}: want a map of at most {MAX_MAP} strings, got {got}")
         out[name] = {_text(k, f"{source}: {name}"): _text(v, f"{source}: {name}") for k, v in value.items()}
+    for name in OBJECTS:
+        value = pc.get(name)
+        if value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name}: want an object, got {type(value).__name__}")
+            out[name] = _bounded_copy(value, f"{source}: {name}", [MAX_OBJECT_NODES])
     for name, lists in LISTS.items():
         value = pc.get(name)
         if value is None:
@@ -149,6 +157,20 @@ def proxy_fields(pc: Mapping[object, object], source: str) -> dict[str, object]:
             kept[key] = [_text(item, f"{source}: {name}.{key}") for item in items]
         out[name] = kept
     return out
+
+
+def _bounded_copy(value: object, what: str, budget: list[int]) -> object:
+    """A copy of a parsed object of at most MAX_OBJECT_NODES values: a YAML alias repeated a
+    billion times over is counted each time it appears, so it fails here instead of in a str()
+    or JSON encoding that never ends."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{what}: more than {MAX_OBJECT_NODES} values")
+    if isinstance(value, dict):
+        return {_text(k, what): _bounded_copy(v, what, budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bounded_copy(v, what, budget) for v in value]
+    return None if value is None else _scalar(value, what)
 
 
 def _merge(base: dict[str, object], overlay: Mapping[str, object]) -> dict[str, object]:
