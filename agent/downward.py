@@ -3,7 +3,7 @@
 `key="value"` per line, the value quoted as Go's `%q` does. Pure parsing here; agent/podinfo.py
 reads the files.
 
-As Istio's `ParseDownwardAPI` (docs/istio-compat.md "Pod labels and annotations"): a line
+As Istio's `ParseDownwardAPI` (docs/istio-compat.md "Configuration sources"): a line
 without `=` is skipped, and a value that does not unquote makes the whole file unreadable (Istio
 then goes on without it, with a warning).
 """

@@ -40,7 +40,7 @@ ISTIOD = "istiod.istio-system.svc"
 NAMESPACE, POD, SERVICE_ACCOUNT = "default", "hello-7d4b9c-x2x9z", "hello"
 TOKEN = "hello-pod-token"
 
-# `hello.yaml.injected` (Istio's pkg/kube/inject/testdata; docs/istio-compat.md "Injection template")
+# `hello.yaml.injected` (Istio's pkg/kube/inject/testdata; docs/istio-compat.md "pilot-agent words")
 INIT_ARGV = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
              "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"]
 PROXY_ARGV = ["proxy", "sidecar", "--domain", f"{NAMESPACE}.svc.cluster.local", "--proxyLogLevel=warning",
