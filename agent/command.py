@@ -34,7 +34,9 @@ from pilotfish.common.settings import ConfigError, parse_bool
 from pilotfish.dns.server import DnsProxy
 from pilotfish.xds_client.channel import XdsChannel
 from pilotfish.xds_client.metrics import ProxyMetrics, XdsMetrics
+from pilotfish.xds_client.pcds import ProxyConfigType
 from pilotfish.xds_client.proxy import XdsProxy
+from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
@@ -45,7 +47,7 @@ from .files import token_problem
 from .components import Component, Shutdown, Signals, readiness, run_components
 from .identity.caclient import CaClient
 from .identity.mounted import MountedCertificate, mounted_files
-from .identity.sds import SdsService, SecretStore, socket_path, start_sds
+from .identity.sds import SdsService, SecretStore, mesh_trust, socket_path, start_sds
 from .identity.settings import identity_config
 from .identity.workload import Identity
 from .appprobe import AppProbeConfig, app_probe_config
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             concurrency_flag=args.concurrency, log_as_json=parse_bool(args.log_as_json, "--log_as_json"),
         ) if args.envoy else None
         health = health_config(with_defaults(config.proxy_config)) if envoy is not None else None
+        pcds = envoy is not None and parse_bool(env.get("PROXY_CONFIG_XDS_AGENT", "") or "false",
+                                                "PROXY_CONFIG_XDS_AGENT")
         probes = app_probe_config(env)
         metrics = metrics_config(env, config.status[1] if config.status else 0, envoy=args.envoy,
                                  sidecar=config.proxy_type == "sidecar")
@@ -175,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
                   err.strerror or err)
         return 1
     cache = ResourceCache()  # what the xDS client received and the certificate, watched by what serves them
+    trust = mesh_trust() if pcds else None  # PCDS: the control plane's extra roots, in ROOTCA
     try:  # Envoy's secrets from the start: a stream asking before the first certificate waits for it
-        sds = start_sds(SdsService(SecretStore(cache)), sds_path)
+        sds = start_sds(SdsService(SecretStore(cache, trust=trust)), sds_path)
     except OSError as err:
         log.error("agent: SDS cannot listen on %s: %s", sds_path, err.strerror or err)
         return 1
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("agent: identity from %s (%s), not from the CA", mounted.chain, mounted.why)
     code = 0
     try:
-        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, envoy, health)
+        trio.run(_serve, config, proxy, StatusPlan(listeners, probes, metrics), cache, source, envoy, health, trust)
     except* EnvoyExited as group:
         status = first(group, EnvoyExited).status
         code = 0 if status == 0 else ENVOY_FAILED
@@ -234,7 +239,7 @@ class StatusPlan:
 
 async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan, cache: ResourceCache,
                  identity: Identity | MountedCertificate, envoy: EnvoySettings | None,
-                 health: HealthConfig | None = None) -> None:
+                 health: HealthConfig | None = None, trust: ProxyConfigType | None = None) -> None:
     """The composition root: the parts, in the order they start (each needs the ones before it)."""
     registry = proxy.registry if proxy is not None else CollectorRegistry()
     dns = DnsPart(proxy, cache, config.nametable_cache, config.pod_namespace, config.domain) if proxy else None
@@ -243,6 +248,8 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
     )
     subscriptions = [dns.subscription] if dns else []
+    if trust is not None:  # asked on Envoy's stream through the proxy; kept in memory only
+        subscriptions.append(SavedCopy(trust, ""))
     channel = XdsChannel(settings)  # one connection per pod: the agent's own stream or Envoy's through the proxy
     client = XdsClient(settings, node(config), cache, subscriptions, channel)
     xds_proxy = XdsProxy(channel, cache, subscriptions) if envoy is not None else None

@@ -37,7 +37,8 @@ from google.protobuf.any_pb2 import Any
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.watch import Signature, file_signature
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
-from pilotfish.xds_client.resources import ResourceCache
+from pilotfish.xds_client.pcds import MeshTrust, ProxyConfigType
+from pilotfish.xds_client.resources import ResourceCache, Served
 from pilotfish.xds_client.uds import listen_unix
 
 from .issued import Issued
@@ -79,9 +80,11 @@ def _file(path: str, name: str) -> bytes:
 class SecretStore:
     """Secrets by name, built when asked (they are small, and asked for seldom)."""
 
-    def __init__(self, cache: ResourceCache, crl_file: str = CRL_FILE) -> None:
+    def __init__(self, cache: ResourceCache, crl_file: str = CRL_FILE, trust: ProxyConfigType | None = None) -> None:
+        """`trust`: the PCDS type whose extra roots join the CA's in ROOTCA (PROXY_CONFIG_XDS_AGENT)."""
         self.cache = cache
         self.crl_file = crl_file
+        self.trust = trust
 
     def secret(self, name: str) -> Secret | None:
         """The secret `name`, None while it does not exist yet; UnknownSecret."""
@@ -92,7 +95,7 @@ class SecretStore:
             issued: Issued = served.value
             if name == DEFAULT:
                 return _certificate(name, issued.chain_pem, issued.key_pem)
-            return self._roots(name, issued.root_pem)
+            return self._roots(name, self._with_mesh_roots(issued.root_pem))
         if name.startswith("file-cert:"):
             cert, sep, key = name[len("file-cert:"):].partition("~")
             if not sep or not cert or not key:
@@ -102,11 +105,38 @@ class SecretStore:
             return self._roots(name, _file(name[len("file-root:"):], name))
         raise UnknownSecret(f"unknown secret name {name!r}")
 
+    def _with_mesh_roots(self, root: bytes) -> bytes:
+        """The CA's root and the control plane's extra roots (PCDS), each once, the CA's first
+        (Istio's UpdateConfigTrustBundle)."""
+        served: Served[MeshTrust] | None = self.cache.get(self.trust) if self.trust is not None else None
+        if served is None:
+            return root
+        pems = [root]
+        for extra in served.value.ca_pems:
+            data = extra.encode().strip() + b"\n"
+            if data.strip() not in root:
+                pems.append(data)
+        return b"".join(p if p.endswith(b"\n") else p + b"\n" for p in pems)
+
     def _roots(self, name: str, pem: bytes) -> Secret:
         context = CertificateValidationContext(trusted_ca=DataSource(inline_bytes=pem))
         if os.path.isfile(self.crl_file):
             context.crl.CopyFrom(DataSource(filename=os.path.abspath(self.crl_file)))
         return Secret(name=name, validation_context=context)
+
+
+def _check_roots(pems: tuple[str, ...]) -> None:
+    """Each extra root must be PEM certificates (a bad one is NACKed, the old roots serve)."""
+    from cryptography import x509
+
+    for pem in pems:
+        if not x509.load_pem_x509_certificates(pem.encode()):
+            raise ValueError("no certificate in a caCertificatesPem entry")
+
+
+def mesh_trust() -> ProxyConfigType:
+    """The PCDS type the agent subscribes to and SecretStore reads (the same key)."""
+    return ProxyConfigType(_check_roots)
 
 
 def _certificate(name: str, chain: bytes, key: bytes) -> Secret:
@@ -125,6 +155,8 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         self.pushes = 0
         self._root: bytes | None = None
         store.cache.watch(WORKLOAD_CERTIFICATE, self._rotated)
+        if store.trust is not None:
+            store.cache.watch(store.trust, self._trust_changed)
 
     def _rotated(self, issued: Issued) -> None:
         names = (DEFAULT,) if issued.root_pem == self._root else (DEFAULT, ROOTCA)
@@ -132,6 +164,11 @@ class SdsService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         with self._lock:
             for inbox in self._inboxes:
                 inbox.put(Changed(names))
+
+    def _trust_changed(self, _trust: object) -> None:
+        with self._lock:
+            for inbox in self._inboxes:
+                inbox.put(Changed((ROOTCA,)))
 
     def _response(self, names: Iterable[str]) -> DiscoveryResponse | None:
         resources = []
