@@ -112,6 +112,9 @@ class Envoy:
         proves nothing: it turns LIVE without its secrets after the initial fetch timeout)."""
         self.wait_stat("sds.default.update_success", 1)
         self.wait_stat("sds.ROOTCA.update_success", 1)
+        self.wait_live()
+
+    def wait_live(self) -> None:
         self._wait(lambda: self._ready() == "LIVE", "/ready LIVE")
 
     def _ready(self) -> str:

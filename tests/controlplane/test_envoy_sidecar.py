@@ -112,9 +112,6 @@ class Sidecar(Envoy):
             raise OSError(f"{path}: HTTP {response.status}: {body[:200]}")
         return body
 
-    def wait_live(self) -> None:
-        self._wait(lambda: self._ready() == "LIVE", "/ready LIVE")
-
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
