@@ -210,9 +210,15 @@ def test_injected_pod_becomes_ready_serves_and_drains(pod: Pod) -> None:
 @pytest.mark.timeout(180)
 def test_sigterm_waits_for_the_last_connection(pod: Pod) -> None:
     """EXIT_ON_ZERO_ACTIVE_CONNECTIONS: after SIGTERM readiness fails at once, inbound listeners
-    drain, and the agent stays until the last connection through Envoy closes; then exit 0."""
-    proxy = pod.proxy(_proxy_env())
+    drain, and the agent stays until the last connection through Envoy closes; then exit 0.
+    With DNS capture on, as the mesh's DNS users run it."""
+    proxy = pod.proxy({**_proxy_env(), "ISTIO_META_DNS_CAPTURE": "true"})
     _wait_ready(pod, proxy)
+    # with DNS capture the name table came on Envoy's stream (the proxy took NDS for the agent)
+    # and the DNS proxy answers the mesh's names
+    answer = N.run(N.ns_argv(pod.topo.pod, ["dig", "+short", "@127.0.0.1", "-p", "15053",
+                                            "hello.default.svc.cluster.local"], PROXY_UID, PROXY_UID))
+    assert answer.stdout.strip() == "10.96.0.30", answer
     held = ns_connect(pod.topo.peer, POD_V4, APP_PORT)  # captured: through virtualInbound on 15006
     try:
         held.sendall(b"GET /held HTTP/1.1\r\nHost: hello\r\n\r\n")
@@ -226,6 +232,20 @@ def test_sigterm_waits_for_the_last_connection(pod: Pod) -> None:
     assert proxy.wait(timeout=60) == 0, pod.log()[-4000:]
     assert "envoy: no active connections left" in pod.log()
     assert not _envoys(pod), "Envoy outlived the agent"
+
+
+@pytest.mark.timeout(180)
+def test_quitquitquit_stops_at_once(pod: Pod) -> None:
+    """POST /quitquitquit (loopback only): no drain wait, exit 0, Envoy gone."""
+    proxy = pod.proxy()  # terminationDrainDuration 5 s: a drain would show
+    _wait_ready(pod, proxy)
+    status, _, _ = ns_http(pod.topo.peer, POD_V4, 15020, "/quitquitquit", "POST")
+    assert status == 403  # not from the pod itself
+    done = _in_pod(pod, "request", "--debug-port=15020", "POST", "quitquitquit")
+    assert done.returncode == 0, done.stderr
+    assert proxy.wait(timeout=60) == 0, pod.log()[-3000:]
+    assert "envoy: stopping at once (quitquitquit)" in pod.log()
+    assert not _envoys(pod)
 
 
 @pytest.mark.timeout(180)
