@@ -58,6 +58,20 @@ EMPTY_DIRS = ("var/run/secrets/workload-spiffe-uds", "var/run/secrets/credential
 CLONE_NEWNET = 0x40000000
 
 
+def skip_reason() -> str | None:
+    """Why a test of Envoy in a pod's network namespace with capture cannot run here, if it cannot."""
+    from envoy_proc import available
+    from netns import BACKENDS, backend_skip_reason, init_missing_reason
+    from netns import skip_reason as netns_skip_reason
+
+    reason = available() or netns_skip_reason() or init_missing_reason()
+    if reason:
+        return reason
+    if all(backend_skip_reason(b) for b in BACKENDS):
+        return "no usable iptables backend"
+    return None
+
+
 def ns_connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
     """A TCP connection made from inside network namespace `ns`, usable from this thread.
 

@@ -9,8 +9,9 @@ ConfigError naming the field or variable and the value.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class EnvoySettings:
     known_listeners: frozenset[str]  # stats of listeners a drain does not wait for
     drain: DrainSettings
     params: BootstrapParams
-    run_as: int | None = None  # uid and gid for Envoy; None: the agent's
+    launcher: tuple[str, ...] = ()  # what execs Envoy: setpriv with the parent-death signal (supervisor.py)
 
 
 def envoy_binary(pc: Mapping[str, object], exists: object = os.path.exists) -> str:
@@ -98,16 +99,7 @@ def concurrency(pc: Mapping[str, object], env: Mapping[str, str], flag: int) -> 
         return flag
     if pc.get("concurrency") is not None:
         return _int(pc, "concurrency", 0, 0, 1024)
-    limit = env.get("ISTIO_CPU_LIMIT", "")
-    if not limit:
-        return 0
-    try:
-        value = int(limit)
-    except ValueError:
-        raise ConfigError(f"ISTIO_CPU_LIMIT: want a whole number of CPUs, got {limit!r}") from None
-    if not 0 <= value <= 1024:
-        raise ConfigError(f"ISTIO_CPU_LIMIT: want 0-1024, got {value}")
-    return value
+    return _int_env(env, "ISTIO_CPU_LIMIT", 0, 0, 1024, "a whole number of CPUs")
 
 
 def log_levels(level: str, component: str) -> list[str]:
@@ -176,17 +168,17 @@ def _strings(pc: Mapping[str, object], name: str) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
-def _port_env(env: Mapping[str, str], name: str, default: int) -> int:
-    value = env.get(name, "")
-    if not value:
+def _int_env(env: Mapping[str, str], name: str, default: int, low: int, high: int, what: str) -> int:
+    text = env.get(name, "")
+    if not text:
         return default
     try:
-        port = int(value)
+        value = int(text)
     except ValueError:
-        raise ConfigError(f"{name}: want a port number, got {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{name}: want 1-65535, got {port}")
-    return port
+        raise ConfigError(f"{name}: want {what}, got {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: want {low}-{high}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -212,16 +204,11 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     pilot-agent does, so that capture leaves Envoy's own traffic alone."""
     pc = inputs.proxy_config
     admin_port = _int(pc, "proxyAdminPort", 15000, 1, 65535)
-    envoy_status = _port_env(env, "ENVOY_STATUS_PORT", 15021)
-    envoy_prometheus = _port_env(env, "ENVOY_PROMETHEUS_PORT", 15090)
+    envoy_status = _int_env(env, "ENVOY_STATUS_PORT", 15021, 1, 65535, "a port number")
+    envoy_prometheus = _int_env(env, "ENVOY_PROMETHEUS_PORT", 15090, 1, 65535, "a port number")
     metrics_localhost = _env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False)
     exit_on_zero = _env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False)
-    max_connections = env.get("ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", "")
-    try:
-        limit = int(max_connections) if max_connections else 2**31 - 1
-    except ValueError:
-        raise ConfigError(f"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS: want a number, got {max_connections!r}") \
-            from None
+    limit = _int_env(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", 2**31 - 1, 0, 2**31 - 1, "a number")
     runtime = pc.get("runtimeValues")
     region, zone, subzone = inputs.locality
     params = BootstrapParams(
@@ -256,4 +243,14 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     )
     as_root = (os.getuid() if uid is None else uid) == 0 and env.get("DNS_PROXY_ADDR", "").endswith(":53")
     return EnvoySettings(tuple(argv), config_path, (addr.localhost, admin_port), known, drain, params,
-                         PROXY_UID if as_root else None)
+                         launcher(PROXY_UID if as_root else None))
+
+
+def launcher(run_as: int | None, which: Callable[[str], str | None] = shutil.which) -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL [--reuid/--regid run_as] --`: Envoy dies with the agent, and runs
+    as the proxy's user when asked (agent/envoy/supervisor.py says why not in Python)."""
+    setpriv = which("setpriv")
+    if setpriv is None:
+        raise ConfigError("setpriv (util-linux) not found on PATH: the agent needs it to start Envoy")
+    ids = ("--reuid", str(run_as), "--regid", str(run_as), "--clear-groups") if run_as is not None else ()
+    return (setpriv, "--pdeathsig", "KILL", *ids, "--")

@@ -4,9 +4,14 @@ drain").
 
 - Started last, after the SDS and xDS sockets listen (else Envoy's reconnect back-off delays its
   first certificate and configuration by seconds: docs/envoy.md).
-- Started from the trio thread itself, not a worker thread: PR_SET_PDEATHSIG fires when the
-  *thread* that forked the child ends, and trio's worker threads end when idle. With it, Envoy
-  is killed when the agent dies in any way, SIGKILL included: no orphan holds the pod's ports.
+- Started through `setpriv --pdeathsig KILL` (util-linux), from the trio thread itself: the
+  parent-death signal survives the exec into Envoy, so Envoy is killed when the agent dies in
+  any way, SIGKILL included, and no orphan holds the pod's ports. It fires when the *thread*
+  that started the child ends: trio's worker threads end when idle, the trio thread only with
+  the agent. No Python runs between fork and exec (no `preexec_fn`, no `user=`): CPython then
+  uses vfork, which runs no fork handlers; with a plain fork, gRPC's fork handlers ran in the
+  child of this many-threaded process and Envoy died of SIGABRT before it started, now and
+  then (tests/agent/test_injected_pod.py showed it).
 - Envoy exiting by itself ends the agent: EnvoyExited carries its status (the agent exits
   non-zero unless Envoy exited 0), as pilot-agent ends with its Envoy.
 - Cancelled (the agent's shutdown; readiness already fails): drain, wait, stop; shielded, so the
@@ -16,7 +21,6 @@ drain").
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -32,21 +36,12 @@ from .settings import EnvoySettings
 
 log = logging.getLogger("pilotfish.envoy")
 
-PR_SET_PDEATHSIG = 1
 POLL_STARTING = 0.1  # seconds between readiness polls until ready: start to ready is what users wait for
 POLL_READY = 1.0  # then as often as kubelet's probes come
 CONNECTIONS_PERIOD = 1.0  # Istio's period between active-connection counts while draining
 MAX_COUNT_ERRORS = 5  # Istio gives up counting after five failures in a row
 STOP_WAIT = 10.0  # seconds for Envoy to exit on SIGTERM before SIGKILL
 NOT_STARTED = "Envoy has not started"
-
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork (the child only calls it)
-
-
-def _die_with_parent() -> None:
-    """In the child, between fork and exec: SIGKILL when the agent's trio thread ends."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 class EnvoyExited(Exception):
     """Envoy ended while the agent was running (not stopped by the agent)."""
@@ -86,9 +81,7 @@ class EnvoyPart:
         self._token = trio.lowlevel.current_trio_token()
         document = bootstrap(self.settings.params)
         await trio.to_thread.run_sync(write_bootstrap, self.settings.config_path, document)
-        run_as = self.settings.run_as
-        process = subprocess.Popen(self.settings.argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509  see _die_with_parent
-                                   user=run_as, group=run_as, extra_groups=[] if run_as is not None else None)
+        process = subprocess.Popen([*self.settings.launcher, *self.settings.argv], stdin=subprocess.DEVNULL)
         log.info("envoy: started, pid %d: %s", process.pid, " ".join(self.settings.argv[:3]))
         pidfd = os.pidfd_open(process.pid)
         try:

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 from envoy_proc import ENVOY, available
-
 from pilotfish.agent.envoy.bootstrap import bootstrap, write_bootstrap
-from pilotfish.agent.envoy.settings import EnvoyInputs, EnvoySettings, concurrency, envoy_binary, envoy_settings, log_levels
+from pilotfish.agent.envoy.settings import (
+    EnvoyInputs,
+    EnvoySettings,
+    concurrency,
+    envoy_binary,
+    envoy_settings,
+    launcher,
+    log_levels,
+)
 from pilotfish.agent.meshconfig import with_defaults
 from pilotfish.common.settings import ConfigError
 
@@ -145,6 +152,12 @@ def test_bootstrap_override_is_passed_and_validated(tmp_path: Path) -> None:
 
 
 def test_envoy_runs_as_1337_when_the_agent_is_root_for_dns_on_53() -> None:
-    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=0).run_as == 1337
-    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=1337).run_as is None
-    assert settings({}, uid=0).run_as is None
+    as_proxy = ("--reuid", "1337", "--regid", "1337", "--clear-groups")
+    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=0).launcher[3:8] == as_proxy
+    assert settings({"DNS_PROXY_ADDR": "0.0.0.0:53"}, uid=1337).launcher[1:] == ("--pdeathsig", "KILL", "--")
+    assert settings({}, uid=0).launcher[1:] == ("--pdeathsig", "KILL", "--")
+
+
+def test_no_setpriv_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="setpriv"):
+        launcher(None, which=lambda name: None)

@@ -17,13 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from envoy_proc import available
-from pod_harness import POD, PROXY_UID, Pod, ns_connect, ns_http, pilot_agent
-from prometheus_client.parser import text_string_to_metric_families
-
 import netns as N
+import pytest
 from netns import APP_UID, POD_V4
+from pod_harness import POD, PROXY_UID, Pod, ns_connect, ns_http, pilot_agent
+from pod_harness import skip_reason as pod_skip_reason
+from prometheus_client.parser import text_string_to_metric_families
 
 MESH = """\
 services:
@@ -55,20 +54,9 @@ PROBERS = {"/app-health/hello/livez": {"httpGet": {"path": "/healthz", "port": A
 PROM = {"scrape": "true", "port": str(APP_PORT), "path": "/metrics"}
 
 
-def _skip_reason() -> str | None:
-    if available() is not None:
-        return available()
-    reason = N.skip_reason() or N.init_missing_reason()
-    if reason:
-        return reason
-    if all(N.backend_skip_reason(b) for b in N.BACKENDS):
-        return "no usable iptables backend"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _environment() -> None:
-    reason = _skip_reason()
+    reason = pod_skip_reason()
     if reason:
         pytest.skip(reason)
     N.reap_stale_namespaces()
@@ -222,7 +210,11 @@ def test_sigterm_waits_for_the_last_connection(pod: Pod) -> None:
     held = ns_connect(pod.topo.peer, POD_V4, APP_PORT)  # captured: through virtualInbound on 15006
     try:
         held.sendall(b"GET /held HTTP/1.1\r\nHost: hello\r\n\r\n")
-        assert b"hello /held" in held.recv(4096)
+        reply = b""
+        while b"hello /held" not in reply:  # headers and body may come apart; the socket's timeout bounds it
+            chunk = held.recv(4096)
+            assert chunk, reply
+            reply += chunk
         proxy.send_signal(signal.SIGTERM)
         _wait(lambda: _status(pod, "/healthz/ready")[0] != 200, "readiness failing after SIGTERM", pod)
         _wait(lambda: "envoy: 1 active connections left" in pod.log(), "the connection counted", pod)

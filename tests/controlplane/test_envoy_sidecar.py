@@ -33,11 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import netns as N
-from envoy_proc import ENVOY, Envoy, available
+import pytest
+from envoy_proc import ENVOY, Envoy
 from netns import APP_UID, POD_V4, PROXY_UID, SVC_V4, Topology
+from pod_harness import skip_reason as pod_skip_reason
 from procs import PILOTFISH, Process
 
 TOKEN = "envoy-test-token"
@@ -50,20 +50,9 @@ INIT_FLAGS = ["-p", "15001", "-z", "15006", "-u", str(PROXY_UID), "-m", "REDIREC
 UPSTREAM_PORT, APP_PORT = 8080, 9080
 
 
-def _skip_reason() -> str | None:
-    if available() is not None:
-        return available()
-    reason = N.skip_reason() or N.init_missing_reason()
-    if reason:
-        return reason
-    if all(N.backend_skip_reason(b) for b in N.BACKENDS):
-        return "no usable iptables backend"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _environment() -> None:
-    reason = _skip_reason()
+    reason = pod_skip_reason()
     if reason:
         pytest.skip(reason)
     N.reap_stale_namespaces()
