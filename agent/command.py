@@ -22,6 +22,7 @@ import os
 import socket
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import trio
 from envoy.config.core.v3.base_pb2 import Locality, Node
@@ -52,7 +53,7 @@ from .identity.settings import identity_config
 from .identity.workload import Identity
 from .appprobe import AppProbeConfig, app_probe_config
 from .envoy.settings import EnvoyInputs, EnvoySettings, envoy_settings
-from .envoy.supervisor import EnvoyExited, EnvoyPart, describe
+from .envoy.supervisor import EnvoyExited, EnvoyNotStarted, EnvoyPart, describe
 from .listeners import open_listeners
 from .metricsmerge import MetricsConfig, MetricsMerge, metrics_config
 from .prober import AppProber
@@ -63,6 +64,7 @@ from .workloadhealth import HealthConfig, WorkloadHealth, health_config
 log = logging.getLogger("pilotfish.agent")
 
 # pilot-agent flags accepted and not acted on (yet): said in docs/istio-compat.md "pilot-agent words".
+E = TypeVar("E", bound=BaseException)
 ENVOY_FAILED = 255  # pilot-agent's os.Exit(-1) when its Envoy fails
 DEFAULTS_STATUS_PORT = int(str(DEFAULTS["statusPort"]))
 SUMMARIES = {
@@ -202,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         code = 0 if status == 0 else ENVOY_FAILED
         log.log(logging.INFO if status == 0 else logging.ERROR, "agent: Envoy exited (%s): the agent ends",
                 describe(status))
+    except* EnvoyNotStarted as group:
+        log.error("agent: Envoy: %s", first(group, EnvoyNotStarted))
+        code = 1
     finally:
         if sds is not None:
             sds.stop(None)
@@ -209,14 +214,13 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def first(group: BaseExceptionGroup, kind: type[EnvoyExited]) -> EnvoyExited:
-    """The first `kind` in a (nested) exception group."""
-    for err in group.exceptions:
-        if isinstance(err, kind):
-            return err
-        if isinstance(err, BaseExceptionGroup):
-            return first(err, kind)
-    raise LookupError(kind.__name__)
+def first(group: BaseExceptionGroup, kind: type[E]) -> E:
+    """The first leaf of an exception group that `except* kind` caught (all its leaves are `kind`)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, kind)
+    return leaf
 
 
 def node(config: AgentConfig) -> Node:

@@ -43,6 +43,10 @@ MAX_COUNT_ERRORS = 5  # Istio gives up counting after five failures in a row
 STOP_WAIT = 10.0  # seconds for Envoy to exit on SIGTERM before SIGKILL
 NOT_STARTED = "Envoy has not started"
 
+class EnvoyNotStarted(Exception):
+    """Envoy could not be started (its bootstrap not written, its binary not run)."""
+
+
 class EnvoyExited(Exception):
     """Envoy ended while the agent was running (not stopped by the agent)."""
 
@@ -80,8 +84,15 @@ class EnvoyPart:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
         document = bootstrap(self.settings.params)
-        await trio.to_thread.run_sync(write_bootstrap, self.settings.config_path, document)
-        process = subprocess.Popen([*self.settings.launcher, *self.settings.argv], stdin=subprocess.DEVNULL)
+        try:
+            await trio.to_thread.run_sync(write_bootstrap, self.settings.config_path, document)
+        except OSError as err:
+            raise EnvoyNotStarted(f"cannot write the bootstrap {self.settings.config_path}: "
+                                  f"{err.strerror or err}") from None
+        try:
+            process = subprocess.Popen([*self.settings.launcher, *self.settings.argv], stdin=subprocess.DEVNULL)
+        except OSError as err:
+            raise EnvoyNotStarted(f"cannot start {self.settings.argv[0]}: {err.strerror or err}") from None
         log.info("envoy: started, pid %d: %s", process.pid, " ".join(self.settings.argv[:3]))
         pidfd = os.pidfd_open(process.pid)
         try:
@@ -114,13 +125,19 @@ class EnvoyPart:
     def drain(self) -> None:
         """POST /drain (from a worker thread of the status server): inbound listeners drain,
         Envoy stays up (`skip_exit`); a later stop does not wait for a drain again."""
-        assert self._token is not None, "drain before Envoy started"
+        if self._token is None:
+            log.info("envoy: POST /drain before Envoy started: nothing to drain")
+            return
         trio.from_thread.run(self._drain_now, trio_token=self._token)
 
     async def _drain_now(self) -> None:
-        await self.admin.drain_listeners(inbound_only=self.settings.drain.inbound_only, skip_exit=True)
+        """As Istio's DrainNow: a failed drain is logged, and the stop skips its drain anyway."""
+        try:
+            await self.admin.drain_listeners(inbound_only=self.settings.drain.inbound_only, skip_exit=True)
+            log.info("envoy: draining (POST /drain): Envoy keeps running")
+        except AdminError as err:
+            log.warning("envoy: POST /drain: drain_listeners failed: %s", err)
         self._drained = True
-        log.info("envoy: draining (POST /drain): Envoy keeps running")
 
     async def _stop(self, process: subprocess.Popen[bytes]) -> None:
         reason = self._stopping() or ""

@@ -4,6 +4,7 @@ accepted with one warning, `--meshConfig` read (agent/cli.py, agent/localwords.p
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -105,3 +106,17 @@ def test_pod_annotations_file_is_a_config_source(tmp_path: Path) -> None:
     (pod / "annotations").write_text('proxy.istio.io/config="statusPort: [1, 2]"\nother="x"\n')
     done = run("proxy", "--status-port", "0", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "annotation proxy.istio.io/config: statusPort" in done.stderr, done.stderr
+
+
+def test_envoy_that_cannot_start_is_one_error_and_exit_1(tmp_path: Path) -> None:
+    """A bootstrap that cannot be written (a configPath under a file): one error line naming
+    it, every part stopped, exit status 1, no traceback."""
+    (tmp_path / "file").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "CA_ROOT_CA": "SYSTEM",
+           "PROXY_CONFIG": json.dumps({"controlPlaneAuthPolicy": "NONE", "configPath": str(tmp_path / "file/x"),
+                                       "discoveryAddress": "127.0.0.1:1"})}
+    done = run("proxy", "--status-listen", "127.0.0.1:0", cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"cannot write the bootstrap {tmp_path}/file/x/envoy-rev.json" in errors[0], errors
