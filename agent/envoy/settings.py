@@ -54,7 +54,7 @@ def envoy_binary(pc: Mapping[str, object], exists: object = os.path.exists) -> s
     configured = pc.get("binaryPath")
     if configured:
         if not exists(str(configured)):  # type: ignore[operator]
-            raise ConfigError(f"ProxyConfig binaryPath: no Envoy binary at {configured!r}")
+            raise ConfigError(f"ProxyConfig binaryPath (or --envoy-binary): no Envoy binary at {configured!r}")
         return str(configured)
     if exists(ISTIO_BINARY):  # type: ignore[operator]
         return ISTIO_BINARY

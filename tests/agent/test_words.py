@@ -120,3 +120,10 @@ def test_envoy_that_cannot_start_is_one_error_and_exit_1(tmp_path: Path) -> None
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and f"cannot write the bootstrap {tmp_path}/file/x/envoy-rev.json" in errors[0], errors
+
+
+def test_envoy_binary_flag_is_checked_at_start(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "CA_ROOT_CA": "SYSTEM", "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'}
+    done = run("proxy", "--status-port", "0", "--envoy-binary", "/nonexistent/envoy", cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "--envoy-binary): no Envoy binary at '/nonexistent/envoy'" in done.stderr, \
+        done.stderr
