@@ -24,7 +24,7 @@ import json
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from pilotfish.controlplane.nametable import (
     Registry,
     Resolution,
     Service,
+    ServicePort,
     build_name_table,
     ip_version,
 )
@@ -48,7 +49,10 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_CLUSTER_NAME = "Kubernetes"  # Istio's default CLUSTER_ID
 
-_TOP_KEYS = ("clusterDomain", "clusterName", "services", "serviceEntries")
+_TOP_KEYS = ("clusterDomain", "clusterName", "services", "serviceEntries", "peerAuthentications")
+_PEER_AUTHENTICATION_KEYS = ("name", "namespace", "mtls")
+MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+ROOT_NAMESPACE = "istio-system"  # a PeerAuthentication here applies to the whole mesh (Istio's root namespace)
 _SERVICE_KEYS = (
     "name",
     "namespace",
@@ -61,8 +65,8 @@ _SERVICE_KEYS = (
     "endpoints",
 )
 _SERVICE_ENTRY_KEYS = ("name", "namespace", "hosts", "addresses", "resolution", "ports", "endpoints")
-_ENDPOINT_KEYS = ("addresses", "address", "hostname", "subdomain", "ready", "network", "cluster")
-_PORT_KEYS = ("name", "protocol", "targetPort")  # accepted so manifests can be copied; unused
+_ENDPOINT_KEYS = ("addresses", "address", "hostname", "subdomain", "ready", "network", "cluster", "serviceAccount")
+_PORT_KEYS = ("name", "protocol", "appProtocol", "targetPort")
 
 # ServiceEntry resolution (Istio's enum) -> istiod's model resolution.
 _RESOLUTIONS = {
@@ -98,6 +102,16 @@ class Mesh:
 
     services: tuple[Service, ...]
     endpoints: Mapping[str, tuple[Endpoint, ...]]
+    peer_authentication: Mapping[str, str] = field(default_factory=dict)  # namespace -> mode; "" mesh-wide
+
+    def mtls_mode(self, namespace: str) -> str:
+        """Istio's PeerAuthentication without selectors: the namespace's mode, else the mesh's
+        (the root namespace's), else PERMISSIVE; UNSET defers to the next level."""
+        for key in (namespace, ""):
+            mode = self.peer_authentication.get(key, "UNSET")
+            if mode != "UNSET":
+                return mode
+        return "PERMISSIVE"
 
     def name_table(self, proxy: ProxyInfo) -> NameTable:
         """The NameTable istiod would send `proxy` for this mesh."""
@@ -157,7 +171,8 @@ def mesh_version(mesh: Mesh) -> str:
     services). The enums are str subclasses and encode as their values."""
     content = json.dumps(
         [[_SERVICE_FIELDS(s) for s in mesh.services],
-         [(host, [_ENDPOINT_FIELDS(e) for e in eps]) for host, eps in sorted(mesh.endpoints.items())]],
+         [(host, [_ENDPOINT_FIELDS(e) for e in eps]) for host, eps in sorted(mesh.endpoints.items())],
+         sorted(mesh.peer_authentication.items())],
         separators=(",", ":"),
     )
     return hashlib.sha256(content.encode()).hexdigest()[:16]
@@ -204,7 +219,25 @@ def _mesh(document: Any) -> Mesh:
         for hostname in dict.fromkeys(svc.hostname for svc in se_services):
             # once per host: a host has a Service per address, its endpoints are the entry's
             endpoints.setdefault(hostname, []).extend(eps)
-    return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()})
+    modes: dict[str, str] = {}
+    for path, item in _items(top, "peerAuthentications", ""):
+        namespace, mode = _peer_authentication(item, path)
+        key = "" if namespace == ROOT_NAMESPACE else namespace
+        if key in modes:
+            raise _Invalid(path, f"a second PeerAuthentication for namespace {namespace!r} (one per namespace)")
+        modes[key] = mode
+    return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()}, modes)
+
+
+def _peer_authentication(data: Any, path: str) -> tuple[str, str]:
+    """(namespace, mode) of an Istio PeerAuthentication without a selector."""
+    item = _mapping(data, path, _PEER_AUTHENTICATION_KEYS)
+    namespace = _name(item, "namespace", path, _DNS1123_LABEL, "a namespace (a lower-case RFC 1123 label)")
+    mtls = _mapping(item.get("mtls") or {}, _at(path, "mtls"), ("mode",))
+    mode = _string(mtls, "mode", _at(path, "mtls"), default="UNSET")
+    if mode not in MTLS_MODES:
+        raise _Invalid(_at(_at(path, "mtls"), "mode"), f"unknown mode {mode!r} (expected one of {', '.join(MTLS_MODES)})")
+    return namespace, mode
 
 
 def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, list[Endpoint]]:
@@ -214,7 +247,8 @@ def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, 
     namespace = _name(item, "namespace", path, _DNS1123_LABEL, "a namespace (a lower-case RFC 1123 label)")
     vips, headless = _cluster_ips(item, path)
     external = _string(item, "externalName", path)
-    ports = _ports(item, path, "port")
+    specs = _ports(item, path, "port")
+    ports = tuple(spec.port for spec in specs)
     publish_not_ready = _bool(item, "publishNotReadyAddresses", path)
 
     def service(resolution: Resolution, vips: tuple[str, ...] = ()) -> Service:
@@ -228,6 +262,7 @@ def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, 
             cluster_vips={cluster: vips} if vips else {},
             ports=ports,
             publish_not_ready_addresses=publish_not_ready,
+            port_specs=specs,
         )
 
     if external:
@@ -285,7 +320,8 @@ def _service_entry(data: Any, path: str, cluster: str) -> tuple[str, str, list[S
             _at(path, "resolution"), f"unknown resolution {resolution_name!r} (expected one of {', '.join(_RESOLUTIONS)})"
         )
     resolution = _RESOLUTIONS[resolution_name]
-    ports = _ports(item, path, "number")
+    specs = _ports(item, path, "number")
+    ports = tuple(spec.port for spec in specs)
     by_dns = resolution in (Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN_LB)
     eps = [_endpoint(e, p, cluster, hostnames_ok=by_dns) for p, e in _items(item, "endpoints", path)]
     if not ports:  # as Istio; istiod would give a NONE entry without addresses no DNS entry
@@ -299,6 +335,7 @@ def _service_entry(data: Any, path: str, cluster: str) -> tuple[str, str, list[S
             resolution=resolution,
             default_address=address,
             ports=ports,
+            port_specs=specs,
         )
         for host in hosts
         for address in (addresses or [UNSPECIFIED_IP])
@@ -332,14 +369,24 @@ def _endpoint(data: Any, path: str, cluster: str, hostnames_ok: bool) -> Endpoin
         network=_string(item, "network", path),
         cluster=_string(item, "cluster", path, default=cluster),
         health=Health.HEALTHY if _bool(item, "ready", path, default=True) else Health.UNHEALTHY,
+        service_account=_service_account(item, path),
     )
 
 
-def _ports(item: dict[str, Any], path: str, number_key: str) -> tuple[int, ...]:
+def _service_account(item: dict[str, Any], path: str) -> str:
+    """The pod's service account (Kubernetes' default: `default`): its identity in the mesh."""
+    account = _string(item, "serviceAccount", path, default="default")
+    if not _DNS1123_SUBDOMAIN.fullmatch(account):
+        raise _Invalid(_at(path, "serviceAccount"), f"{account!r} is not a service account name")
+    return account
+
+
+def _ports(item: dict[str, Any], path: str, number_key: str) -> tuple[ServicePort, ...]:
     """Ports as numbers, or as mappings the way the manifest spells them (`port` for a Service,
-    `number` for a ServiceEntry)."""
+    `number` for a ServiceEntry), with Istio's protocol and the target port."""
     ports = []
     for p, value in _items(item, "ports", path):
+        name, app_protocol, protocol, target = "", "", "", None
         if isinstance(value, dict):
             other = "number" if number_key == "port" else "port"
             if other in value:  # the other manifest kind's spelling
@@ -347,11 +394,39 @@ def _ports(item: dict[str, Any], path: str, number_key: str) -> tuple[int, ...]:
             port = _mapping(value, p, (number_key, *_PORT_KEYS))
             if port.get(number_key) is None:
                 raise _Invalid(p, f"{number_key!r} is required")
-            p, value = _at(p, number_key), port[number_key]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise _Invalid(p, f"{_show(value)} is not a port number (1-65535)")
-        ports.append(value)
+            name = _string(port, "name", p)
+            app_protocol = _string(port, "appProtocol", p)
+            protocol = _string(port, "protocol", p)
+            target = port.get("targetPort")
+            at, value = _at(p, number_key), port[number_key]
+        else:
+            at = p
+        number = _port_number(value, at)
+        target_port = number if target is None else _port_number(target, _at(p, "targetPort"))
+        # a Service's `protocol` is L4 (TCP, UDP); a ServiceEntry's is Istio's (HTTP, TCP, ...)
+        istio = protocol if number_key == "number" else ""
+        ports.append(ServicePort(number, istio_protocol(name, app_protocol or istio), target_port))
     return tuple(ports)
+
+
+def _port_number(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _Invalid(path, f"{_show(value)} is not a port number (1-65535)")
+    return value
+
+
+# Istio's protocols by name (pkg/config/protocol), as the sidecar config treats them here.
+_HTTP_PROTOCOLS = {"http": "HTTP", "http2": "HTTP2", "grpc": "HTTP2", "grpc-web": "HTTP2",
+                   "kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP"}
+
+
+def istio_protocol(name: str, app_protocol: str) -> str:
+    """HTTP, HTTP2 or TCP: `appProtocol` when given, else the port name's prefix before `-`
+    (`http-web`, `grpc`), as Istio's port naming; anything else is plain TCP (Istio would sniff
+    an unnamed port; pilotfish does not)."""
+    if app_protocol:
+        return _HTTP_PROTOCOLS.get(app_protocol.lower(), "TCP")
+    return _HTTP_PROTOCOLS.get(name.lower().split("-", 1)[0], "TCP")
 
 
 def _auto_allocate(services: list[Service]) -> list[Service]:

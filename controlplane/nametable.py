@@ -28,6 +28,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
@@ -61,6 +62,15 @@ class Health(StrEnum):
     TERMINATING = "TERMINATING"
 
 
+class ServicePort(NamedTuple):
+    """A service port as the sidecar config needs it: Istio's protocol (from `appProtocol` or
+    the port's name, docs/istio-compat.md "istiod: sidecar service config") and the pods' port."""
+
+    port: int
+    protocol: str  # "HTTP", "HTTP2" (gRPC too) or "TCP"
+    target_port: int
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """One istiod service: a Kubernetes Service, or one (host, address) pair of a ServiceEntry.
@@ -80,6 +90,7 @@ class Service:
     publish_not_ready_addresses: bool = False
     auto_allocated_ipv4: str = ""  # ServiceEntries without addresses, resolution not NONE
     auto_allocated_ipv6: str = ""
+    port_specs: tuple[ServicePort, ...] = ()  # `ports` with protocol and target port (Envoy config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,7 @@ class Endpoint:
     cluster: str = ""  # empty matches every cluster
     health: Health = Health.HEALTHY
     ports: tuple[int, ...] = ()  # the service ports it serves; empty means all of them
+    service_account: str = ""  # the pod's; its SPIFFE identity is what a client verifies
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,8 +90,10 @@ def test_example_parses_into_istiod_model() -> None:
     partner = by_host["api.partner.example"]
     assert (partner.registry, partner.resolution, partner.default_address) == (Registry.EXTERNAL, Resolution.PASSTHROUGH, "240.240.0.5")
     assert mesh.endpoints["mysql.data.svc.cluster.local"] == (
-        Endpoint(addresses=("10.244.2.10",), hostname="mysql-0", subdomain="mysql", cluster="Kubernetes"),
-        Endpoint(addresses=("10.244.2.11",), hostname="mysql-1", subdomain="mysql", cluster="Kubernetes", health=Health.UNHEALTHY),
+        Endpoint(addresses=("10.244.2.10",), hostname="mysql-0", subdomain="mysql", cluster="Kubernetes",
+                 service_account="default"),
+        Endpoint(addresses=("10.244.2.11",), hostname="mysql-1", subdomain="mysql", cluster="Kubernetes",
+                 health=Health.UNHEALTHY, service_account="default"),
     )
 
 
@@ -270,7 +272,7 @@ services:
         ("service: []\n",
          "mesh.yaml: unknown key 'service' (did you mean 'services'?)"),
         ("kind: Mesh\n",
-         "mesh.yaml: unknown key 'kind' (expected one of clusterDomain, clusterName, services, serviceEntries)"),
+         "mesh.yaml: unknown key 'kind' (expected one of clusterDomain, clusterName, services, serviceEntries, peerAuthentications)"),
         ("services:\n  - {namespace: ns, clusterIPs: [10.96.0.1]}\n",
          "mesh.yaml: services[0]: 'name' is required"),
         ("services:\n  - {name: a, clusterIPs: [10.96.0.1]}\n",
@@ -477,3 +479,58 @@ def test_json_too_large_to_read_at_once_goes_through_the_stoppable_path(monkeypa
     monkeypatch.setattr(document, "JSON_AT_ONCE", 10)
     monkeypatch.setattr(document.json, "loads", None)  # must not be called
     assert parse_mesh(text) == at_once
+
+
+SIDECAR_MESH = """\
+services:
+  - name: reviews
+    namespace: bookinfo
+    clusterIP: 10.96.0.21
+    ports:
+      - {port: 9080, name: http, targetPort: 8080}
+      - {port: 9090, name: grpc-api}
+      - {port: 5432, name: db, appProtocol: tcp}
+      - {port: 8443, appProtocol: kubernetes.io/h2c}
+      - 7000
+    endpoints:
+      - {addresses: [10.244.1.7], serviceAccount: bookinfo-reviews}
+serviceEntries:
+  - name: api
+    namespace: bookinfo
+    hosts: [api.example]
+    ports: [{number: 80, name: web, protocol: HTTP}, {number: 443, name: https, protocol: TLS}]
+peerAuthentications:
+  - {name: default, namespace: istio-system, mtls: {mode: STRICT}}
+  - {name: default, namespace: legacy, mtls: {mode: PERMISSIVE}}
+  - {name: default, namespace: bookinfo, mtls: {mode: UNSET}}
+"""
+
+
+def test_ports_carry_istios_protocol_and_the_target_port() -> None:
+    mesh = parse_mesh(SIDECAR_MESH)
+    reviews, api = mesh.services
+    assert reviews.ports == (9080, 9090, 5432, 8443, 7000)
+    assert [(p.port, p.protocol, p.target_port) for p in reviews.port_specs] == [
+        (9080, "HTTP", 8080), (9090, "HTTP2", 9090), (5432, "TCP", 5432), (8443, "HTTP2", 8443), (7000, "TCP", 7000)]
+    assert [(p.port, p.protocol) for p in api.port_specs] == [(80, "HTTP"), (443, "TCP")]
+    assert mesh.endpoints[reviews.hostname][0].service_account == "bookinfo-reviews"
+
+
+def test_peer_authentication_as_istio_layers_it() -> None:
+    mesh = parse_mesh(SIDECAR_MESH)
+    assert mesh.mtls_mode("legacy") == "PERMISSIVE"
+    assert mesh.mtls_mode("bookinfo") == "STRICT"  # UNSET: the mesh's
+    assert mesh.mtls_mode("other") == "STRICT"
+    assert parse_mesh("services: []").mtls_mode("any") == "PERMISSIVE"  # Istio's default
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("peerAuthentications: [{namespace: a, mtls: {mode: ENABLED}}]", "peerAuthentications[0].mtls.mode: unknown mode 'ENABLED'"),
+    ("peerAuthentications: [{namespace: a}, {namespace: a}]", "peerAuthentications[1]: a second PeerAuthentication"),
+    ("services: [{name: a, namespace: b, clusterIP: 10.96.0.1, ports: [{port: 80, targetPort: http}]}]",
+     "services[0].ports[0].targetPort: 'http' is not a port number"),
+    ("services: [{name: a, namespace: b, clusterIP: 10.96.0.1, ports: [80], endpoints: "
+     "[{addresses: [10.0.0.1], serviceAccount: Bad_SA}]}]", "endpoints[0].serviceAccount: 'Bad_SA'"),
+])
+def test_sidecar_fields_are_checked(text: str, words: str) -> None:
+    assert words in _error(text)
