@@ -228,7 +228,7 @@ def _root_file(path: str) -> bytes:
 TABLES_KEPT = 4
 
 
-def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
+def load_snapshot(path: str, dual_stack: bool = False, trust_domain: str = "cluster.local") -> Snapshot:
     """The mesh file as what the ADS server serves. MeshError if the file is bad.
 
     `dual_stack` is istiod's ISTIO_DUAL_STACK: without it a dual-stack proxy gets one address
@@ -250,7 +250,7 @@ def load_snapshot(path: str, dual_stack: bool = False) -> Snapshot:
     # the same few proxies' Envoy config (small, but built for every push and request)
     @functools.lru_cache(maxsize=TABLES_KEPT)
     def envoy_for(proxy: ProxyInfo) -> SidecarConfig:
-        return sidecar_config(mesh, served(proxy))
+        return sidecar_config(mesh, served(proxy), trust_domain)
 
     return Snapshot(version, table_for, len({s.hostname for s in mesh.services}), envoy_for)
 
@@ -295,7 +295,7 @@ async def _until_stopped(stops: AsyncIterator[int], work: Callable[[], Awaitable
     return done[0] if done else stopped[0]
 
 
-async def _load(path: str, dual_stack: bool) -> Snapshot | MeshError:
+async def _load(path: str, dual_stack: bool, trust_domain: str) -> Snapshot | MeshError:
     """The mesh loaded on a worker thread, or the MeshError saying why it is bad.
 
     A load cannot be interrupted (most of it is in libyaml or the json module), but waiting for
@@ -304,7 +304,7 @@ async def _load(path: str, dual_stack: bool) -> Snapshot | MeshError:
     services (seconds) still exits at once.
     """
     try:
-        return await trio.to_thread.run_sync(load_snapshot, path, dual_stack, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(load_snapshot, path, dual_stack, trust_domain, abandon_on_cancel=True)
     except MeshError as err:
         return err
 
@@ -328,7 +328,7 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
         log.info("controlplane: open files limit %d", raise_open_files_limit())
         signature = file_signature(args.mesh)  # before loading: a change while loading is seen
         log.info("controlplane: loading mesh file %s", args.mesh)
-        snapshot = await _until_stopped(stops, functools.partial(_load, args.mesh, args.dual_stack))
+        snapshot = await _until_stopped(stops, functools.partial(_load, args.mesh, args.dual_stack, args.trust_domain))
         if isinstance(snapshot, _Stopped):
             log.info("controlplane: %s while loading the mesh, stopped", snapshot.name)
             return 0
@@ -341,7 +341,7 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
             return started
         server, front, listener = started
         log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
-        reload = functools.partial(_reload, args.mesh, hub, args.dual_stack)
+        reload = functools.partial(_reload, args.mesh, hub, args.dual_stack, args.trust_domain)
 
         async def serve() -> NoReturn:
             async with trio.open_nursery() as nursery:
@@ -405,11 +405,11 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
     return server, front, trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-async def _reload(path: str, hub: MeshHub, dual_stack: bool, why: str) -> None:
+async def _reload(path: str, hub: MeshHub, dual_stack: bool, trust_domain: str, why: str) -> None:
     """Load the mesh file again and push it if its version changed; a bad file is one ERROR line
     and the mesh in use keeps being served."""
     log.info("controlplane: loading mesh file %s (%s)", path, why)
-    snapshot = await _load(path, dual_stack)
+    snapshot = await _load(path, dual_stack, trust_domain)
     if isinstance(snapshot, MeshError):
         log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
                   why, snapshot, hub.current.version)

@@ -14,9 +14,9 @@ clusters"), with istiod's names:
   through instead of redirecting it back to 15006;
 - `BlackHoleCluster`, STATIC with no endpoints, where the loop guards send what they catch.
 
-The mesh's services are not here yet: per-service clusters, endpoints and mTLS are a later step
-(docs/controlplane.md "Envoy's configuration"). `mesh` is taken already so that the signature
-does not change when they come.
+The mesh's services (outbound clusters with mTLS, their endpoints, the chains matching cluster
+IPs, the pod's inbound mTLS chains) come from controlplane/services.py and are placed before
+these catch-all chains.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, BindConfig, ExtraSourceAddress, SocketAddress
 from envoy.config.core.v3.base_pb2 import TrafficDirection
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain, FilterChainMatch, ListenerFilter
 from envoy.config.listener.v3.listener_pb2 import AdditionalAddress, Listener
 from envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2 import OriginalDst
+from envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2 import TlsInspector
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 from google.protobuf.any_pb2 import Any
 from google.protobuf.duration_pb2 import Duration
@@ -37,6 +39,7 @@ from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from .mesh import Mesh
 from .nametable import ProxyInfo, proxy_families
+from .services import service_config
 
 # istiod's names (docs/istio-compat.md "istiod: sidecar capture listeners and clusters")
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
@@ -60,17 +63,20 @@ WILDCARD_V6 = "::"
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 
 
 @dataclass(frozen=True)
 class SidecarConfig:
-    """What one sidecar is sent: its clusters (CDS) and listeners (LDS), each named."""
+    """What one sidecar is sent: its clusters (CDS), listeners (LDS) and the clusters'
+    endpoints (EDS), each named."""
 
     clusters: tuple[Cluster, ...]
     listeners: tuple[Listener, ...]
+    endpoints: tuple[ClusterLoadAssignment, ...] = ()
 
 
-def sidecar_config(mesh: Mesh, proxy: ProxyInfo) -> SidecarConfig:
+def sidecar_config(mesh: Mesh, proxy: ProxyInfo, trust_domain: str = "cluster.local") -> SidecarConfig:
     """The CDS and LDS resources istiod's capture needs for `proxy`.
 
     The address families come from the proxy's INSTANCE_IPS as istiod reads them: IPv4 only, IPv6
@@ -78,7 +84,7 @@ def sidecar_config(mesh: Mesh, proxy: ProxyInfo) -> SidecarConfig:
     only with dual-stack support on (istiod's ISTIO_DUAL_STACK, `proxy.dual_stack_enabled`); its
     inbound passthrough has both bind addresses either way, as istiod gives them.
     """
-    del mesh  # not used yet: see the module docstring
+    services = service_config(mesh, proxy, trust_domain)
     v4, v6 = proxy_families(proxy.ips)
     wildcards = [WILDCARD_V4] if v4 else []
     if v6:
@@ -86,8 +92,10 @@ def sidecar_config(mesh: Mesh, proxy: ProxyInfo) -> SidecarConfig:
     if not proxy.dual_stack_enabled:
         wildcards = wildcards[:1]
     return SidecarConfig(
-        clusters=(_passthrough(), _inbound_passthrough(v4, v6), _blackhole()),
-        listeners=(_virtual_outbound(wildcards), _virtual_inbound(wildcards)),
+        clusters=(_passthrough(), _inbound_passthrough(v4, v6), _blackhole(), *services.clusters),
+        listeners=(_virtual_outbound(wildcards, services.outbound_chains),
+                   _virtual_inbound(wildcards, services.inbound_chains)),
+        endpoints=services.assignments,
     )
 
 
@@ -114,8 +122,9 @@ def _blackhole() -> Cluster:
                    lb_policy=Cluster.ROUND_ROBIN)
 
 
-def _virtual_outbound(wildcards: list[str]) -> Listener:
+def _virtual_outbound(wildcards: list[str], services: tuple[FilterChain, ...]) -> Listener:
     listener = _listener(VIRTUAL_OUTBOUND, wildcards, OUTBOUND_PORT, TrafficDirection.OUTBOUND, [
+        *services,
         _chain(OUTBOUND_BLACKHOLE_CHAIN, BLACKHOLE_CLUSTER, OUTBOUND_PORT),
         _chain(OUTBOUND_CATCHALL_CHAIN, PASSTHROUGH_CLUSTER),
     ])
@@ -125,13 +134,16 @@ def _virtual_outbound(wildcards: list[str]) -> Listener:
     return listener
 
 
-def _virtual_inbound(wildcards: list[str]) -> Listener:
+def _virtual_inbound(wildcards: list[str], services: tuple[FilterChain, ...]) -> Listener:
     listener = _listener(VIRTUAL_INBOUND, wildcards, INBOUND_PORT, TrafficDirection.INBOUND, [
+        *services,
         _chain(INBOUND_BLACKHOLE_CHAIN, BLACKHOLE_CLUSTER, INBOUND_PORT),
         _chain(INBOUND_CATCHALL_CHAIN, INBOUND_PASSTHROUGH_CLUSTER),
     ])
     listener.continue_on_listener_filters_timeout = True
     listener.listener_filters.append(ListenerFilter(name=ORIGINAL_DST, typed_config=_pack(OriginalDst())))
+    if services:  # the pod's ports are told apart by TLS or not (mTLS from the mesh, plaintext)
+        listener.listener_filters.append(ListenerFilter(name=TLS_INSPECTOR, typed_config=_pack(TlsInspector())))
     return listener
 
 

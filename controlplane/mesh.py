@@ -415,7 +415,8 @@ def _port_number(value: Any, path: str) -> int:
     return value
 
 
-# Istio's protocols by name (pkg/config/protocol), as the sidecar config treats them here.
+# Istio's protocols by name (docs/istio-compat.md "istiod: sidecar service config"), as the
+# sidecar config treats them here.
 _HTTP_PROTOCOLS = {"http": "HTTP", "http2": "HTTP2", "grpc": "HTTP2", "grpc-web": "HTTP2",
                    "kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP"}
 

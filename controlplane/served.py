@@ -22,7 +22,8 @@ from .nametable import ProxyInfo
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-SERVED_TYPES = (NAME_TABLE_TYPE, CLUSTER_TYPE, LISTENER_TYPE)
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SERVED_TYPES = (NAME_TABLE_TYPE, CLUSTER_TYPE, LISTENER_TYPE, ENDPOINT_TYPE)
 # istiod sends the NameTable as one resource without a name (docs/istio-compat.md "istiod: delta
 # xDS"); an agent reads the first resource whatever its name.
 NAME_TABLE_NAME = ""
@@ -51,6 +52,8 @@ class Snapshot:
             table = self.table_for(proxy)
             return {NAME_TABLE_NAME: _resource(NAME_TABLE_NAME, table, len(table.table))}
         config = self.envoy_for(proxy)
+        if type_url == ENDPOINT_TYPE:
+            return {a.cluster_name: _resource(a.cluster_name, a, len(a.endpoints)) for a in config.endpoints}
         messages: tuple[Message, ...] = config.clusters if type_url == CLUSTER_TYPE else config.listeners
         return {m.name: _resource(m.name, m, 1) for m in messages}  # type: ignore[attr-defined]
 

@@ -19,7 +19,7 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 NODE_ID = "sidecar~10.1.1.5~pod.ns~ns.svc.cluster.local"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"  # not served
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"  # not served (routes are inline)
 EMPTY_MESH = parse_mesh("")
 
 

@@ -52,7 +52,7 @@ from pilotfish.controlplane.ads import (
 from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
 from pilotfish.controlplane.nametable import ProxyInfo
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
-from streams import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
+from streams import CLUSTER_TYPE, ROUTE_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
 
 SERVER_NAME = "istiod.istio-system.svc"
 
@@ -178,10 +178,10 @@ def test_stale_nonce_is_ignored() -> None:
 
 def test_types_not_served_are_ignored() -> None:
     state = StreamState("s1")
-    outcome = state.on_request(request(node(), type_url=ENDPOINT_TYPE), snapshot("v1"))
+    outcome = state.on_request(request(node(), type_url=ROUTE_TYPE), snapshot("v1"))
     assert outcome.responses == ()
     assert isinstance(outcome.events[0], Connected)
-    assert outcome.events[1:] == (Ignored(ENDPOINT_TYPE),)
+    assert outcome.events[1:] == (Ignored(ROUTE_TYPE),)
 
 
 def test_envoy_gets_its_clusters_and_listeners() -> None:
@@ -433,7 +433,7 @@ def test_mesh_change_is_pushed_to_every_subscribed_stream(served: Served) -> Non
             client.send(request(node(f"sidecar~10.1.1.{i + 1}~p{i}.ns~ns.svc.cluster.local")))
             first = client.receive()
             client.send(request(version=first.version_info, nonce=first.nonce))
-        idle.send(request(node(), type_url=ENDPOINT_TYPE))
+        idle.send(request(node(), type_url=ROUTE_TYPE))
         wait_for(lambda: served.servicer.counters.acks == 2)
         assert served.hub.publish(snapshot("v2")) == 3
         for i, client in enumerate(clients):

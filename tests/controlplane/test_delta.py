@@ -21,7 +21,7 @@ from pilotfish.controlplane.stream import Acked, Connected, Ignored, Nacked, Sen
 from pilotfish.xds_client.core import Accepted, DeltaCore
 from pilotfish.xds_client.nds import NameTableType
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
-from streams import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
+from streams import CLUSTER_TYPE, ROUTE_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
 
 CLUSTERS = ["PassthroughCluster", "InboundPassthroughCluster", "BlackHoleCluster"]
 
@@ -192,8 +192,8 @@ def test_a_nonce_from_elsewhere_is_a_first_request() -> None:
 
 
 def test_types_not_served_are_ignored() -> None:
-    outcome = DeltaStreamState("s1").on_request(request(ENDPOINT_TYPE, first=True, subscribe=("a",)), snapshot("v1"))
-    assert outcome.responses == () and outcome.events[1:] == (Ignored(ENDPOINT_TYPE),)
+    outcome = DeltaStreamState("s1").on_request(request(ROUTE_TYPE, first=True, subscribe=("a",)), snapshot("v1"))
+    assert outcome.responses == () and outcome.events[1:] == (Ignored(ROUTE_TYPE),)
 
 
 def test_subscriptions_are_bounded() -> None:
