@@ -28,7 +28,7 @@ import logging
 import queue
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
@@ -45,6 +45,7 @@ from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
 
+from .casvc import token_caller
 from .delta import DeltaStreamState
 from .served import NAME_TABLE_TYPE, Resource, Snapshot
 from .stream import (
@@ -267,9 +268,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     side ends it. Both variants share the bounds (MAX_STREAMS in all), the token check and the
     rate-limited log lines."""
 
-    def __init__(self, hub: MeshHub, token_file: str | None = None) -> None:
+    def __init__(self, hub: MeshHub, token_file: str | None = None,
+                 identities: Callable[[], Mapping[str, str]] | None = None) -> None:
+        """`token_file`: the token every stream must carry; `identities` (the CA's tokens, each a
+        workload's: controlplane/casvc.py) are accepted too, as istiod accepts any workload's
+        token (no token file and no identities: no check)."""
         self.hub = hub
         self.token_file = token_file
+        self.identities = identities
         self.counters = Counters()
         self._lock = threading.Lock()
         # Streams come from whoever can reach the port: an unauthenticated flood is one line per
@@ -279,13 +285,26 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nack_log = RateLimitedLog(log)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
-        if self.token_file is None:
+        if self.token_file is None and self.identities is None:
             return
-        header = dict(context.invocation_metadata()).get("authorization")
-        problem = check_bearer(header if isinstance(header, str) else None, read_token(self.token_file, self._token_file_log))
-        if problem is not None:
+        value = dict(context.invocation_metadata()).get("authorization")
+        header = value if isinstance(value, str) else None
+        problem = "bearer token rejected"
+        if self.token_file is not None:
+            problem = check_bearer(header, read_token(self.token_file, self._token_file_log)) or ""
+        if problem and self.identities is not None and token_caller(header, self._known()) is not None:
+            problem = ""
+        if problem:
             self._refusal_log(logging.WARNING, "controlplane: refused stream from %s: %s", context.peer(), problem)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def _known(self) -> Mapping[str, str]:
+        assert self.identities is not None
+        try:
+            return self.identities()
+        except ValueError as err:  # a bad identities file: no workload token is accepted
+            self._token_file_log(logging.WARNING, "controlplane: identities file: %s", err)
+            return {}
 
     def StreamAggregatedResources(
         self, request_iterator: Iterator[DiscoveryRequest], context: grpc.ServicerContext

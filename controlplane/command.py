@@ -386,13 +386,14 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
         log.info("controlplane: wrote the root certificate to %s", args.root_cert_out)
     key = new_key()
     context = server_context(key_pem(key), cert_pem(issue_serving(ca, key, names, now)), cert_pem(ca.cert))
-    identities = args.identities
+    identities = IdentitiesFile(args.identities, args.trust_domain) if args.identities else None
     peers = PeerCertificates()
     certificates = CertificateService(
-        ca, IdentitiesFile(identities, args.trust_domain) if identities else dict,
+        ca, identities or dict,
         timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup)
-    try:
-        server, backend = start_server(AdsServicer(hub, args.token_file), "127.0.0.1:0", None,
+    try:  # a workload's token (the identities file) opens ADS streams too, as istiod takes any workload's
+        servicer = AdsServicer(hub, args.token_file, identities if args.token_file is not None else None)
+        server, backend = start_server(servicer, "127.0.0.1:0", None,
                                        handlers=[certificates.handler()])
     except OSError as err:
         sock.close()

@@ -121,16 +121,17 @@ def ns_http(ns: str, host: str, port: int, path: str, method: str = "GET",
         conn.close()
 
 
-def template_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def template_env(extra: dict[str, str] | None = None, pod: str = POD, ip: str = POD_V4,
+                 service_account: str = SERVICE_ACCOUNT) -> dict[str, str]:
     """The istio-proxy container's environment as the template renders it for this pod (the
     downward API's values filled in)."""
     env = {
         "PILOT_CERT_PROVIDER": "istiod",
         "CA_ADDR": f"{ISTIOD}:15012",
-        "POD_NAME": POD,
+        "POD_NAME": pod,
         "POD_NAMESPACE": NAMESPACE,
-        "INSTANCE_IP": POD_V4,
-        "SERVICE_ACCOUNT": SERVICE_ACCOUNT,
+        "INSTANCE_IP": ip,
+        "SERVICE_ACCOUNT": service_account,
         "HOST_IP": PEER_V4,
         "ISTIO_CPU_LIMIT": "2",
         "PROXY_CONFIG": "{}\n",
@@ -166,14 +167,24 @@ def controlplane() -> list[str]:
 
 @dataclass
 class Pod:
-    """One injected pod (see the module docstring), its control plane and its processes."""
+    """One injected pod (see the module docstring), its control plane and its processes. By
+    default the `pod` namespace of the topology; a second pod can live in the `peer` one (`ns`,
+    `ip`), with its own name, service account and token."""
 
     topo: Topology
     work: Path
+    ns: str = ""  # default: topo.pod
+    ip: str = POD_V4
+    name: str = POD
+    service_account: str = SERVICE_ACCOUNT
+    token: str = TOKEN
+    istiod: str = PEER_V4  # where the pod reaches the control plane (127.0.0.1 beside it)
     root: Path = field(init=False)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.ns = self.ns or self.topo.pod
+        self.work.mkdir(parents=True, exist_ok=True)
         self.root = self.work / "root"
         for d in EMPTY_DIRS:
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -184,27 +195,31 @@ class Pod:
         (podinfo / "annotations").write_text(downward_file(ANNOTATIONS))
         token = self.root / "var/run/secrets/tokens/istio-token"
         token.parent.mkdir(parents=True)
-        token.write_text(TOKEN)
+        token.write_text(self.token)
         (self.root / "var/run/secrets/istio").mkdir(parents=True, exist_ok=True)
         for path in sorted(self.root.rglob("*")):  # the image's files: readable, not writable, by 1337
             if not any(str(path.relative_to(self.root)).startswith(d) for d in EMPTY_DIRS):
                 path.chmod(0o755 if path.is_dir() else 0o644)
         self.root.chmod(0o755)
         self.work.chmod(0o755)
-        hosts = Path("/etc/netns") / self.topo.pod / "hosts"
+        hosts = Path("/etc/netns") / self.ns / "hosts"
         hosts.parent.mkdir(parents=True, exist_ok=True)
-        hosts.write_text(f"127.0.0.1 localhost\n{PEER_V4} {ISTIOD}\n")
+        hosts.write_text(f"127.0.0.1 localhost\n{self.istiod} {ISTIOD}\n")
         # the cluster's DNS: names not in hosts fail at once (gRPC asks for AAAA too; with the
         # host's resolv.conf, unreachable from the pod, each lookup would wait for its timeout)
         (hosts.parent / "resolv.conf").write_text("nameserver 127.0.0.1\n")
 
-    def start_controlplane(self, mesh: str) -> subprocess.Popen[bytes]:
+    def start_controlplane(self, mesh: str, others: tuple[Pod, ...] = ()) -> subprocess.Popen[bytes]:
+        """`pilotfish controlplane` in the peer namespace on 10.77.0.1:15012, issuing this pod's
+        identity and `others'` (the root certificate lands in this pod's root)."""
         cp = self.work / "cp"
         cp.mkdir(exist_ok=True)
         (cp / "mesh.yaml").write_text(mesh)
-        (cp / "identities").write_text(f"{TOKEN} {NAMESPACE}/{SERVICE_ACCOUNT}\n")
-        (cp / "token").write_text(TOKEN)
-        argv = [*controlplane(), "--mesh", str(cp / "mesh.yaml"), "--listen", f"{PEER_V4}:15012",
+        (cp / "identities").write_text("".join(f"{p.token} {NAMESPACE}/{p.service_account}\n" for p in (self, *others)))
+        (cp / "token").write_text(self.token)
+        # on every address of the peer namespace: a pod there reaches it on 127.0.0.1, which the
+        # capture rules leave alone for the proxy's uid (its own pod IP they send to 15006)
+        argv = [*controlplane(), "--mesh", str(cp / "mesh.yaml"), "--listen", "0.0.0.0:15012",
                 "--state-dir", str(cp / "state"), "--root-cert-out", str(self.root / "var/run/secrets/istio/root-cert.pem"),
                 "--token-file", str(cp / "token"), "--identities", str(cp / "identities"), "--san", ISTIOD]
         return self.spawn(self.topo.peer, argv, cp / "log")
@@ -219,14 +234,19 @@ class Pod:
         self.procs.append(proc)
         return proc
 
-    def init(self) -> subprocess.CompletedProcess[str]:
-        """The istio-init container: the template's argv, as root, in the pod's namespace."""
-        return run(ns_argv(self.topo.pod, [pilot_agent(), *INIT_ARGV]), timeout=60, check=False)
+    def init(self, exclude_inbound: str = "") -> subprocess.CompletedProcess[str]:
+        """The istio-init container: the template's argv, as root, in the pod's namespace
+        (`exclude_inbound`: more ports for -d, such as the control plane's beside a pod)."""
+        argv = list(INIT_ARGV)
+        if exclude_inbound:
+            at = argv.index("-d") + 1
+            argv[at] += "," + exclude_inbound
+        return run(ns_argv(self.ns, [pilot_agent(), *argv]), timeout=60, check=False)
 
     def proxy(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """The istio-proxy container: the template's argv and environment, uid 1337, cwd its `/`."""
-        return self.spawn(self.topo.pod, [pilot_agent(), *PROXY_ARGV], self.work / "agent.log", uid=PROXY_UID,
-                          env=template_env(extra_env), cwd=self.root)
+        return self.spawn(self.ns, [pilot_agent(), *PROXY_ARGV], self.work / "agent.log", uid=PROXY_UID,
+                          env=template_env(extra_env, self.name, self.ip, self.service_account), cwd=self.root)
 
     def log(self, name: str = "agent.log") -> str:
         return (self.work / name).read_text(errors="replace")
@@ -239,4 +259,4 @@ class Pod:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
-        shutil.rmtree(Path("/etc/netns") / self.topo.pod, ignore_errors=True)
+        shutil.rmtree(Path("/etc/netns") / self.ns, ignore_errors=True)

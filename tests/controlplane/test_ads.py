@@ -635,3 +635,23 @@ def test_the_expected_token_is_read_without_blocking_on_a_fifo(tmp_path: Path) -
     plain = tmp_path / "plain"
     plain.write_text("  s3cret\n")
     assert ads_module.read_token(str(plain), RateLimitedLog(ads_module.log)) == "s3cret"
+
+
+def test_a_workloads_token_from_the_identities_opens_a_stream(served: Served, tmp_path: Path) -> None:
+    """Each pod's agent sends its own token (istiod accepts any workload's); a token neither in
+    the token file nor among the identities is refused."""
+    token = tmp_path / "token"
+    token.write_text("operator\n")
+    served.servicer.token_file = str(token)
+    served.servicer.identities = lambda: {"pod-a-token": "spiffe://cluster.local/ns/default/sa/a"}
+    client = served.client((("authorization", "Bearer pod-a-token"),))
+    try:
+        client.send(request(node()))
+        assert client.receive().version_info == "v1"
+    finally:
+        client.close()
+    client = served.client((("authorization", "Bearer pod-b-token"),))
+    try:
+        assert client.status() == (grpc.StatusCode.UNAUTHENTICATED, "bearer token rejected")
+    finally:
+        client.close()
