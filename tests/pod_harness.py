@@ -179,6 +179,9 @@ class Pod:
     service_account: str = SERVICE_ACCOUNT
     token: str = TOKEN
     istiod: str = PEER_V4  # where the pod reaches the control plane (127.0.0.1 beside it)
+    # the pod's resolv.conf: by default the cluster's DNS that fails at once (gRPC asks for AAAA
+    # too; with the host's resolv.conf, unreachable from the pod, each lookup would wait)
+    resolv: str = "nameserver 127.0.0.1\n"
     root: Path = field(init=False)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -205,9 +208,7 @@ class Pod:
         hosts = Path("/etc/netns") / self.ns / "hosts"
         hosts.parent.mkdir(parents=True, exist_ok=True)
         hosts.write_text(f"127.0.0.1 localhost\n{self.istiod} {ISTIOD}\n")
-        # the cluster's DNS: names not in hosts fail at once (gRPC asks for AAAA too; with the
-        # host's resolv.conf, unreachable from the pod, each lookup would wait for its timeout)
-        (hosts.parent / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (hosts.parent / "resolv.conf").write_text(self.resolv)
 
     def start_controlplane(self, mesh: str, others: tuple[Pod, ...] = ()) -> subprocess.Popen[bytes]:
         """`pilotfish controlplane` in the peer namespace on 10.77.0.1:15012, issuing this pod's
@@ -234,14 +235,16 @@ class Pod:
         self.procs.append(proc)
         return proc
 
-    def init(self, exclude_inbound: str = "") -> subprocess.CompletedProcess[str]:
+    def init(self, exclude_inbound: str = "", dns_capture: bool = False) -> subprocess.CompletedProcess[str]:
         """The istio-init container: the template's argv, as root, in the pod's namespace
-        (`exclude_inbound`: more ports for -d, such as the control plane's beside a pod)."""
+        (`exclude_inbound`: more ports for -d, such as the control plane's beside a pod;
+        `dns_capture`: ISTIO_META_DNS_CAPTURE in its environment, as the template sets it)."""
         argv = list(INIT_ARGV)
         if exclude_inbound:
             at = argv.index("-d") + 1
             argv[at] += "," + exclude_inbound
-        return run(ns_argv(self.ns, [pilot_agent(), *argv]), timeout=60, check=False)
+        env = {**os.environ, "ISTIO_META_DNS_CAPTURE": "true"} if dns_capture else None
+        return run(ns_argv(self.ns, [pilot_agent(), *argv]), timeout=60, check=False, env=env)
 
     def proxy(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """The istio-proxy container: the template's argv and environment, uid 1337, cwd its `/`."""

@@ -21,6 +21,9 @@ from pod_harness import NAMESPACE, Pod, ns_http
 from pod_harness import skip_reason as pod_skip_reason
 
 REVIEWS_VIP, PRODUCTPAGE_VIP, TCP_VIP = "10.96.0.21", "10.96.0.20", "10.96.0.22"
+EXTERNAL, EXTERNAL_IP = "external.example", "203.0.113.9"  # known only to the upstream (dnsmasq in the peer)
+# productpage's resolv.conf, as kubelet writes a pod's (the cluster's DNS: the upstream dnsmasq)
+RESOLV = f"nameserver {PEER_V4}\nsearch {NAMESPACE}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
 MESH = f"""\
 services:
   - name: reviews
@@ -38,6 +41,8 @@ services:
     clusterIP: {PRODUCTPAGE_VIP}
     ports: [{{port: 9080, name: http}}]
     endpoints: [{{addresses: [{POD_V4}], serviceAccount: productpage}}]
+serviceEntries:
+  - {{name: partner, namespace: {NAMESPACE}, hosts: [api.partner.example], addresses: [240.240.0.9], ports: [443]}}
 peerAuthentications:
   - {{name: default, namespace: istio-system, mtls: {{mode: STRICT}}}}
 """
@@ -95,7 +100,7 @@ def mesh() -> Iterator[tuple[Pod, Pod]]:
         work = Path(tempfile.mkdtemp(prefix="pilotfish-mesh-"))
         work.chmod(0o755)
         productpage = Pod(topo, work / "productpage", name="productpage-1", service_account="productpage",
-                          token="productpage-token")
+                          token="productpage-token", resolv=RESOLV)
         reviews = Pod(topo, work / "reviews", ns=topo.peer, ip=PEER_V4, name="reviews-1", service_account="reviews",
                       token="reviews-token", istiod="127.0.0.1")
         try:
@@ -103,12 +108,18 @@ def mesh() -> Iterator[tuple[Pod, Pod]]:
             root = reviews.root / "var/run/secrets/istio/root-cert.pem"
             _wait(lambda: root.exists() and root.stat().st_size > 0, "root certificate", (reviews,))
             (productpage.root / "var/run/secrets/istio/root-cert.pem").write_bytes(root.read_bytes())
-            for pod, extra in ((productpage, ""), (reviews, "15012")):
-                done = pod.init(exclude_inbound=extra)
+            (work / "upstream.hosts").write_text(f"{EXTERNAL_IP} {EXTERNAL}\n")
+            (work / "upstream.hosts").chmod(0o644)
+            reviews.spawn(topo.peer, ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                                      f"--addn-hosts={work / 'upstream.hosts'}", f"--listen-address={PEER_V4}",
+                                      "--bind-interfaces", "--log-facility=-", "--pid-file=", "--conf-file=/dev/null"],
+                          work / "dnsmasq.log")
+            for pod, extra, dns in ((productpage, "", True), (reviews, "15012", False)):
+                done = pod.init(exclude_inbound=extra, dns_capture=dns)
                 assert done.returncode == 0, done.stderr
             app = reviews.spawn(topo.peer, [sys.executable, "-c", APP], reviews.work / "app.log", uid=APP_UID)
             _wait(lambda: "ready" in reviews.log("app.log") or app.poll() is not None, "the app", (reviews,))
-            agents = [pod.proxy() for pod in (reviews, productpage)]
+            agents = [reviews.proxy(), productpage.proxy({"ISTIO_META_DNS_CAPTURE": "true"})]
             _wait(lambda: _ready(topo.pod, PEER_V4) and _ready(topo.peer, POD_V4), "both proxies ready",
                   (reviews, productpage))
             assert all(agent.poll() is None for agent in agents)
@@ -149,3 +160,35 @@ def test_strict_refuses_plain_text_to_the_pod_port(mesh: tuple[Pod, Pod]) -> Non
     productpage, _ = mesh
     done = _curl(productpage, f"http://{PEER_V4}:9080/", uid=PROXY_UID)
     assert done.returncode != 0 and "caller=" not in done.stdout, done.stdout
+
+
+def _as_app(pod: Pod, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(N.ns_argv(pod.ns, list(argv), APP_UID, APP_UID), capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("name", "address"), [
+    ("reviews", REVIEWS_VIP), ("reviews.default", REVIEWS_VIP), ("reviews.default.svc.cluster.local", REVIEWS_VIP),
+    ("api.partner.example", "240.240.0.9"), (EXTERNAL, EXTERNAL_IP),
+])
+def test_dns_from_the_pod_with_glibc_and_dig(mesh: tuple[Pod, Pod], name: str, address: str) -> None:
+    """glibc's resolver (search list, ndots:5) and dig (the short name with `+search`, the others
+    as absolute names), both captured to the agent's DNS proxy; the external name is forwarded to
+    the upstream."""
+    productpage, _ = mesh
+    done = _as_app(productpage, "getent", "hosts", name)
+    assert done.returncode == 0 and done.stdout.split()[0] == address, (done.stdout, done.stderr)
+    query = ("+search", name) if "." not in name else ("+nosearch", f"{name}.")
+    done = _as_app(productpage, "dig", "+short", "+time=5", "+tries=1", *query)
+    assert done.stdout.strip().splitlines()[-1:] == [address], (name, done.stdout, done.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_the_dns_proxy_counts_what_it_answered(mesh: tuple[Pod, Pod]) -> None:
+    productpage, _ = mesh
+    assert _as_app(productpage, "getent", "hosts", "reviews").returncode == 0
+    status, body, _ = ns_http(productpage.ns, "127.0.0.1", 15020, "/stats/prometheus")
+    assert status == 200
+    requests = [line for line in body.decode().splitlines() if line.startswith("istio_agent_dns_requests_total")]
+    assert requests and float(requests[0].split()[-1]) > 0, body.decode()[:2000]
