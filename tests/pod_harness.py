@@ -210,7 +210,8 @@ class Pod:
         hosts.write_text(f"127.0.0.1 localhost\n{self.istiod} {ISTIOD}\n")
         (hosts.parent / "resolv.conf").write_text(self.resolv)
 
-    def start_controlplane(self, mesh: str, others: tuple[Pod, ...] = ()) -> subprocess.Popen[bytes]:
+    def start_controlplane(self, mesh: str, others: tuple[Pod, ...] = (),
+                           extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         """`pilotfish controlplane` in the peer namespace on 10.77.0.1:15012, issuing this pod's
         identity and `others'` (the root certificate lands in this pod's root)."""
         cp = self.work / "cp"
@@ -222,7 +223,8 @@ class Pod:
         # capture rules leave alone for the proxy's uid (its own pod IP they send to 15006)
         argv = [*controlplane(), "--mesh", str(cp / "mesh.yaml"), "--listen", "0.0.0.0:15012",
                 "--state-dir", str(cp / "state"), "--root-cert-out", str(self.root / "var/run/secrets/istio/root-cert.pem"),
-                "--token-file", str(cp / "token"), "--identities", str(cp / "identities"), "--san", ISTIOD]
+                "--token-file", str(cp / "token"), "--identities", str(cp / "identities"), "--san", ISTIOD,
+                *extra_args]
         return self.spawn(self.topo.peer, argv, cp / "log")
 
     def spawn(self, ns: str, argv: list[str], log: Path, uid: int | None = None,

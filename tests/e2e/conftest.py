@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_INIT = str(Path(__file__).resolve().parent.parent / "init")
-if _INIT not in sys.path:
-    sys.path.insert(0, _INIT)
+_HERE = Path(__file__).resolve().parent
+for _folder in (_HERE, _HERE.parent / "init"):  # meshlab, and the network-namespace harness
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
