@@ -51,6 +51,10 @@ APP = """\
 import http.server, socketserver, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path.startswith("/slow"):  # a request still in flight when its caller's proxy stops
+            import time
+            print("slow request", flush=True)
+            time.sleep(float(self.path.split("?", 1)[1]))
         body = ("caller=" + self.headers.get("x-forwarded-client-cert", "none")).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
