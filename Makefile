@@ -2,7 +2,7 @@
 # (when missing) and a virtualenv in .venv with the Python dependencies.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps iptables libcap2-bin util-linux
+APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps iptables libcap2-bin util-linux curl
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test lint bench demo protos system-deps venv
@@ -43,7 +43,7 @@ bench: system-deps venv
 	$(PY) bench/identity_bench.py
 
 demo: system-deps venv
-	demo/mesh.sh
+	$(VENV)/bin/python demo/mesh.py
 
 # Regenerate the committed protobuf modules (Istio's NDS NameTable, Istio's CA service) with
 # grpcio-tools. Messages only: the gRPC methods are bound by name (agent/identity/caclient.py,

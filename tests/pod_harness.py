@@ -211,9 +211,9 @@ class Pod:
         (hosts.parent / "resolv.conf").write_text(self.resolv)
 
     def start_controlplane(self, mesh: str, others: tuple[Pod, ...] = (),
-                           extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        """`pilotfish controlplane` in the peer namespace on 10.77.0.1:15012, issuing this pod's
-        identity and `others'` (the root certificate lands in this pod's root)."""
+                           extra_args: tuple[str, ...] = (), ns: str = "") -> subprocess.Popen[bytes]:
+        """`pilotfish controlplane` in the peer namespace (or `ns`) on port 15012, issuing this
+        pod's identity and `others'` (the root certificate lands in this pod's root)."""
         cp = self.work / "cp"
         cp.mkdir(exist_ok=True)
         (cp / "mesh.yaml").write_text(mesh)
@@ -225,7 +225,7 @@ class Pod:
                 "--state-dir", str(cp / "state"), "--root-cert-out", str(self.root / "var/run/secrets/istio/root-cert.pem"),
                 "--token-file", str(cp / "token"), "--identities", str(cp / "identities"), "--san", ISTIOD,
                 *extra_args]
-        return self.spawn(self.topo.peer, argv, cp / "log")
+        return self.spawn(ns or self.topo.peer, argv, cp / "log")
 
     def spawn(self, ns: str, argv: list[str], log: Path, uid: int | None = None,
               env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
