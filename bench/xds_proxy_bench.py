@@ -15,7 +15,10 @@ Three processes, so that no GIL is shared between what is measured and what meas
   receive time minus send time per response.
 
 The peer is the same client straight on the control plane (no proxy), measured in the same run,
-rounds interleaved direct, proxy, direct, proxy. Istio publishes no figure for its xDS proxy's
+rounds interleaved direct, proxy, direct, proxy. Beside the latencies: each response's size, the
+proxy process's CPU seconds and RSS (now and peak), the machine's load average before and after
+(other work on the machine shows there), and what parsing and serializing one full response costs
+in this process (the protobuf work a second hop repeats; the rest of a hop is gRPC's). Istio publishes no figure for its xDS proxy's
 added latency (docs/istio-compat.md has none; BENCHMARKS.md says so).
 
 Run as `make bench` (`.venv/bin/python bench/xds_proxy_bench.py`); `--quick` for a short run.
@@ -168,9 +171,9 @@ def run_proxy(upstream: str, socket_path: str) -> None:
 # the client
 
 
-def measure(target: str, delta: bool, responses: int) -> list[float]:
+def measure(target: str, delta: bool, responses: int) -> tuple[list[float], list[int]]:
     """Milliseconds from the control plane's send to this client's receive, per response (the
-    first, with every cluster, first)."""
+    first, with every cluster, first), and each response's size in bytes."""
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
     stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
     out: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -182,11 +185,13 @@ def measure(target: str, delta: bool, responses: int) -> list[float]:
 
     call = (stub.DeltaAggregatedResources if delta else stub.StreamAggregatedResources)(requests())
     latencies: list[float] = []
+    sizes: list[int] = []
     try:
         for response in call:
             received = time.monotonic_ns()
             sent = int(response.system_version_info if delta else response.version_info)
             latencies.append((received - sent) / 1e6)
+            sizes.append(response.ByteSize())
             if len(latencies) >= responses:
                 break
             if delta:
@@ -198,7 +203,23 @@ def measure(target: str, delta: bool, responses: int) -> list[float]:
         out.put(None)
         call.cancel()
         channel.close()
-    return latencies
+    return latencies, sizes
+
+
+def protobuf_ms(n: int) -> tuple[float, float]:
+    """Milliseconds to parse, and to serialize, one SotW response with all n clusters in this
+    process (median of 5): the protobuf half of what a relay that parses does again."""
+    wire = DiscoveryResponse(type_url=CDS, resources=ControlPlane(n).clusters, nonce="1").SerializeToString()
+    parse, serialize = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        message = DiscoveryResponse.FromString(wire)
+        t1 = time.perf_counter()
+        message.SerializeToString()
+        t2 = time.perf_counter()
+        parse.append((t1 - t0) * 1e3)
+        serialize.append((t2 - t1) * 1e3)
+    return statistics.median(parse), statistics.median(serialize)
 
 
 def spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
@@ -212,11 +233,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (VmRSS) or at its peak (VmHWM), MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -242,8 +268,9 @@ def main() -> int:
         return 0
     if args.quick:
         args.sizes, args.rounds, args.pushes = "100,1000", 1, 5
-    print(f"pilotfish xDS proxy benchmark  commit {git_commit()}  {args.rounds} rounds x (1 + {args.pushes}) responses")
-    print(f"{'clusters':>8} {'protocol':>8} {'response':>8} | {'direct ms':>16} | {'proxy ms':>16} | "
+    print(f"pilotfish xDS proxy benchmark  commit {git_commit('bench', 'xds_client')}  {os.cpu_count()} cores  "
+          f"load average {load_average()}  {args.rounds} rounds x (1 + {args.pushes}) responses")
+    print(f"{'clusters':>8} {'protocol':>8} {'response':>8} {'bytes':>9} | {'direct ms':>16} | {'proxy ms':>16} | "
           f"{'added ms':>9} {'ratio':>6}")
     report: list[dict[str, object]] = []
     for n in (int(x) for x in args.sizes.split(",")):
@@ -257,24 +284,35 @@ def main() -> int:
             for delta in (True, False):
                 got: dict[str, dict[str, list[float]]] = {"direct": {"first": [], "push": []},
                                                           "proxy": {"first": [], "push": []}}
+                size = {"first": 0, "push": 0}
                 for _ in range(args.rounds):
                     for how, target in (("direct", address), ("proxy", f"unix:{socket_path}")):
-                        lat = measure(target, delta, 1 + args.pushes)
+                        lat, sizes = measure(target, delta, 1 + args.pushes)
                         got[how]["first"].append(lat[0])
                         got[how]["push"] += lat[1:]
+                        size = {"first": sizes[0], "push": max(sizes[1:], default=0)}
                 for kind in ("first", "push"):
                     d, p = got["direct"][kind], got["proxy"][kind]
                     dm, pm = statistics.median(d), statistics.median(p)
-                    print(f"{n:>8} {'delta' if delta else 'sotw':>8} {kind:>8} | {dm:7.2f} p90 {pct(d, 0.9):6.2f} | "
-                          f"{pm:7.2f} p90 {pct(p, 0.9):6.2f} | {pm - dm:9.2f} {pm / dm:6.2f}")
-                    report.append({"clusters": n, "delta": delta, "response": kind, "direct_ms": d, "proxy_ms": p})
+                    print(f"{n:>8} {'delta' if delta else 'sotw':>8} {kind:>8} {size[kind]:>9} | "
+                          f"{dm:7.2f} p90 {pct(d, 0.9):6.2f} | {pm:7.2f} p90 {pct(p, 0.9):6.2f} | "
+                          f"{pm - dm:9.2f} {pm / dm:6.2f}")
+                    report.append({"clusters": n, "delta": delta, "response": kind, "bytes": size[kind],
+                                   "direct_ms": d, "proxy_ms": p})
             proxy_cpu = cpu_s(proxy.pid) - proxy_cpu
-            print(f"{n:>8} clusters: proxy process CPU {proxy_cpu:.2f} s over the run, RSS {rss_mb(proxy.pid):.1f} MiB")
+            rss, peak = rss_mb(proxy.pid), rss_mb(proxy.pid, "VmHWM")
+            parse, serialize = protobuf_ms(n)
+            print(f"{n:>8} clusters: proxy process CPU {proxy_cpu:.2f} s over the run, RSS {rss:.1f} MiB "
+                  f"(peak {peak:.1f}); one full response in this process: parse {parse:.2f} ms, "
+                  f"serialize {serialize:.2f} ms")
+            report.append({"clusters": n, "proxy_cpu_s": proxy_cpu, "proxy_rss_mib": rss, "proxy_peak_rss_mib": peak,
+                           "parse_ms": parse, "serialize_ms": serialize})
         finally:
             for proc in (proxy, cp):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
             subprocess.run(["rm", "-rf", work], check=False)
+    print(f"load average after: {load_average()}")
     write_report(args.json, report)
     return 0
 
