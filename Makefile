@@ -41,6 +41,7 @@ bench: system-deps venv
 	$(PY) bench/controlplane_bench.py
 	$(PY) bench/startup_bench.py
 	$(PY) bench/identity_bench.py
+	$(PY) bench/xds_proxy_bench.py
 
 demo: system-deps venv
 	$(VENV)/bin/python demo/mesh.py

@@ -10,20 +10,28 @@ Three processes, so that no GIL is shared between what is measured and what meas
   changed cluster. Each response carries its send time (CLOCK_MONOTONIC, shared by the
   processes of one machine) in `system_version_info` / `version_info`;
 - the xDS proxy (this file with `--proxy`): XdsProxy on a unix socket, upstream to the control
-  plane over plaintext, as the agent runs it beside Envoy;
+  plane over plaintext, as the agent runs it beside Envoy; it notes when it holds each response
+  (received and parsed, not yet serialized for Envoy), the "at proxy" column: the upstream leg,
+  so that the proxied figure splits into the leg up to the proxy and the hop from it to Envoy;
 - the client (this process), playing Envoy: subscribes to CDS, ACKs every response, and records
   receive time minus send time per response.
 
 The peer is the same client straight on the control plane (no proxy), measured in the same run,
-rounds interleaved direct, proxy, direct, proxy. Istio publishes no figure for its xDS proxy's
-added latency (docs/istio-compat.md has none; BENCHMARKS.md says so).
+rounds interleaved direct, proxy, direct, proxy. Beside the latencies: each response's size, the
+proxy process's CPU seconds and RSS (now and peak), the machine's load average before and after
+(other work on the machine shows there), and what parsing and serializing one full response costs
+in this process (the protobuf work a second hop repeats; the rest of a hop is gRPC's). Istio
+publishes no figure for its xDS proxy's added latency (docs/istio-compat.md has none;
+BENCHMARKS.md says so).
 
-Run as `make bench` (`.venv/bin/python bench/xds_proxy_bench.py`); `--quick` for a short run.
+Run as `make bench` (`.venv/bin/python bench/xds_proxy_bench.py`, about 20 s on 2 cores);
+`--quick` for a short run (100 and 1,000 clusters, about 2 s); `--json PATH` for the raw figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import signal
@@ -137,6 +145,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 def serve(n: int) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for sigwait (grpc's threads inherit the mask)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                          options=[("grpc.max_send_message_length", MAX_MESSAGE)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ControlPlane(n), server)
@@ -152,25 +161,42 @@ def serve(n: int) -> None:
 
 
 def run_proxy(upstream: str, socket_path: str) -> None:
+    """The proxy as the agent runs it, but that it notes, for each response it passes on, when it
+    had it (received and parsed, before it is serialized for Envoy) less the control plane's send
+    time: the upstream leg of the proxied figure. Printed as JSON on SIGTERM."""
     from pilotfish.xds_client.channel import XdsChannel, XdsSettings
-    from pilotfish.xds_client.proxy import XdsProxy
+    from pilotfish.xds_client.proxy import XdsProxy, _Pair
     from pilotfish.xds_client.resources import ResourceCache
 
-    proxy = XdsProxy(XdsChannel(XdsSettings(upstream, "istiod", None, "/nonexistent")), ResourceCache(), [],
-                     socket_path)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for sigwait (grpc's threads inherit the mask)
+    legs: dict[str, list[float]] = {}
+
+    class TimedProxy(XdsProxy):
+        def _stream(self, pair: _Pair, requests: Iterator[Any]) -> Iterator[object]:
+            first = True
+            for response in super()._stream(pair, requests):
+                sent = int(response.system_version_info if pair.delta else response.version_info)  # type: ignore[attr-defined]
+                key = f"{'delta' if pair.delta else 'sotw'} {'first' if first else 'push'}"
+                legs.setdefault(key, []).append((time.monotonic_ns() - sent) / 1e6)
+                first = False
+                yield response
+
+    proxy = TimedProxy(XdsChannel(XdsSettings(upstream, "istiod", None, "/nonexistent")), ResourceCache(), [],
+                       socket_path)
     proxy.start()
     print("serving", flush=True)
     signal.sigwait({signal.SIGTERM})
     proxy.stop(0)
+    print(json.dumps(legs), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # the client
 
 
-def measure(target: str, delta: bool, responses: int) -> list[float]:
+def measure(target: str, delta: bool, responses: int) -> tuple[list[float], list[int]]:
     """Milliseconds from the control plane's send to this client's receive, per response (the
-    first, with every cluster, first)."""
+    first, with every cluster, first), and each response's size in bytes."""
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
     stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
     out: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -182,11 +208,13 @@ def measure(target: str, delta: bool, responses: int) -> list[float]:
 
     call = (stub.DeltaAggregatedResources if delta else stub.StreamAggregatedResources)(requests())
     latencies: list[float] = []
+    sizes: list[int] = []
     try:
         for response in call:
             received = time.monotonic_ns()
             sent = int(response.system_version_info if delta else response.version_info)
             latencies.append((received - sent) / 1e6)
+            sizes.append(response.ByteSize())
             if len(latencies) >= responses:
                 break
             if delta:
@@ -198,7 +226,23 @@ def measure(target: str, delta: bool, responses: int) -> list[float]:
         out.put(None)
         call.cancel()
         channel.close()
-    return latencies
+    return latencies, sizes
+
+
+def protobuf_ms(n: int) -> tuple[float, float]:
+    """Milliseconds to parse, and to serialize, one SotW response with all n clusters in this
+    process (median of 5): the protobuf half of what a relay that parses does again."""
+    wire = DiscoveryResponse(type_url=CDS, resources=ControlPlane(n).clusters, nonce="1").SerializeToString()
+    parse, serialize = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        message = DiscoveryResponse.FromString(wire)
+        t1 = time.perf_counter()
+        message.SerializeToString()
+        t2 = time.perf_counter()
+        parse.append((t1 - t0) * 1e3)
+        serialize.append((t2 - t1) * 1e3)
+    return statistics.median(parse), statistics.median(serialize)
 
 
 def spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
@@ -212,11 +256,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (VmRSS) or at its peak (VmHWM), MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -224,10 +273,59 @@ def pct(xs: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def run_size(n: int, rounds: int, pushes: int) -> list[dict[str, object]]:
+    """Both protocols with n clusters, a control plane and a proxy of their own; prints the rows."""
+    cp, line = spawn("--serve", str(n))
+    address = f"127.0.0.1:{line.split()[1]}"
+    work = tempfile.mkdtemp(prefix="pilotfish-xdsbench-")
+    socket_path = os.path.join(work, "XDS")
+    proxy, _ = spawn("--proxy", address, socket_path)
+    got: dict[tuple[str, str, str], list[float]] = {}
+    size: dict[tuple[str, str], int] = {}
+    try:
+        proxy_cpu = cpu_s(proxy.pid)
+        for protocol in ("delta", "sotw"):
+            for _ in range(rounds):
+                for how, target in (("direct", address), ("proxy", f"unix:{socket_path}")):
+                    lat, sizes = measure(target, protocol == "delta", 1 + pushes)
+                    got.setdefault((protocol, "first", how), []).append(lat[0])
+                    got.setdefault((protocol, "push", how), []).extend(lat[1:])
+                    size[protocol, "first"], size[protocol, "push"] = sizes[0], max(sizes[1:], default=0)
+        proxy_cpu = cpu_s(proxy.pid) - proxy_cpu
+        rss, peak = rss_mb(proxy.pid), rss_mb(proxy.pid, "VmHWM")
+    finally:
+        legs = stop(proxy)
+        stop(cp)
+        subprocess.run(["rm", "-rf", work], check=False)
+    report: list[dict[str, object]] = []
+    for (protocol, kind) in size:
+        d, p, at = got[protocol, kind, "direct"], got[protocol, kind, "proxy"], legs.get(f"{protocol} {kind}", [])
+        dm, pm = statistics.median(d), statistics.median(p)
+        print(f"{n:>8} {protocol:>8} {kind:>8} {size[protocol, kind]:>9} | "
+              f"{dm:7.2f} p90 {pct(d, 0.9):6.2f} | {pm:7.2f} p90 {pct(p, 0.9):6.2f} | "
+              f"{pm - dm:9.2f} {pm / dm:6.2f} | {statistics.median(at) if at else float('nan'):8.2f}")
+        report.append({"clusters": n, "protocol": protocol, "response": kind, "bytes": size[protocol, kind],
+                       "direct_ms": d, "proxy_ms": p, "at_proxy_ms": at})
+    parse, serialize = protobuf_ms(n)
+    print(f"{n:>8} clusters: proxy process CPU {proxy_cpu:.2f} s over the run, RSS {rss:.1f} MiB "
+          f"(peak {peak:.1f}); one full response in this process: parse {parse:.2f} ms, serialize {serialize:.2f} ms")
+    report.append({"clusters": n, "proxy_cpu_s": proxy_cpu, "proxy_rss_mib": rss, "proxy_peak_rss_mib": peak,
+                   "parse_ms": parse, "serialize_ms": serialize})
+    return report
+
+
+def stop(proc: subprocess.Popen[str]) -> dict[str, list[float]]:
+    """SIGTERM, then what the process printed last (the proxy's legs; {} for the control plane)."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    last = out.strip().splitlines()[-1:] if out else []
+    return json.loads(last[0]) if last and last[0].startswith("{") else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="cluster counts (default 1000,10000)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved direct/proxy rounds per case")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved direct/proxy rounds per case")
     parser.add_argument("--pushes", type=int, default=20, help="responses after the first, per round")
     parser.add_argument("--quick", action="store_true", help="100 and 1000 clusters, 1 round, 5 pushes")
     parser.add_argument("--json", metavar="PATH", help="write the raw figures here")
@@ -242,39 +340,14 @@ def main() -> int:
         return 0
     if args.quick:
         args.sizes, args.rounds, args.pushes = "100,1000", 1, 5
-    print(f"pilotfish xDS proxy benchmark  commit {git_commit()}  {args.rounds} rounds x (1 + {args.pushes}) responses")
-    print(f"{'clusters':>8} {'protocol':>8} {'response':>8} | {'direct ms':>16} | {'proxy ms':>16} | "
-          f"{'added ms':>9} {'ratio':>6}")
+    print(f"pilotfish xDS proxy benchmark  commit {git_commit('bench', 'xds_client')}  {os.cpu_count()} cores  "
+          f"load average {load_average()}  {args.rounds} rounds x (1 + {args.pushes}) responses")
+    print(f"{'clusters':>8} {'protocol':>8} {'response':>8} {'bytes':>9} | {'direct ms':>16} | {'proxy ms':>16} | "
+          f"{'added ms':>9} {'ratio':>6} | {'at proxy':>8}")
     report: list[dict[str, object]] = []
     for n in (int(x) for x in args.sizes.split(",")):
-        cp, line = spawn("--serve", str(n))
-        address = f"127.0.0.1:{line.split()[1]}"
-        work = tempfile.mkdtemp(prefix="pilotfish-xdsbench-")
-        socket_path = os.path.join(work, "XDS")
-        proxy, _ = spawn("--proxy", address, socket_path)
-        try:
-            proxy_cpu = cpu_s(proxy.pid)
-            for delta in (True, False):
-                got: dict[str, dict[str, list[float]]] = {"direct": {"first": [], "push": []},
-                                                          "proxy": {"first": [], "push": []}}
-                for _ in range(args.rounds):
-                    for how, target in (("direct", address), ("proxy", f"unix:{socket_path}")):
-                        lat = measure(target, delta, 1 + args.pushes)
-                        got[how]["first"].append(lat[0])
-                        got[how]["push"] += lat[1:]
-                for kind in ("first", "push"):
-                    d, p = got["direct"][kind], got["proxy"][kind]
-                    dm, pm = statistics.median(d), statistics.median(p)
-                    print(f"{n:>8} {'delta' if delta else 'sotw':>8} {kind:>8} | {dm:7.2f} p90 {pct(d, 0.9):6.2f} | "
-                          f"{pm:7.2f} p90 {pct(p, 0.9):6.2f} | {pm - dm:9.2f} {pm / dm:6.2f}")
-                    report.append({"clusters": n, "delta": delta, "response": kind, "direct_ms": d, "proxy_ms": p})
-            proxy_cpu = cpu_s(proxy.pid) - proxy_cpu
-            print(f"{n:>8} clusters: proxy process CPU {proxy_cpu:.2f} s over the run, RSS {rss_mb(proxy.pid):.1f} MiB")
-        finally:
-            for proc in (proxy, cp):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-            subprocess.run(["rm", "-rf", work], check=False)
+        report += run_size(n, args.rounds, args.pushes)
+    print(f"load average after: {load_average()}")
     write_report(args.json, report)
     return 0
 
