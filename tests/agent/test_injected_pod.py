@@ -137,7 +137,7 @@ def _command(pid: int) -> str:
 
 
 def _envoys(pod: Pod) -> list[int]:
-    return [pid for pid in _pod_pids(pod) if "envoy" in _command(pid).split(" ")[0]]
+    return [pid for pid in _pod_pids(pod) if Path(_command(pid).split(" ")[0]).name == "envoy"]  # not a path with "envoy" in it
 
 
 def _in_pod(pod: Pod, *argv: str) -> subprocess.CompletedProcess[str]:
