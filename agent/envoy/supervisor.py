@@ -102,6 +102,8 @@ class EnvoyPart:
                 nursery.cancel_scope.cancel()
             status = process.wait()
             self._reason = f"Envoy exited ({describe(status)})"
+            if status == -signal.SIGKILL:  # Istio's hint: the kernel's OOM killer sends SIGKILL
+                log.warning("envoy: Envoy may have been out of memory killed. Check memory usage and limits.")
             log.error("envoy: exited by itself with %s", describe(status))
             raise EnvoyExited(status)
         finally:
