@@ -3,7 +3,8 @@
 Istio's probe (docs/istio-compat.md "Envoy readiness and drain"): Envoy is ready once it has
 received its first CDS and LDS (updated successfully at least once; remembered afterwards, as a
 control plane that goes away must not make the pod unready), is LIVE, and has started its
-workers. The reasons are Istio's words, which users search for.
+workers; once ready, it is not asked again (the state and the workers do not go back in an
+Envoy's life). The reasons are Istio's words, which users search for.
 """
 
 from __future__ import annotations
@@ -35,24 +36,36 @@ class Readiness:
 
 
 def readiness(stats: Mapping[str, int], config_received: bool) -> Readiness:
+    if not config_received:
+        reason = _config_missing(stats)
+        if reason is not None:
+            return Readiness(reason, False)
+    for name in ("server.state", "listener_manager.workers_started"):
+        if name not in stats:  # `usedonly`: not set yet this early in Envoy's start
+            return Readiness(f"failed to get readiness stats: {name} is not yet updated", True)
+    state = stats["server.state"]
+    if state != 0:
+        return Readiness(f"server is not live, current state is: {SERVER_STATES.get(state, 'UNKNOWN')}", True)
+    if stats["listener_manager.workers_started"] != 1:
+        return Readiness("workers have not yet started", True)
+    return Readiness(None, True)
+
+
+def _config_missing(stats: Mapping[str, int]) -> str | None:
+    """None once CDS and LDS have each been updated, else which of Istio's three words fits."""
     cds_ok = stats.get("cluster_manager.cds.update_success", 0)
     lds_ok = stats.get("listener_manager.lds.update_success", 0)
-    if not config_received:
-        if cds_ok > 0 and lds_ok > 0:
-            config_received = True
-        else:
-            return Readiness(
-                "config not received from XDS server (is Istiod running?): "
-                f"cds updates: {cds_ok} successful, {stats.get('cluster_manager.cds.update_rejected', 0)} rejected; "
-                f"lds updates: {lds_ok} successful, {stats.get('listener_manager.lds.update_rejected', 0)} rejected",
-                False)
-    state = stats.get("server.state")
-    if state != 0:
-        name = SERVER_STATES.get(state, str(state)) if state is not None else "unknown"
-        return Readiness(f"server is not live, current state is: {name}", config_received)
-    if stats.get("listener_manager.workers_started", 0) != 1:
-        return Readiness("workers have not yet started", config_received)
-    return Readiness(None, config_received)
+    if cds_ok > 0 and lds_ok > 0:
+        return None
+    cds_rejected = stats.get("cluster_manager.cds.update_rejected", 0)
+    lds_rejected = stats.get("listener_manager.lds.update_rejected", 0)
+    counts = (f"cds updates: {cds_ok} successful, {cds_rejected} rejected; "
+              f"lds updates: {lds_ok} successful, {lds_rejected} rejected")
+    if cds_ok == 0 and lds_ok == 0:
+        return f"config not received from XDS server (is Istiod running?): {counts}"
+    if cds_rejected > 0 or lds_rejected > 0:
+        return f"config received from XDS server, but was rejected: {counts}"
+    return f"config not fully received from XDS server: {counts}"
 
 
 def active_connections(stats: Mapping[str, int], known: Iterable[str]) -> int | None:

@@ -36,8 +36,7 @@ from .settings import EnvoySettings
 
 log = logging.getLogger("pilotfish.envoy")
 
-POLL_STARTING = 0.1  # seconds between readiness polls until ready: start to ready is what users wait for
-POLL_READY = 1.0  # then as often as kubelet's probes come
+POLL_PERIOD = 0.1  # seconds between readiness polls until ready: start to ready is what users wait for
 CONNECTIONS_PERIOD = 1.0  # Istio's period between active-connection counts while draining
 MAX_COUNT_ERRORS = 5  # Istio gives up counting after five failures in a row
 STOP_WAIT = 10.0  # seconds for Envoy to exit on SIGTERM before SIGKILL
@@ -103,6 +102,8 @@ class EnvoyPart:
                 nursery.cancel_scope.cancel()
             status = process.wait()
             self._reason = f"Envoy exited ({describe(status)})"
+            if status == -signal.SIGKILL:  # Istio's hint: the kernel's OOM killer sends SIGKILL
+                log.warning("envoy: Envoy may have been out of memory killed. Check memory usage and limits.")
             log.error("envoy: exited by itself with %s", describe(status))
             raise EnvoyExited(status)
         finally:
@@ -112,7 +113,10 @@ class EnvoyPart:
                     await self._stop(process)
 
     async def _poll(self) -> None:
-        """Keep `ready()`'s answer current without I/O on the probe's path."""
+        """Keep `ready()`'s answer current without I/O on the probe's path, until Envoy is
+        ready once: then, as Istio's probe, it is not asked again (a slow admin under load must
+        not make a serving pod unready; the agent's shutdown and Envoy's exit fail readiness
+        without it)."""
         while True:
             try:
                 state = readiness(await self.admin.readiness_stats(), self._config_received)
@@ -120,7 +124,10 @@ class EnvoyPart:
                 self._reason = state.reason
             except AdminError as err:
                 self._reason = f"failed to get readiness stats: {err}"
-            await trio.sleep(POLL_STARTING if self._reason is not None and not self._config_received else POLL_READY)
+            if self._reason is None:
+                log.info("envoy: ready")
+                return
+            await trio.sleep(POLL_PERIOD)
 
     def drain(self) -> None:
         """POST /drain (from a worker thread of the status server): inbound listeners drain,

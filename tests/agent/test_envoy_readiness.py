@@ -13,10 +13,30 @@ def test_config_first_then_live_then_workers() -> None:
     assert state.reason == ("config not received from XDS server (is Istiod running?): cds updates: 0 successful, "
                             "1 rejected; lds updates: 0 successful, 0 rejected") and not state.config_received
     got = {"cluster_manager.cds.update_success": 1, "listener_manager.lds.update_success": 1}
-    state = readiness({**got, "server.state": 2}, False)
+    state = readiness({**got, "server.state": 2, "listener_manager.workers_started": 0}, False)
     assert state.reason == "server is not live, current state is: PRE_INITIALIZING" and state.config_received
-    assert readiness({**got, "server.state": 0}, False).reason == "workers have not yet started"
+    assert readiness({**got, "server.state": 0, "listener_manager.workers_started": 0}, False).reason == \
+        "workers have not yet started"
     assert readiness({**got, **LIVE}, False).reason is None
+
+
+def test_config_partly_received_or_rejected_in_istios_words() -> None:
+    counts = "cds updates: 1 successful, 0 rejected; lds updates: 0 successful, {} rejected"
+    assert readiness({"cluster_manager.cds.update_success": 1, **LIVE}, False).reason == \
+        "config not fully received from XDS server: " + counts.format(0)
+    state = readiness({"cluster_manager.cds.update_success": 1, "listener_manager.lds.update_rejected": 2}, False)
+    assert state.reason == "config received from XDS server, but was rejected: " + counts.format(2)
+    assert not state.config_received
+
+
+def test_missing_or_unknown_server_stats() -> None:
+    """`usedonly` leaves out a stat Envoy has not set yet: Istio's probe says which."""
+    got = {"cluster_manager.cds.update_success": 1, "listener_manager.lds.update_success": 1}
+    assert readiness({**got, "listener_manager.workers_started": 1}, False).reason == \
+        "failed to get readiness stats: server.state is not yet updated"
+    assert readiness({**got, "server.state": 0}, False).reason == \
+        "failed to get readiness stats: listener_manager.workers_started is not yet updated"
+    assert readiness({**LIVE, "server.state": 7}, True).reason == "server is not live, current state is: UNKNOWN"
 
 
 def test_config_once_received_is_remembered() -> None:
