@@ -50,6 +50,8 @@ peerAuthentications:
 APP = """\
 import http.server, socketserver, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as an application server would
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     def do_GET(self):
         if self.path.startswith("/slow"):  # a request still in flight when its caller's proxy stops
             import time
