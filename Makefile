@@ -42,9 +42,11 @@ bench: system-deps venv
 	$(PY) bench/startup_bench.py
 	$(PY) bench/identity_bench.py
 	$(PY) bench/xds_proxy_bench.py
+	$(SUDO) $(PY) bench/sidecar_bench.py
+	$(SUDO) $(PY) bench/mesh_bench.py
 
 demo: system-deps venv
-	$(VENV)/bin/python demo/mesh.py
+	$(SUDO) $(VENV)/bin/python demo/mesh.py
 
 # Regenerate the committed protobuf modules (Istio's NDS NameTable, Istio's CA service) with
 # grpcio-tools. Messages only: the gRPC methods are bound by name (agent/identity/caclient.py,
