@@ -2,7 +2,8 @@
 that captured traffic goes to the service's pods over mTLS (docs/istio-compat.md "istiod:
 sidecar service config"). Pure.
 
-Outbound, for every Kubernetes Service with a cluster IP, per port:
+Outbound, for every Kubernetes Service with a cluster IP (and every ServiceEntry with an address
+resolved STATIC or DNS: plain text, its endpoints by EDS or by Envoy's DNS), per port:
 - a cluster `outbound|<port>||<host>` of type EDS (its endpoints over ADS: the service's ready
   pods on the target port), originating mTLS with the SDS `default` certificate and trusting
   `ROOTCA`, verifying that the server's SPIFFE ID is one of the service's pods' service
@@ -57,7 +58,17 @@ from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from .mesh import Mesh
-from .nametable import Endpoint, Health, ProxyInfo, Registry, Resolution, Service, ServicePort
+from .nametable import (
+    UNSPECIFIED_IP,
+    Endpoint,
+    Health,
+    ProxyInfo,
+    Registry,
+    Resolution,
+    Service,
+    ServicePort,
+    proxy_families,
+)
 
 CONNECT_TIMEOUT = Duration(seconds=10)
 SDS_CLUSTER = "sds-grpc"  # the bootstrap's cluster to the agent's SDS socket
@@ -92,28 +103,64 @@ def service_config(mesh: Mesh, proxy: ProxyInfo, trust_domain: str) -> ServiceCo
     clusters: list[Cluster] = []
     assignments: list[ClusterLoadAssignment] = []
     chains: list[FilterChain] = []
+    taken: set[tuple[str, int]] = set()  # (address, port): two chains with one match would make Envoy refuse LDS
     for svc, vips in _routable(mesh, proxy):
         endpoints = [e for e in mesh.endpoints.get(svc.hostname, ()) if e.health is Health.HEALTHY]
-        mtls = mesh.mtls_mode(svc.namespace) != "DISABLE"
+        external = svc.registry is Registry.EXTERNAL
+        mtls = not external and mesh.mtls_mode(svc.namespace) != "DISABLE"
         identities = sorted({spiffe_id(trust_domain, svc.namespace, e.service_account or "default")
                              for e in endpoints})
         for spec in svc.port_specs:
+            free = tuple(vip for vip in vips if (vip, spec.port) not in taken)
+            if not free:
+                continue  # an earlier service has these addresses on this port (istiod: the first wins)
+            taken.update((vip, spec.port) for vip in free)
             name = cluster_name(spec.port, svc.hostname)
-            clusters.append(_outbound_cluster(name, spec, identities if mtls else None))
-            assignments.append(_assignment(name, endpoints, spec))
-            chains.append(_outbound_chain(name, vips, spec))
+            if svc.resolution in (Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN_LB):
+                clusters.append(_dns_cluster(name, svc, endpoints, spec))
+            else:
+                clusters.append(_outbound_cluster(name, spec, identities if mtls else None))
+                assignments.append(_assignment(name, endpoints, spec))
+            chains.append(_outbound_chain(name, free, spec))
     return ServiceConfig(tuple(clusters), tuple(assignments), tuple(chains), tuple(_inbound_chains(mesh, proxy)))
 
 
 def _routable(mesh: Mesh, proxy: ProxyInfo) -> Iterator[tuple[Service, tuple[str, ...]]]:
-    """Kubernetes Services with cluster IPs of the proxy's cluster (ServiceEntries and headless
-    services keep the passthrough: their endpoints are not the mesh's pods)."""
+    """Kubernetes Services with cluster IPs of the proxy's cluster, and ServiceEntries with
+    addresses (written, or auto-allocated for a proxy that captures DNS) resolved STATIC or DNS.
+    Headless services and ServiceEntries with resolution NONE keep the passthrough, which dials
+    the address the application dialled, as istiod's config for them does."""
     for svc in mesh.services:
-        if svc.registry is not Registry.KUBERNETES or svc.resolution is not Resolution.CLIENT_SIDE_LB:
+        if svc.registry is Registry.KUBERNETES:
+            if svc.resolution is Resolution.CLIENT_SIDE_LB:
+                vips = svc.cluster_vips.get(proxy.cluster) or next(iter(svc.cluster_vips.values()), ())
+                if vips:
+                    yield svc, tuple(vips)
             continue
-        vips = svc.cluster_vips.get(proxy.cluster) or next(iter(svc.cluster_vips.values()), ())
-        if vips:
-            yield svc, tuple(vips)
+        if svc.resolution not in (Resolution.CLIENT_SIDE_LB, Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN_LB):
+            continue
+        if svc.default_address != UNSPECIFIED_IP:
+            yield svc, (svc.default_address,)
+        elif proxy.dns_capture:  # the addresses its DNS proxy answers with, of the proxy's families
+            v4, v6 = proxy_families(proxy.ips)
+            allocated = tuple(a for a, wanted in ((svc.auto_allocated_ipv4, v4), (svc.auto_allocated_ipv6, v6))
+                              if a and wanted)
+            if allocated:
+                yield svc, allocated
+
+
+def _dns_cluster(name: str, svc: Service, endpoints: list[Endpoint], spec: ServicePort) -> Cluster:
+    """A ServiceEntry resolved by DNS: Envoy resolves its endpoints' names (the host itself when
+    it lists none) and dials them in plain text (TLS to an external service is the application's)."""
+    kind = Cluster.STRICT_DNS if svc.resolution is Resolution.DNS_LB else Cluster.LOGICAL_DNS
+    cluster = Cluster(name=name, type=kind, connect_timeout=CONNECT_TIMEOUT, lb_policy=Cluster.ROUND_ROBIN)
+    hosts = [a for e in endpoints for a in e.addresses[:1]] or [svc.hostname]
+    if kind == Cluster.LOGICAL_DNS:
+        hosts = hosts[:1]  # Envoy allows one address in a LOGICAL_DNS cluster
+    cluster.load_assignment.CopyFrom(ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
+        lb_endpoints=[LbEndpoint(endpoint=EnvoyEndpoint(address=Address(socket_address=SocketAddress(
+            address=host, port_value=spec.target_port)))) for host in hosts])]))
+    return cluster
 
 
 def _sds(name: str) -> SdsSecretConfig:
@@ -165,8 +212,10 @@ def _assignment(name: str, endpoints: list[Endpoint], spec: ServicePort) -> Clus
 
 def _outbound_chain(name: str, vips: tuple[str, ...], spec: ServicePort) -> FilterChain:
     match = FilterChainMatch(destination_port=UInt32Value(value=spec.port))
-    for vip in vips:
-        match.prefix_ranges.add(address_prefix=vip, prefix_len=UInt32Value(value=128 if ":" in vip else 32))
+    for vip in vips:  # an address, or a ServiceEntry's CIDR
+        address, _, length = vip.partition("/")
+        match.prefix_ranges.add(address_prefix=address,
+                                prefix_len=UInt32Value(value=int(length) if length else 128 if ":" in address else 32))
     network = _http(name, name, xfcc=False) if spec.protocol in HTTP_PROTOCOLS else _tcp(name, name)
     return FilterChain(name=name, filter_chain_match=match, filters=[network])
 

@@ -17,7 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsContext, UpstreamTlsContext
 from google.protobuf.json_format import MessageToDict
 
-from pilotfish.controlplane.envoyconfig import sidecar_config
+from pilotfish.controlplane.envoyconfig import SidecarConfig, sidecar_config
 from pilotfish.controlplane.mesh import parse_mesh
 from pilotfish.controlplane.nametable import ProxyInfo
 from pilotfish.controlplane.services import service_config
@@ -101,13 +101,16 @@ def test_inbound_by_mode() -> None:
 @pytest.mark.skipif(available() is not None, reason=str(available()))
 @pytest.mark.parametrize("proxy", [REVIEWS_POD, LEGACY_POD], ids=["strict", "disable"])
 def test_envoy_accepts_the_whole_config(tmp_path: Path, proxy: ProxyInfo) -> None:
+    _validate(tmp_path, sidecar_config(parse_mesh(MESH), proxy), proxy.ips[0])
+
+
+def _validate(tmp_path: Path, config: SidecarConfig, ip: str) -> None:
     """The config as static resources of a bootstrap with the agent's ADS and SDS clusters."""
-    config = sidecar_config(parse_mesh(MESH), proxy)
     pipe = {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicit_http_config": {"http2_protocol_options": {}}}}, "type": "STATIC", "connect_timeout": "1s"}
     doc = {
-        "node": {"id": f"sidecar~{proxy.ips[0]}~p.ns~ns.svc.cluster.local", "cluster": "p.ns"},
+        "node": {"id": f"sidecar~{ip}~p.ns~ns.svc.cluster.local", "cluster": "p.ns"},
         "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
                                              "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}},
         "static_resources": {
@@ -123,3 +126,49 @@ def test_envoy_accepts_the_whole_config(tmp_path: Path, proxy: ProxyInfo) -> Non
     done = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+ENTRIES = """\
+services:
+  - {name: reviews, namespace: bookinfo, clusterIP: 10.96.0.21, ports: [{port: 9080, name: http}],
+     endpoints: [{addresses: [10.244.1.7]}]}
+serviceEntries:
+  - {name: static, namespace: bookinfo, hosts: [db.partner.example], addresses: [240.240.1.1], resolution: STATIC,
+     ports: [{number: 5432, name: tcp}], endpoints: [{address: 203.0.113.5}, {address: 203.0.113.6}]}
+  - {name: dns, namespace: bookinfo, hosts: [api.partner.example], resolution: DNS, ports: [{number: 80, name: http}]}
+  - {name: range, namespace: bookinfo, hosts: [legacy.example], addresses: [192.0.2.0/24], resolution: STATIC,
+     ports: [{number: 8080, name: tcp}], endpoints: [{address: 192.0.2.10}]}
+  - {name: none, namespace: bookinfo, hosts: [any.example], addresses: [198.51.100.1], ports: [443]}
+  - {name: again, namespace: bookinfo, hosts: [other.example], addresses: [240.240.1.1], resolution: STATIC,
+     ports: [{number: 5432, name: tcp}], endpoints: [{address: 203.0.113.7}]}
+"""
+
+
+def test_service_entries_with_addresses_are_routed_in_plain_text() -> None:
+    mesh = parse_mesh(ENTRIES)
+    config = service_config(mesh, ProxyInfo(ips=("10.244.1.8",), dns_capture=True), "cluster.local")
+    clusters = {c.name: c for c in config.clusters}
+    static = clusters["outbound|5432||db.partner.example"]
+    assert static.type == static.EDS and not static.HasField("transport_socket")  # external: no mesh mTLS
+    lb = MessageToDict(next(a for a in config.assignments if a.cluster_name == static.name))
+    assert [e["endpoint"]["address"]["socketAddress"]["address"] for e in lb["endpoints"][0]["lbEndpoints"]] == [
+        "203.0.113.5", "203.0.113.6"]
+    dns = clusters["outbound|80||api.partner.example"]
+    assert dns.type == dns.STRICT_DNS
+    assert dns.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address == \
+        "api.partner.example"
+    chains = {c.name: c.filter_chain_match for c in config.outbound_chains}
+    auto = mesh.services[2].auto_allocated_ipv4  # the DNS entry had no address: the allocated one, with DNS capture
+    assert [r.address_prefix for r in chains["outbound|80||api.partner.example"].prefix_ranges] == [auto]
+    assert [(r.address_prefix, r.prefix_len.value) for r in chains["outbound|8080||legacy.example"].prefix_ranges] \
+        == [("192.0.2.0", 24)]
+    assert "outbound|443||any.example" not in clusters  # resolution NONE: the passthrough dials it
+    assert "outbound|5432||other.example" not in clusters  # same address and port as an earlier entry: the first wins
+    without = service_config(mesh, ProxyInfo(ips=("10.244.1.8",)), "cluster.local")
+    assert "outbound|80||api.partner.example" not in {c.name for c in without.clusters}  # no DNS capture: no address
+
+
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_envoy_accepts_service_entries(tmp_path: Path) -> None:
+    _validate(tmp_path, sidecar_config(parse_mesh(ENTRIES), ProxyInfo(ips=("10.244.1.8",), dns_capture=True)),
+              "10.244.1.8")
