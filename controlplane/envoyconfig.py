@@ -27,11 +27,18 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, BindConfig, ExtraSourceAddress, SocketAddress
 from envoy.config.core.v3.base_pb2 import TrafficDirection
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
-from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain, FilterChainMatch, ListenerFilter
+from envoy.config.listener.v3.listener_components_pb2 import (
+    Filter,
+    FilterChain,
+    FilterChainMatch,
+    ListenerFilter,
+    ListenerFilterChainMatchPredicate,
+)
 from envoy.config.listener.v3.listener_pb2 import AdditionalAddress, Listener
 from envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2 import OriginalDst
 from envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2 import TlsInspector
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
+from envoy.type.v3.range_pb2 import Int32Range
 from google.protobuf.any_pb2 import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -142,8 +149,18 @@ def _virtual_inbound(wildcards: list[str], services: tuple[FilterChain, ...]) ->
     ])
     listener.continue_on_listener_filters_timeout = True
     listener.listener_filters.append(ListenerFilter(name=ORIGINAL_DST, typed_config=_pack(OriginalDst())))
-    if services:  # the pod's ports are told apart by TLS or not (mTLS from the mesh, plaintext)
-        listener.listener_filters.append(ListenerFilter(name=TLS_INSPECTOR, typed_config=_pack(TlsInspector())))
+    ports = sorted({c.filter_chain_match.destination_port.value for c in services})
+    if ports:  # the pod's ports are told apart by TLS or not (mTLS from the mesh, plaintext)
+        inspector = ListenerFilter(name=TLS_INSPECTOR, typed_config=_pack(TlsInspector()))
+        # only on those ports: it waits for the client's first bytes, which a server-first
+        # protocol on another port (passed through) would never send, until its 15 s timeout
+        rules = [ListenerFilterChainMatchPredicate(destination_port_range=Int32Range(start=port, end=port + 1))
+                 for port in ports]
+        if len(rules) == 1:  # Envoy wants two rules or more in a set
+            inspector.filter_disabled.not_match.CopyFrom(rules[0])
+        else:
+            inspector.filter_disabled.not_match.or_match.rules.extend(rules)
+        listener.listener_filters.append(inspector)
     return listener
 
 

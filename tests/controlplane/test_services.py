@@ -172,3 +172,16 @@ def test_service_entries_with_addresses_are_routed_in_plain_text() -> None:
 def test_envoy_accepts_service_entries(tmp_path: Path) -> None:
     _validate(tmp_path, sidecar_config(parse_mesh(ENTRIES), ProxyInfo(ips=("10.244.1.8",), dns_capture=True)),
               "10.244.1.8")
+
+
+def test_tls_inspector_only_on_the_pods_declared_ports() -> None:
+    """The inspector waits for a client's first bytes: on a port passed through, a server-first
+    protocol would stall until its timeout."""
+    inbound = sidecar_config(parse_mesh(MESH), REVIEWS_POD).listeners[1]
+    inspector = next(f for f in inbound.listener_filters if f.name == "envoy.filters.listener.tls_inspector")
+    ranges = [(r.destination_port_range.start, r.destination_port_range.end)
+              for r in inspector.filter_disabled.not_match.or_match.rules]
+    assert ranges == [(5432, 5433), (8080, 8081), (9090, 9091)]
+    legacy = sidecar_config(parse_mesh(MESH), LEGACY_POD).listeners[1]
+    one = next(f for f in legacy.listener_filters if f.name == "envoy.filters.listener.tls_inspector")
+    assert one.filter_disabled.not_match.destination_port_range.start == 80
