@@ -30,6 +30,7 @@ from google.protobuf.struct_pb2 import Struct
 from prometheus_client import CollectorRegistry
 
 from pilotfish.common.limits import raise_open_files_limit
+from pilotfish.common.systemd import Notifier, notify_address, watchdog_interval
 from pilotfish.dns.command import add_dns_arguments, dns_config
 from pilotfish.common.settings import ConfigError, parse_bool
 from pilotfish.dns.server import DnsProxy
@@ -57,7 +58,7 @@ from .envoy.supervisor import EnvoyExited, EnvoyNotStarted, EnvoyPart, describe
 from .listeners import open_listeners
 from .metricsmerge import MetricsConfig, MetricsMerge, metrics_config
 from .prober import AppProber
-from .parts import DnsPart, StatusPart, XdsPart
+from .parts import DnsPart, StatusPart, SystemdPart, XdsPart
 from .status import StatusServer, StatusSources
 from .workloadhealth import HealthConfig, WorkloadHealth, health_config
 
@@ -290,4 +291,7 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         parts.append(envoy_part)
         if health is not None and xds_proxy is not None:  # VMs: the workload's health to the control plane
             parts.append(WorkloadHealth(health, xds_proxy, envoy_part.ready, config.instance_ips[0]))
+    notify = notify_address(os.environ)
+    if notify is not None:  # under systemd (the VM unit, Type=notify): READY=1 and the watchdog
+        parts.append(SystemdPart(Notifier(notify), readiness(shutdown, parts), watchdog_interval(os.environ, os.getpid())))
     await run_components(parts, shutdown)

@@ -4,11 +4,13 @@ wraps one server of another package and adds its part of readiness."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 
+from pilotfish.common.systemd import Notifier
 from pilotfish.dns.server import BuiltLookup, DnsProxy
 from pilotfish.dns.table import debug_view
 from pilotfish.xds_client.nds import BuiltTable, NameTableType
@@ -19,6 +21,7 @@ from pilotfish.xds_client.transport import XdsClient
 from .status import DNS_NOT_READY, StatusServer
 
 log = logging.getLogger("pilotfish.agent")
+READINESS_POLL = 0.1  # seconds between readiness checks until READY=1 is sent
 
 
 class DnsPart:
@@ -89,6 +92,45 @@ class StatusPart:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.server.serve(task_status=task_status)
+
+    def ready(self) -> str | None:
+        return None
+
+
+@dataclass
+class SystemdPart:
+    """systemd's notify protocol (common/systemd.py) for the VM unit of `Type=notify`: READY=1
+    once the agent is ready (the unit then counts as started), STATUS= with what it waits for,
+    WATCHDOG=1 at half the unit's WatchdogSec from the agent's own event loop (a loop that hangs
+    stops the pings, and systemd restarts the agent), STOPPING=1 on the way out."""
+
+    notifier: Notifier
+    readiness: Callable[[], str | None]
+    watchdog: float | None  # seconds between pings; None without WatchdogSec
+    name: str = "systemd"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        said: str | None = None
+        ready = False
+        last_ping = -math.inf
+        try:
+            while True:
+                if not ready:
+                    reason = self.readiness()
+                    if reason is None:
+                        ready = self.notifier.send(READY="1", STATUS="ready")
+                    elif reason != said:
+                        self.notifier.send(STATUS=f"not ready: {reason}")
+                        said = reason
+                now = trio.current_time()
+                if self.watchdog is not None and now - last_ping >= self.watchdog:
+                    self.notifier.send(WATCHDOG="1")
+                    last_ping = now
+                await trio.sleep(min(READINESS_POLL if not ready else math.inf, self.watchdog or math.inf))
+        finally:
+            self.notifier.send(STOPPING="1")
+            self.notifier.close()
 
     def ready(self) -> str | None:
         return None
