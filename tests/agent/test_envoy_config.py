@@ -11,6 +11,7 @@ import pytest
 from envoy_proc import ENVOY, available
 from pilotfish.agent.envoy.bootstrap import bootstrap, write_bootstrap
 from pilotfish.agent.envoy.settings import (
+    bootstrap_params,
     EnvoyInputs,
     EnvoySettings,
     concurrency,
@@ -108,6 +109,16 @@ def test_bad_values_are_named(env: dict[str, str], pc: dict[str, object], flags:
         settings(env, pc=pc, **flags)  # type: ignore[arg-type]
     for word in words:
         assert word in str(err.value)
+
+
+def test_the_bootstrap_needs_no_binary() -> None:
+    """bootstrap_params checks only what the document holds: a missing Envoy is settings' error."""
+    inputs = EnvoyInputs("sidecar", NODE, "hello.default", ("", "", ""), {}, ("10.1.0.5",),
+                         with_defaults({"binaryPath": "/nonexistent/envoy", "proxyAdminPort": 15001}), 15020)
+    params = bootstrap_params(inputs, {"ENVOY_STATUS_PORT": "15031"}, log_as_json=True)
+    assert (params.admin_port, params.envoy_status_port, params.log_as_json) == (15001, 15031, True)
+    with pytest.raises(ConfigError, match="binaryPath"):
+        envoy_settings(inputs, {})
 
 
 def test_binary_falls_back_to_the_wheels_envoy() -> None:
