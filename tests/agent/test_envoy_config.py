@@ -1,4 +1,4 @@
-"""Envoy's bootstrap and command line (agent/envoy/bootstrap.py, settings.py): Istio's fields,
+"""Envoy's bootstrap and command line (agent/envoy/bootstrap.py, settings.py, argv.py): Istio's fields,
 every variant accepted by the real Envoy (`--mode validate`), bad values named."""
 
 from __future__ import annotations
@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 from envoy_proc import ENVOY, available
 from pilotfish.agent.envoy.bootstrap import bootstrap, write_bootstrap
-from pilotfish.agent.envoy.settings import (
-    bootstrap_params,
-    EnvoyInputs,
-    EnvoySettings,
-    concurrency,
-    envoy_binary,
-    envoy_settings,
-    launcher,
-    log_levels,
-)
+from pilotfish.agent.envoy.argv import concurrency, envoy_binary, launcher, log_levels
+from pilotfish.agent.envoy.settings import EnvoyInputs, EnvoySettings, bootstrap_params, envoy_settings
 from pilotfish.agent.meshconfig import with_defaults
 from pilotfish.common.settings import ConfigError
 
