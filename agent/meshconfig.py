@@ -50,6 +50,7 @@ SCALARS = ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy", "binaryPa
            "interceptionMode", "fileFlushInterval", "fileFlushMinSizeKb", "tracingServiceName")
 MAPS = ("proxyMetadata", "runtimeValues")
 LISTS = {"proxyStatsMatcher": ("inclusionPrefixes", "inclusionSuffixes", "inclusionRegexps")}
+STRING_LISTS = ("extraStatTags",)  # lists of strings at the top level (the bootstrap's extra stat tags)
 OBJECTS = ("readinessProbe",)  # kept whole (bounded): checked where used (agent/workloadhealth.py)
 MAX_OBJECT_NODES = 256  # values in one such object: a probe has about ten
 MAX_MAP = 1024  # entries in proxyMetadata or runtimeValues (Istio's injector writes a handful)
@@ -147,16 +148,17 @@ def proxy_fields(pc: Mapping[object, object], source: str) -> dict[str, object]:
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {name}: want an object, got {type(value).__name__}")
-        kept: dict[str, list[str]] = {}
-        for key in lists:
-            items = value.get(key)
-            if items is None:
-                continue
-            if not isinstance(items, list) or len(items) > MAX_LIST:
-                raise ConfigError(f"{source}: {name}.{key}: want a list of at most {MAX_LIST} strings")
-            kept[key] = [_text(item, f"{source}: {name}.{key}") for item in items]
-        out[name] = kept
+        out[name] = {key: _texts(value[key], f"{source}: {name}.{key}") for key in lists if value.get(key) is not None}
+    for name in STRING_LISTS:
+        if pc.get(name) is not None:
+            out[name] = _texts(pc[name], f"{source}: {name}")
     return out
+
+
+def _texts(items: object, what: str) -> list[str]:
+    if not isinstance(items, list) or len(items) > MAX_LIST:
+        raise ConfigError(f"{what}: want a list of at most {MAX_LIST} strings")
+    return [_text(item, what) for item in items]
 
 
 def _bounded_copy(value: object, what: str, budget: list[int]) -> object:

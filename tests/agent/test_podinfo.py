@@ -39,12 +39,13 @@ def test_downward_file_lines() -> None:
 def test_proxy_config_precedence_and_metadata_merge() -> None:
     sources = ConfigSources(
         mesh="defaultConfig:\n  discoveryAddress: mesh:15012\n  concurrency: 2\n  proxyMetadata: {A: mesh, B: mesh}\n",
-        env='{"concurrency": 4, "proxyMetadata": {"B": "env"}}',
+        env='{"concurrency": 4, "proxyMetadata": {"B": "env"}, "extraStatTags": ["request_host"]}',
         annotations={"proxy.istio.io/config": "proxyMetadata:\n  C: anno\n",
                      "status.sidecar.istio.io/port": "15999"})
     pc = effective_proxy_config(sources)
     assert pc["discoveryAddress"] == "mesh:15012" and pc["concurrency"] == 4 and pc["statusPort"] == "15999"
     assert pc["proxyMetadata"] == {"A": "mesh", "B": "env", "C": "anno"}
+    assert pc["extraStatTags"] == ["request_host"]
 
 
 def test_a_bad_source_is_named() -> None:
@@ -52,6 +53,8 @@ def test_a_bad_source_is_named() -> None:
         effective_proxy_config(ConfigSources(mesh="defaultConfig: [1]", mesh_path="m"))
     with pytest.raises(ConfigError, match="annotation proxy.istio.io/config: not YAML or JSON"):
         effective_proxy_config(ConfigSources(annotations={"proxy.istio.io/config": "a: [1"}))
+    with pytest.raises(ConfigError, match="PROXY_CONFIG: extraStatTags: want a list"):
+        effective_proxy_config(ConfigSources(env='{"extraStatTags": "request_host"}'))
 
 
 def test_node_metadata_as_get_node_metadata() -> None:
