@@ -262,7 +262,8 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
         subscriptions.append(SavedCopy(trust, ""))
     channel = XdsChannel(settings)  # one connection per pod: the agent's own stream or Envoy's through the proxy
     client = XdsClient(settings, node(config), cache, subscriptions, channel)
-    xds_proxy = XdsProxy(channel, cache, subscriptions) if envoy is not None else None
+    # on ProxyConfig.configPath's XDS, where the bootstrap's xds-grpc cluster points
+    xds_proxy = XdsProxy(channel, cache, subscriptions, envoy.params.xds_socket) if envoy is not None else None
     if xds_proxy is not None:  # the upstream is Envoy's streams, relayed
         registry.register(XdsMetrics(lambda: xds_proxy.state))
         registry.register(ProxyMetrics(lambda: xds_proxy.counters))

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pilotfish.common.settings import ConfigError, parse_duration
 
 from .argv import PROXY_UID, bootstrap_override, concurrency, envoy_argv, envoy_binary, launcher, log_levels
-from .bootstrap import SDS_SOCKET, UNLIMITED_CONNECTIONS, XDS_SOCKET, BootstrapParams, StatsInclusion, addresses
+from .bootstrap import SDS_SOCKET, UNLIMITED_CONNECTIONS, BootstrapParams, StatsInclusion, addresses
 from .readers import env_bool, env_int, pc_duration, pc_int
 
 CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
+XDS_FILE = "XDS"  # the agent's xDS socket, in ProxyConfig.configPath too (Istio's XdsUdsPath)
 ANNOTATION = "sidecar.istio.io/"  # the prefix of the pod annotations the bootstrap reads
 
 
@@ -120,6 +121,11 @@ class EnvoyInputs:
     sds_socket: str = SDS_SOCKET
 
 
+def config_dir(pc: Mapping[str, object]) -> str:
+    """ProxyConfig.configPath: where Istio puts both the bootstrap and the agent's xDS socket."""
+    return str(pc.get("configPath") or "./etc/istio/proxy")
+
+
 def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json: bool = False) -> BootstrapParams:
     """The bootstrap's inputs from the agent's (ProxyConfig, the node, the pod's annotations in
     the node metadata, the environment), each checked: a bad one is a ConfigError naming it."""
@@ -134,7 +140,7 @@ def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json
         status_port=inputs.status_port,
         envoy_status_port=env_int(env, "ENVOY_STATUS_PORT", 15021, 1, 65535, "a port number"),
         envoy_prometheus_port=env_int(env, "ENVOY_PROMETHEUS_PORT", 15090, 1, 65535, "a port number"),
-        xds_socket=XDS_SOCKET, sds_socket=inputs.sds_socket, delta_xds=env_bool(env, "ISTIO_DELTA_XDS", True),
+        xds_socket=os.path.join(config_dir(pc), XDS_FILE), sds_socket=inputs.sds_socket, delta_xds=env_bool(env, "ISTIO_DELTA_XDS", True),
         dual_stack=env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
         exit_on_zero_active_connections=env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False),
         metrics_localhost_only=env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False),
@@ -156,7 +162,7 @@ def envoy_settings(inputs: EnvoyInputs, env: Mapping[str, str], *, log_level: st
     pc = inputs.proxy_config
     params = bootstrap_params(inputs, env, log_as_json=log_as_json)
     addr = addresses(inputs.instance_ips, params.dual_stack)
-    config_path = os.path.join(str(pc.get("configPath") or "./etc/istio/proxy"), CONFIG_FILE)
+    config_path = os.path.join(config_dir(pc), CONFIG_FILE)
     argv = envoy_argv(envoy_binary(pc), config_path, drain_duration=pc_duration(pc, "drainDuration", "45s"),
                       ip_version=addr.ip_version, concurrency=concurrency(pc, env, concurrency_flag),
                       log_args=log_levels(log_level, component_log_level), pc=pc, env=env,

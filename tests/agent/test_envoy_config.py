@@ -54,6 +54,16 @@ def test_bootstrap_has_istios_fields() -> None:
                           "--component-log-level", "misc:error", "--skip-deprecated-logs", "--concurrency", "2")
 
 
+def test_config_path_holds_the_bootstrap_and_the_xds_socket() -> None:
+    s = settings(pc={"configPath": "/run/proxy"})
+    assert s.config_path == "/run/proxy/envoy-rev.json" and s.argv[s.argv.index("-c") + 1] == s.config_path
+    assert s.params.xds_socket == "/run/proxy/XDS"
+    xds = next(c for c in bootstrap(s.params)["static_resources"]["clusters"]  # type: ignore[index]
+               if c["name"] == "xds-grpc")
+    assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "pipe": {"path": "/run/proxy/XDS"}}
+
+
 def test_ip_family_follows_instance_ips() -> None:
     v6 = settings(ips=("fd00::5",))
     assert v6.admin == ("::1", 15000) and "v6" in v6.argv
