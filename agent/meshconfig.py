@@ -47,7 +47,7 @@ DEFAULTS: dict[str, object] = {
 SCALARS = ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy", "binaryPath", "configPath", "serviceCluster",
            "drainDuration", "terminationDrainDuration", "proxyAdminPort", "concurrency", "statNameLength",
            "holdApplicationUntilProxyStarts", "customConfigFile", "proxyBootstrapTemplatePath", "statsdUdpAddress",
-           "interceptionMode", "fileFlushInterval", "fileFlushMinSizeKb", "tracingServiceName")
+           "interceptionMode", "fileFlushInterval", "fileFlushMinSizeKb", "tracingServiceName", "statsCompression")
 MAPS = ("proxyMetadata", "runtimeValues")
 LISTS = {"proxyStatsMatcher": ("inclusionPrefixes", "inclusionSuffixes", "inclusionRegexps")}
 STRING_LISTS = ("extraStatTags",)  # lists of strings at the top level (the bootstrap's extra stat tags)

@@ -67,9 +67,15 @@ STATS_TAGS_AFTER_EXTRA: tuple[tuple[str, str], ...] = (
 _HTTP2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "explicit_http_config": {"http2_protocol_options": {}}}}
-_ROUTER = {"name": "envoy.filters.http.router",
+_ROUTER: dict[str, object] = {"name": "envoy.filters.http.router",
            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# 15090's answers compressed as Prometheus asks (Accept-Encoding), in Istio's order of preference.
+COMPRESSORS = (("brotli", "envoy.extensions.compression.brotli.compressor.v3.Brotli"),
+               ("zstd", "envoy.extensions.compression.zstd.compressor.v3.Zstd"),
+               ("gzip", "envoy.extensions.compression.gzip.compressor.v3.Gzip"))
+STATS_CONTENT_TYPES = ("text/plain", "application/vnd.google.protobuf", "application/openmetrics-text",
+                       "application/openmetrics-protobuf")
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class BootstrapParams:
     locality: Mapping[str, str] = field(default_factory=dict)  # region, zone, sub_zone
     stats_flush_interval: float | None = None  # seconds; sidecar.istio.io/statsFlushInterval (Envoy's 5 s)
     stats_eviction_interval: int | None = None  # seconds; sidecar.istio.io/statsEvictionInterval (none)
+    stats_compression: bool = True  # ProxyConfig.statsCompression: 15090 compresses its answers
 
 
 @dataclass(frozen=True)
@@ -248,8 +255,21 @@ def clusters(params: BootstrapParams, addr: Addresses) -> list[dict[str, object]
     ]
 
 
+def compressors() -> list[dict[str, object]]:
+    """The compressor filters of Istio's 15090 (ProxyConfig.statsCompression, on by default):
+    a scrape of a busy proxy's stats is megabytes of text."""
+    return [{
+        "name": f"envoy.filters.http.compressor.{name}",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor",
+            "compressor_library": {"name": f"stats_{name}", "typed_config": {"@type": f"type.googleapis.com/{url}"}},
+            "response_direction_config": {"common_config": {"content_type": list(STATS_CONTENT_TYPES)}},
+        },
+    } for name, url in COMPRESSORS]
+
+
 def _http_listener(name: str, address: str, extra: str | None, port: int, stat_prefix: str, prefix: str,
-                   cluster: str) -> dict[str, object]:
+                   cluster: str, filters: list[dict[str, object]] | None = None) -> dict[str, object]:
     """A listener routing one path prefix to a static cluster; never limited by the overload
     manager or the global connection limit (kubelet's probe and Prometheus must get through)."""
     listener: dict[str, object] = {
@@ -268,7 +288,7 @@ def _http_listener(name: str, address: str, extra: str | None, port: int, stat_p
             "stat_prefix": stat_prefix,
             "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"], "routes": [
                 {"match": {"prefix": prefix}, "route": {"cluster": cluster}}]}]},
-            "http_filters": [_ROUTER],
+            "http_filters": [*(filters or []), _ROUTER],
         },
     }]}]
     return listener
@@ -282,7 +302,7 @@ def listeners(params: BootstrapParams, addr: Addresses) -> list[dict[str, object
         prom, prom_extra = addr.wildcard, addr.additional_wildcard
     return [
         _http_listener(listener_name(prom, prom_port, "prometheus"), prom, prom_extra, prom_port, "stats",
-                       "/stats/prometheus", "prometheus_stats"),
+                       "/stats/prometheus", "prometheus_stats", compressors() if params.stats_compression else None),
         _http_listener(listener_name(addr.wildcard, status_port, "status"), addr.wildcard, addr.additional_wildcard,
                        status_port, "agent", "/healthz/ready", "agent"),
     ]

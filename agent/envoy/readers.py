@@ -27,6 +27,14 @@ def pc_duration(pc: Mapping[str, object], name: str, default: str) -> float:
     return seconds
 
 
+def pc_bool(pc: Mapping[str, object], name: str, default: bool) -> bool:
+    """A boolean field: true or false in YAML/JSON, or Go's words for one in a string."""
+    value = pc.get(name)
+    if value is None:
+        return default
+    return value if isinstance(value, bool) else parse_bool(str(value), f"ProxyConfig {name}")
+
+
 def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     value = env.get(name, "")
     return parse_bool(value, name) if value else default

@@ -15,7 +15,7 @@ from pilotfish.common.settings import ConfigError, parse_duration
 
 from .argv import PROXY_UID, bootstrap_override, concurrency, envoy_argv, envoy_binary, launcher, log_levels
 from .bootstrap import SDS_SOCKET, UNLIMITED_CONNECTIONS, BootstrapParams, StatsInclusion, addresses
-from .readers import env_bool, env_int, pc_duration, pc_int
+from .readers import env_bool, env_int, pc_bool, pc_duration, pc_int
 
 CONFIG_FILE = "envoy-rev.json"  # in ProxyConfig.configPath (./etc/istio/proxy)
 XDS_FILE = "XDS"  # the agent's xDS socket, in ProxyConfig.configPath too (Istio's XdsUdsPath)
@@ -150,6 +150,7 @@ def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json
                                             UNLIMITED_CONNECTIONS, 0, UNLIMITED_CONNECTIONS, "a number"),
         locality={"region": region, "zone": zone, "sub_zone": subzone},
         stats_flush_interval=flush, stats_eviction_interval=eviction,
+        stats_compression=pc_bool(pc, "statsCompression", True),
     )
 
 

@@ -48,6 +48,8 @@ def test_bootstrap_has_istios_fields() -> None:
     assert set(listeners) == {"0.0.0.0_15090", "0.0.0.0_15021"}
     assert "/healthz/ready" in json.dumps(listeners["0.0.0.0_15021"])
     assert "/stats/prometheus" in json.dumps(listeners["0.0.0.0_15090"])
+    filters = listeners["0.0.0.0_15090"]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    assert [f["name"].rsplit(".", 1)[1] for f in filters] == ["brotli", "zstd", "gzip", "router"]  # statsCompression
     assert s.argv[1:] == ("-c", "./etc/istio/proxy/envoy-rev.json", "--drain-time-s", "45", "--drain-strategy",
                           "immediate", "--local-address-ip-version", "v4", "--file-flush-interval-msec", "1000",
                           "--disable-hot-restart", "--allow-unknown-static-fields", "-l", "warning",
@@ -62,6 +64,14 @@ def test_config_path_holds_the_bootstrap_and_the_xds_socket() -> None:
                if c["name"] == "xds-grpc")
     assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
         "pipe": {"path": "/run/proxy/XDS"}}
+
+
+def test_stats_compression_off() -> None:
+    doc = bootstrap(settings(pc={"statsCompression": False}).params)
+    prometheus = doc["static_resources"]["listeners"][0]  # type: ignore[index]
+    assert "compressor" not in json.dumps(prometheus)
+    with pytest.raises(ConfigError, match="ProxyConfig statsCompression: invalid boolean 'maybe'"):
+        settings(pc={"statsCompression": "maybe"})
 
 
 def test_ip_family_follows_instance_ips() -> None:
@@ -171,6 +181,7 @@ VARIANTS = {
         ("10.1.0.5",),
         {"runtimeValues": {"envoy.reloadable_features.http_reject_path_with_fragment": "",
                            "overload.global_downstream_max_connections": "5000"},
+         "statsCompression": False,
          "proxyStatsMatcher": {"inclusionPrefixes": ["upstream_cx"], "inclusionSuffixes": ["rbac.allowed"],
                                "inclusionRegexps": [".*{pod_ip}.*"]}}),
     "annotated": ({}, ("10.1.0.5",), {}),

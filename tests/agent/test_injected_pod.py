@@ -7,6 +7,7 @@ Root only (network namespaces, iptables, uid 1337); each test starts one pod aga
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -176,6 +177,12 @@ def test_injected_pod_becomes_ready_serves_and_drains(pod: Pod) -> None:
     assert any(name.startswith("envoy_") for name in names), sorted(names)[:20]
     assert any(name.startswith("istio_agent_") for name in names), sorted(names)[:20]
     assert "hello_requests" in names, sorted(names)[:20]
+
+    # Envoy's own 15090 (Prometheus scraping Envoy alone): Istio's statsCompression, gzip when asked
+    status, body, headers = ns_http(pod.topo.peer, POD_V4, 15090, "/stats/prometheus",
+                                    headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("content-encoding") == "gzip", headers
+    assert b"envoy_server_live" in gzip.decompress(body)
 
     # captured inbound traffic reaches the app through Envoy (virtualInbound on 15006)
     status, reply, _ = ns_http(pod.topo.peer, POD_V4, APP_PORT, "/through-envoy")
