@@ -119,6 +119,8 @@ class BootstrapParams:
     stats_flush_interval: float | None = None  # seconds; sidecar.istio.io/statsFlushInterval (Envoy's 5 s)
     stats_eviction_interval: int | None = None  # seconds; sidecar.istio.io/statsEvictionInterval (none)
     stats_compression: bool = True  # ProxyConfig.statsCompression: 15090 compresses its answers
+    status_proxy_protocol: bool = False  # ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL: 15021 behind a PROXY-protocol LB
+    outlier_log_path: str = ""  # node metadata OUTLIER_LOG_PATH (--outlierLogPath): outlier ejection events
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ def compressors() -> list[dict[str, object]]:
 
 
 def _http_listener(name: str, address: str, extra: str | None, port: int, stat_prefix: str, prefix: str,
-                   cluster: str, filters: list[dict[str, object]] | None = None) -> dict[str, object]:
+                   cluster: str, filters: list[dict[str, object]] | None = None,
+                   proxy_protocol: bool = False) -> dict[str, object]:
     """A listener routing one path prefix to a static cluster; never limited by the overload
     manager or the global connection limit (kubelet's probe and Prometheus must get through)."""
     listener: dict[str, object] = {
@@ -280,6 +283,10 @@ def _http_listener(name: str, address: str, extra: str | None, port: int, stat_p
     }
     if extra is not None:
         listener["additional_addresses"] = [{"address": _socket(extra, port)}]
+    if proxy_protocol:  # a load balancer's PROXY header is read when there is one, not required
+        listener["listener_filters"] = [{"name": "envoy.listener.proxy_protocol", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+            "allow_requests_without_proxy_protocol": True}}]
     listener["filter_chains"] = [{"filters": [{
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -304,7 +311,7 @@ def listeners(params: BootstrapParams, addr: Addresses) -> list[dict[str, object
         _http_listener(listener_name(prom, prom_port, "prometheus"), prom, prom_extra, prom_port, "stats",
                        "/stats/prometheus", "prometheus_stats", compressors() if params.stats_compression else None),
         _http_listener(listener_name(addr.wildcard, status_port, "status"), addr.wildcard, addr.additional_wildcard,
-                       status_port, "agent", "/healthz/ready", "agent"),
+                       status_port, "agent", "/healthz/ready", "agent", proxy_protocol=params.status_proxy_protocol),
     ]
 
 
@@ -369,6 +376,8 @@ def bootstrap(params: BootstrapParams) -> dict[str, object]:
                 "max_active_downstream_connections": params.max_downstream_connections,
             },
         }]},
+        **({"cluster_manager": {"outlier_detection": {"event_log_path": params.outlier_log_path},
+                                "enable_deferred_cluster_creation": True}} if params.outlier_log_path else {}),
         "deferred_stat_options": {"enable_deferred_creation_stats": True},
     }
 

@@ -151,6 +151,8 @@ def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json
         locality={"region": region, "zone": zone, "sub_zone": subzone},
         stats_flush_interval=flush, stats_eviction_interval=eviction,
         stats_compression=pc_bool(pc, "statsCompression", True),
+        status_proxy_protocol=env_bool(env, "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL", False),
+        outlier_log_path=str(inputs.metadata.get("OUTLIER_LOG_PATH") or ""),
     )
 
 

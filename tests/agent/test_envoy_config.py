@@ -20,8 +20,8 @@ NODE = "sidecar~10.1.0.5~hello-1.default~default.svc.cluster.local"
 
 def settings(env: dict[str, str] | None = None, ips: tuple[str, ...] = ("10.1.0.5",),
              pc: dict[str, object] | None = None, annotations: dict[str, str] | None = None,
-             **flags: object) -> EnvoySettings:
-    meta: dict[str, object] = {"NAMESPACE": "default", **({"ANNOTATIONS": annotations} if annotations else {})}
+             meta: dict[str, object] | None = None, **flags: object) -> EnvoySettings:
+    meta = {"NAMESPACE": "default", **({"ANNOTATIONS": annotations} if annotations else {}), **(meta or {})}
     inputs = EnvoyInputs("sidecar", NODE, "hello.default", ("us-east1", "b", ""), meta, ips,
                          with_defaults({"binaryPath": str(ENVOY), **(pc or {})}), 15020,
                          "./var/run/secrets/workload-spiffe-uds/socket")
@@ -70,6 +70,17 @@ def test_stats_compression_off() -> None:
     doc = bootstrap(settings(pc={"statsCompression": False}).params)
     prometheus = doc["static_resources"]["listeners"][0]  # type: ignore[index]
     assert "compressor" not in json.dumps(prometheus)
+    assert "cluster_manager" not in doc and "listener_filters" not in json.dumps(doc)
+
+
+def test_status_port_proxy_protocol_and_outlier_log() -> None:
+    s = settings({"ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL": "true"}, meta={"OUTLIER_LOG_PATH": "/dev/stdout"})
+    doc = bootstrap(s.params)
+    status = doc["static_resources"]["listeners"][1]  # type: ignore[index]
+    assert status["name"] == "0.0.0.0_15021"
+    assert status["listener_filters"][0]["typed_config"]["allow_requests_without_proxy_protocol"] is True
+    assert doc["cluster_manager"] == {"outlier_detection": {"event_log_path": "/dev/stdout"},
+                                      "enable_deferred_cluster_creation": True}
     with pytest.raises(ConfigError, match="ProxyConfig statsCompression: invalid boolean 'maybe'"):
         settings(pc={"statsCompression": "maybe"})
 
@@ -184,7 +195,7 @@ VARIANTS = {
          "statsCompression": False,
          "proxyStatsMatcher": {"inclusionPrefixes": ["upstream_cx"], "inclusionSuffixes": ["rbac.allowed"],
                                "inclusionRegexps": [".*{pod_ip}.*"]}}),
-    "annotated": ({}, ("10.1.0.5",), {}),
+    "annotated": ({"ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL": "true"}, ("10.1.0.5",), {}),
 }
 
 
@@ -193,7 +204,8 @@ VARIANTS = {
 def test_every_variant_passes_envoys_validation(tmp_path: Path, variant: str) -> None:
     env, ips, pc = VARIANTS[variant]
     s = settings(env, ips=ips, pc=pc, log_as_json=variant.startswith("sotw"),  # type: ignore[arg-type]
-                 annotations=ANNOTATED if variant == "annotated" else None)
+                 annotations=ANNOTATED if variant == "annotated" else None,
+                 meta={"OUTLIER_LOG_PATH": "/dev/stdout"} if variant == "annotated" else None)
     path = tmp_path / "envoy-rev.json"
     write_bootstrap(str(path), bootstrap(s.params))
     argv = [*s.argv, "--mode", "validate"]
