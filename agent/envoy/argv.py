@@ -93,7 +93,9 @@ def log_levels(level: str, component: str) -> list[str]:
 
 
 def bootstrap_override(env: Mapping[str, str]) -> str | None:
-    """ISTIO_BOOTSTRAP_OVERRIDE's file, with $(HOST_IP) replaced, for `--config-yaml`."""
+    """ISTIO_BOOTSTRAP_OVERRIDE's file, with $(HOST_IP) replaced, for `--config-yaml`. An IPv6
+    HOST_IP is bracketed (`[fd00::1]:8126` is how a tracer's address is written), once where the
+    file already brackets it, as Istio's readBootstrapToJSON does."""
     path = env.get("ISTIO_BOOTSTRAP_OVERRIDE", "")
     if not path:
         return None
@@ -101,7 +103,11 @@ def bootstrap_override(env: Mapping[str, str]) -> str | None:
         text = read_regular_file(path, MAX_OVERRIDE).decode("utf-8")
     except (UnreadableFile, UnicodeDecodeError) as err:
         raise ConfigError(f"ISTIO_BOOTSTRAP_OVERRIDE: {path}: {err}") from None
-    return text.replace("$(HOST_IP)", env.get("HOST_IP", ""))
+    host = env.get("HOST_IP", "")
+    if ":" in host:
+        host = f"[{host}]"
+        text = text.replace("[$(HOST_IP)]", host)
+    return text.replace("$(HOST_IP)", host)
 
 
 def envoy_argv(binary: str, config_path: str, *, drain_duration: float, ip_version: str, concurrency: int,

@@ -221,6 +221,9 @@ def test_bootstrap_override_is_passed_and_validated(tmp_path: Path) -> None:
     s = settings({"ISTIO_BOOTSTRAP_OVERRIDE": str(override), "HOST_IP": "10.0.0.9"})
     yaml_at = s.argv.index("--config-yaml") + 1
     assert s.argv[yaml_at] == "node:\n  metadata:\n    HOST: 10.0.0.9\n"
+    override.write_text("a: $(HOST_IP):8126\nb: [$(HOST_IP)]:8126\n")
+    v6 = settings({"ISTIO_BOOTSTRAP_OVERRIDE": str(override), "HOST_IP": "fd00::9"}).argv
+    assert v6[v6.index("--config-yaml") + 1] == "a: [fd00::9]:8126\nb: [fd00::9]:8126\n"
     path = tmp_path / "envoy-rev.json"
     write_bootstrap(str(path), bootstrap(s.params))
     argv = [*s.argv, "--mode", "validate"]
