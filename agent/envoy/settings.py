@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pilotfish.common.settings import ConfigError, parse_duration
 
+from ..meshconfig import proxy_metadata
 from .argv import PROXY_UID, bootstrap_override, concurrency, envoy_argv, envoy_binary, launcher, log_levels
 from .bootstrap import SDS_SOCKET, UNLIMITED_CONNECTIONS, BootstrapParams, StatsInclusion, addresses
 from .readers import env_bool, env_int, pc_bool, pc_duration, pc_int
@@ -143,7 +144,8 @@ def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json
         xds_socket=os.path.join(config_dir(pc), XDS_FILE), sds_socket=inputs.sds_socket, delta_xds=env_bool(env, "ISTIO_DELTA_XDS", True),
         dual_stack=env_bool(env, "ISTIO_DUAL_STACK", False), log_as_json=log_as_json,
         exit_on_zero_active_connections=env_bool(env, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False),
-        metrics_localhost_only=env_bool(env, "METRICS_LOCALHOST_ACCESS_ONLY", False),
+        # Istio reads it from ProxyConfig.proxyMetadata (which the injector also puts in the environment)
+        metrics_localhost_only=env_bool({**env, **proxy_metadata(pc)}, "METRICS_LOCALHOST_ACCESS_ONLY", False),
         runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
         stats=stats_inclusion(pc, annotations),
         max_downstream_connections=env_int(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",

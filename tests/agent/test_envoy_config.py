@@ -85,6 +85,12 @@ def test_status_port_proxy_protocol_and_outlier_log() -> None:
         settings(pc={"statsCompression": "maybe"})
 
 
+def test_metrics_localhost_only_from_proxy_metadata() -> None:
+    local = settings(pc={"proxyMetadata": {"METRICS_LOCALHOST_ACCESS_ONLY": "true"}})
+    assert bootstrap(local.params)["static_resources"]["listeners"][0]["name"] == "127.0.0.1_15090"  # type: ignore[index]
+    assert settings({"METRICS_LOCALHOST_ACCESS_ONLY": "true"}).params.metrics_localhost_only
+
+
 def test_ip_family_follows_instance_ips() -> None:
     v6 = settings(ips=("fd00::5",))
     assert v6.admin == ("::1", 15000) and "v6" in v6.argv
