@@ -51,7 +51,8 @@ SCALARS = ("discoveryAddress", "statusPort", "controlPlaneAuthPolicy", "binaryPa
 MAPS = ("proxyMetadata", "runtimeValues")
 LISTS = {"proxyStatsMatcher": ("inclusionPrefixes", "inclusionSuffixes", "inclusionRegexps")}
 STRING_LISTS = ("extraStatTags",)  # lists of strings at the top level (the bootstrap's extra stat tags)
-OBJECTS = ("readinessProbe",)  # kept whole (bounded): checked where used (agent/workloadhealth.py)
+# kept whole (bounded): checked where used (agent/workloadhealth.py, agent/envoy/settings.py)
+OBJECTS = ("readinessProbe", "connectionSettings")
 MAX_OBJECT_NODES = 256  # values in one such object: a probe has about ten
 MAX_MAP = 1024  # entries in proxyMetadata or runtimeValues (Istio's injector writes a handful)
 MAX_LIST = 1024  # strings in each proxyStatsMatcher list

@@ -120,6 +120,8 @@ class BootstrapParams:
     stats_eviction_interval: int | None = None  # seconds; sidecar.istio.io/statsEvictionInterval (none)
     stats_compression: bool = True  # ProxyConfig.statsCompression: 15090 compresses its answers
     status_proxy_protocol: bool = False  # ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL: 15021 behind a PROXY-protocol LB
+    fips_140_2: bool = False  # COMPLIANCE_POLICY=fips-140-2
+    strip_fragment: bool = True  # HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED
     outlier_log_path: str = ""  # node metadata OUTLIER_LOG_PATH (--outlierLogPath): outlier ejection events
 
 
@@ -170,10 +172,17 @@ def listener_name(address: str, port: int, role: str) -> str:
     return f"{address}_{port}" if port else f"{address}_0_{role}"
 
 
-def runtime_flags(values: Mapping[str, str]) -> dict[str, object]:
-    """Istio's default flags with ProxyConfig.runtimeValues applied: "" removes a flag,
-    "true"/"false" become booleans (Envoy no longer takes booleans as strings)."""
+def runtime_flags(params: BootstrapParams) -> dict[str, object]:
+    """Istio's default flags (two more under COMPLIANCE_POLICY=fips-140-2 and
+    HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED=false) with ProxyConfig.runtimeValues
+    applied: "" removes a flag, "true"/"false" become booleans (Envoy no longer takes booleans
+    as strings)."""
     flags = dict(DEFAULT_RUNTIME)
+    if params.fips_140_2:  # google_grpc clients (none here: Envoy reaches the agent over envoy_grpc) at TLS 1.2
+        flags["envoy.reloadable_features.google_grpc_disable_tls_13"] = True
+    if not params.strip_fragment:  # a string, as Istio writes it
+        flags["envoy.reloadable_features.http_strip_fragment_from_path_unsafe_if_disabled"] = "false"
+    values = params.runtime_values
     for name, value in values.items():
         if value == "":
             flags.pop(name, None)
@@ -334,7 +343,7 @@ def bootstrap(params: BootstrapParams) -> dict[str, object]:
         "node": {"id": params.node_id, "cluster": params.node_cluster, "locality": locality,
                  "metadata": dict(params.node_metadata)},
         "layered_runtime": {"layers": [
-            {"name": "global config", "static_layer": runtime_flags(params.runtime_values)},
+            {"name": "global config", "static_layer": runtime_flags(params)},
             {"name": "admin", "admin_layer": {}},
         ]},
         "bootstrap_extensions": [{

@@ -122,6 +122,29 @@ class EnvoyInputs:
     sds_socket: str = SDS_SOCKET
 
 
+def connection_limit(pc: Mapping[str, object], env: Mapping[str, str]) -> int:
+    """The overload manager's global downstream connection limit, in Istio's precedence:
+    ProxyConfig.connectionSettings.globalDownstreamConnectionLimit when above 0, then
+    ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS (ProxyConfig.proxyMetadata, or the environment
+    the injector puts it in), then the deprecated runtimeValues
+    `overload.global_downstream_max_connections`, else Go's MaxInt32 (no limit)."""
+    settings = pc.get("connectionSettings")
+    if isinstance(settings, Mapping) and settings.get("globalDownstreamConnectionLimit") is not None:
+        field = "connectionSettings.globalDownstreamConnectionLimit"
+        limit = pc_int({field: settings["globalDownstreamConnectionLimit"]}, field, 0, 0, UNLIMITED_CONNECTIONS)
+        if limit > 0:
+            return limit
+    name = "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS"
+    meta = {**env, **proxy_metadata(pc)}
+    if meta.get(name):
+        return env_int(meta, name, UNLIMITED_CONNECTIONS, 0, UNLIMITED_CONNECTIONS, "a number")
+    runtime = pc.get("runtimeValues")
+    flag = "overload.global_downstream_max_connections"
+    if isinstance(runtime, Mapping) and runtime.get(flag):
+        return pc_int({f"runtimeValues {flag}": runtime[flag]}, f"runtimeValues {flag}", 0, 0, UNLIMITED_CONNECTIONS)
+    return UNLIMITED_CONNECTIONS
+
+
 def config_dir(pc: Mapping[str, object]) -> str:
     """ProxyConfig.configPath: where Istio puts both the bootstrap and the agent's xDS socket."""
     return str(pc.get("configPath") or "./etc/istio/proxy")
@@ -148,13 +171,14 @@ def bootstrap_params(inputs: EnvoyInputs, env: Mapping[str, str], *, log_as_json
         metrics_localhost_only=env_bool({**env, **proxy_metadata(pc)}, "METRICS_LOCALHOST_ACCESS_ONLY", False),
         runtime_values={str(k): str(v) for k, v in runtime.items()} if isinstance(runtime, dict) else {},
         stats=stats_inclusion(pc, annotations),
-        max_downstream_connections=env_int(env, "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",
-                                            UNLIMITED_CONNECTIONS, 0, UNLIMITED_CONNECTIONS, "a number"),
+        max_downstream_connections=connection_limit(pc, env),
         locality={"region": region, "zone": zone, "sub_zone": subzone},
         stats_flush_interval=flush, stats_eviction_interval=eviction,
         stats_compression=pc_bool(pc, "statsCompression", True),
         status_proxy_protocol=env_bool(env, "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL", False),
         outlier_log_path=str(inputs.metadata.get("OUTLIER_LOG_PATH") or ""),
+        fips_140_2=env.get("COMPLIANCE_POLICY", "") == "fips-140-2",
+        strip_fragment=env_bool(env, "HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED", True),
     )
 
 

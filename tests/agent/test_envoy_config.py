@@ -91,6 +91,35 @@ def test_metrics_localhost_only_from_proxy_metadata() -> None:
     assert settings({"METRICS_LOCALHOST_ACCESS_ONLY": "true"}).params.metrics_localhost_only
 
 
+@pytest.mark.parametrize(("pc", "env", "want"), [
+    ({}, {}, 2**31 - 1),
+    ({"runtimeValues": {"overload.global_downstream_max_connections": "300"}}, {}, 300),
+    ({"runtimeValues": {"overload.global_downstream_max_connections": "300"}},
+     {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "200"}, 200),
+    ({"proxyMetadata": {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "100"}},
+     {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "200"}, 100),
+    ({"connectionSettings": {"globalDownstreamConnectionLimit": 50},
+      "proxyMetadata": {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "100"}}, {}, 50),
+    ({"connectionSettings": {"globalDownstreamConnectionLimit": 0},
+      "proxyMetadata": {"ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "100"}}, {}, 100),
+])
+def test_connection_limit_in_istios_precedence(pc: dict[str, object], env: dict[str, str], want: int) -> None:
+    doc = bootstrap(settings(env, pc=pc).params)
+    monitor = doc["overload_manager"]["resource_monitors"][0]["typed_config"]  # type: ignore[index]
+    assert monitor["max_active_downstream_connections"] == want
+
+
+def test_compliance_and_fragment_runtime_flags() -> None:
+    layer = bootstrap(settings({"COMPLIANCE_POLICY": "fips-140-2",
+                                "HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED": "false"}).params)[
+        "layered_runtime"]["layers"][0]["static_layer"]  # type: ignore[index]
+    assert layer["envoy.reloadable_features.google_grpc_disable_tls_13"] is True
+    assert layer["envoy.reloadable_features.http_strip_fragment_from_path_unsafe_if_disabled"] == "false"
+    plain = bootstrap(settings().params)["layered_runtime"]["layers"][0]["static_layer"]  # type: ignore[index]
+    assert "envoy.reloadable_features.google_grpc_disable_tls_13" not in plain
+    assert plain["re2.max_program_size.error_level"] == "32768"
+
+
 def test_ip_family_follows_instance_ips() -> None:
     v6 = settings(ips=("fd00::5",))
     assert v6.admin == ("::1", 15000) and "v6" in v6.argv
@@ -121,6 +150,10 @@ def test_log_levels_as_istio_splits_them() -> None:
     ({"ISTIO_CPU_LIMIT": "two"}, {}, {}, ("ISTIO_CPU_LIMIT", "'two'")),
     ({}, {"terminationDrainDuration": "5 seconds"}, {}, ("terminationDrainDuration", "'5 seconds'")),
     ({}, {"proxyAdminPort": 70000}, {}, ("proxyAdminPort", "70000")),
+    ({}, {"connectionSettings": {"globalDownstreamConnectionLimit": "many"}}, {},
+     ("connectionSettings.globalDownstreamConnectionLimit", "'many'")),
+    ({}, {"runtimeValues": {"overload.global_downstream_max_connections": "x"}}, {},
+     ("overload.global_downstream_max_connections", "'x'")),
     ({"MINIMUM_DRAIN_DURATION": "x"}, {}, {}, ("MINIMUM_DRAIN_DURATION", "'x'")),
     ({"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "yes"}, {}, {}, ("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "'yes'")),
     ({}, {}, {"log_level": "loud"}, ("--proxyLogLevel", "'loud'")),
@@ -194,6 +227,7 @@ VARIANTS = {
     "dual-stack": ({"ISTIO_DUAL_STACK": "true"}, ("10.1.0.5", "fd00::5"), {}),
     "sotw-json-logs-matcher": (
         {"ISTIO_DELTA_XDS": "false", "METRICS_LOCALHOST_ACCESS_ONLY": "true", "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true",
+         "COMPLIANCE_POLICY": "fips-140-2", "HTTP_STRIP_FRAGMENT_FROM_PATH_UNSAFE_IF_DISABLED": "false",
          "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS": "1000"},
         ("10.1.0.5",),
         {"runtimeValues": {"envoy.reloadable_features.http_reject_path_with_fragment": "",
