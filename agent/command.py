@@ -37,7 +37,7 @@ from pilotfish.dns.server import DnsProxy
 from pilotfish.xds_client.channel import XdsChannel
 from pilotfish.xds_client.metrics import ProxyMetrics, XdsMetrics
 from pilotfish.xds_client.pcds import ProxyConfigType
-from pilotfish.xds_client.proxy import XdsProxy
+from pilotfish.xds_client.proxy import ProxyNotStarted, XdsProxy
 from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
                 describe(status))
     except* EnvoyNotStarted as group:
         log.error("agent: Envoy: %s", first(group, EnvoyNotStarted))
+        code = 1
+    except* ProxyNotStarted as group:
+        log.error("agent: xDS proxy: %s", first(group, ProxyNotStarted))
         code = 1
     finally:
         if sds is not None:

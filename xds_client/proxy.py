@@ -118,6 +118,10 @@ class _Pair:
         return first
 
 
+class ProxyNotStarted(Exception):
+    """The proxy's socket could not be made (the agent ends: Envoy would have no configuration)."""
+
+
 class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """The proxy, as a component of the agent (agent/components.py): `serve` listens on the socket
     until cancelled; or `start` and `stop` from a thread.
@@ -167,7 +171,10 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 self._lock.wait(0.05)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.start()
+        try:
+            self.start()
+        except OSError as err:
+            raise ProxyNotStarted(f"cannot listen on {self.socket_path}: {err.strerror or err}") from None
         task_status.started()
         try:
             await trio.sleep_forever()

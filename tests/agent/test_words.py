@@ -108,9 +108,9 @@ def test_pod_annotations_file_is_a_config_source(tmp_path: Path) -> None:
     assert done.returncode == 2 and "annotation proxy.istio.io/config: statusPort" in done.stderr, done.stderr
 
 
-def test_envoy_that_cannot_start_is_one_error_and_exit_1(tmp_path: Path) -> None:
-    """A bootstrap that cannot be written (a configPath under a file): one error line naming
-    it, every part stopped, exit status 1, no traceback."""
+def test_a_config_path_that_cannot_be_made_is_one_error_and_exit_1(tmp_path: Path) -> None:
+    """ProxyConfig.configPath under a file: neither the xDS socket nor Envoy's bootstrap can be
+    made there; one error line naming it, every part stopped, exit status 1, no traceback."""
     (tmp_path / "file").write_text("")
     env = {"PATH": "/usr/bin:/bin", "CA_ROOT_CA": "SYSTEM",
            "PROXY_CONFIG": json.dumps({"controlPlaneAuthPolicy": "NONE", "configPath": str(tmp_path / "file/x"),
@@ -119,7 +119,7 @@ def test_envoy_that_cannot_start_is_one_error_and_exit_1(tmp_path: Path) -> None
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and f"cannot write the bootstrap {tmp_path}/file/x/envoy-rev.json" in errors[0], errors
+    assert len(errors) == 1 and f"{tmp_path}/file/x/" in errors[0], errors
 
 
 def test_envoy_binary_flag_is_checked_at_start(tmp_path: Path) -> None:
@@ -127,3 +127,12 @@ def test_envoy_binary_flag_is_checked_at_start(tmp_path: Path) -> None:
     done = run("proxy", "--status-port", "0", "--envoy-binary", "/nonexistent/envoy", cwd=tmp_path, env=env)
     assert done.returncode == 2 and "--envoy-binary): no Envoy binary at '/nonexistent/envoy'" in done.stderr, \
         done.stderr
+
+
+def test_an_envoy_that_cannot_run_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "envoy").write_text("not a program")  # exists, not executable
+    env = {"PATH": "/usr/bin:/bin", "CA_ROOT_CA": "SYSTEM", "PROXY_CONFIG": '{"controlPlaneAuthPolicy": "NONE"}'}
+    done = run("proxy", "--status-listen", "127.0.0.1:0", "--envoy-binary", str(tmp_path / "envoy"), cwd=tmp_path,
+               env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"'{tmp_path}/envoy' is not an executable file" in done.stderr, done.stderr
