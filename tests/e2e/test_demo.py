@@ -27,6 +27,7 @@ def test_the_demo_shows_the_mesh_and_can_run_again() -> None:
                 "     ratings (called by spiffe://cluster.local/ns/default/sa/bookinfo-reviews)") in out, out
         assert out.count("ratings (called by spiffe://") == 2, out  # before and after the control plane stops
         assert "echo: hello mongodb" in out and "93.184.215.14" in out, out
-        assert "Connection reset by peer" in out, out  # STRICT refuses plain text
+        plain = out.split("productpage$ curl -sS -m 5 http://10.244.0.12:9080/\n", 1)[1].splitlines()[0]
+        assert plain.strip().startswith("curl: ("), out  # STRICT refuses plain text: reset or closed, no answer
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert "pfdemo-" not in listed, listed
