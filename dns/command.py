@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -231,17 +231,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(proxy: DnsProxy, table_path: str, seen: Signature | None) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops:
+    # SIGHUP is taken before the proxy says it listens: a reload asked for as soon as it is up
+    # would otherwise meet SIGHUP's default action, which ends the process (seen in CI under load)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops, \
+            trio.open_signal_receiver(signal.SIGHUP) as hups:
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
-            nursery.start_soon(_watch_table, proxy, table_path, seen)
+            nursery.start_soon(_watch_table, proxy, table_path, seen, hups)
             async for signum in stops:
                 log.info("dns: %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
-async def _watch_table(proxy: DnsProxy, path: str, seen: Signature | None) -> None:
+async def _watch_table(proxy: DnsProxy, path: str, seen: Signature | None, hups: AsyncIterator[int]) -> None:
     """Reload on SIGHUP, and when the file changes (common/watch.py; looked at every second)."""
 
     async def reload(why: str) -> None:
@@ -249,8 +252,7 @@ async def _watch_table(proxy: DnsProxy, path: str, seen: Signature | None) -> No
         # million services: ~20 s), it only ever ends in one reference assignment
         await trio.to_thread.run_sync(_reload, proxy, path, why, abandon_on_cancel=True)
 
-    with trio.open_signal_receiver(signal.SIGHUP) as hups:
-        await watch_file(path, seen, TABLE_POLL, reload, hups)
+    await watch_file(path, seen, TABLE_POLL, reload, hups)
 
 
 def _build(path: str, config: DnsConfig, pause: Callable[[], None]) -> LookupTable:
