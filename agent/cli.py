@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "controlplane": "pilotfish.controlplane.command",
     "request": "pilotfish.agent.localwords",
     "wait": "pilotfish.agent.localwords",
+    "reference": "pilotfish.agent.reference",
 }
 # What `--help` says of each, without importing it (all of them: ~0.7 s and 54 MiB; the word's
 # own parser says the same, tests/agent/test_cli.py checks they agree).
@@ -41,6 +42,7 @@ SUMMARIES = {
     "controlplane": "run a small control plane: NameTables and a sidecar's Envoy config over istiod's xDS, with its own CA",
     "request": "make an HTTP request to Envoy's admin API or the agent (pilot-agent request)",
     "wait": "wait until the proxy is ready (pilot-agent wait)",
+    "reference": "print the configuration reference (every flag and variable) as Markdown",
 }
 INIT_WORDS = ("init", "istio-iptables")
 # words that accept unknown flags with a warning, as pilot-agent's
