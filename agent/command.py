@@ -42,7 +42,7 @@ from pilotfish.xds_client.saved import SavedCopy
 from pilotfish.xds_client.resources import ResourceCache
 from pilotfish.xds_client.transport import XdsClient, XdsSettings
 
-from .config import AgentConfig, agent_config, grpc_header_value
+from .config import AgentConfig, agent_config, grpc_header_value, with_vm_defaults
 from .meshconfig import DEFAULTS, MESH_CONFIG, proxy_metadata, with_defaults
 from .podinfo import ANNOTATIONS_FILE, LABELS_FILE, read_mesh_config, read_pod_info
 from .files import token_problem
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     # First: the status port, the DNS proxy and the xDS stream all draw from this table, and a
     # container's soft limit (often 1024) is far below its hard one (as Go's runtime does).
     log.info("agent: open files limit %d", raise_open_files_limit())
-    env = os.environ
+    env = with_vm_defaults(os.environ)
     sds_path = socket_path(env.get("WORKLOAD_IDENTITY_SOCKET_FILE", ""))
     try:
         annotations = read_pod_info(ANNOTATIONS_FILE)

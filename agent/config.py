@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -190,6 +191,22 @@ def status_address(listen: str | None, port: int | None, pc: Mapping[str, object
     except ValueError:
         raise ConfigError(f"status port: want 0-65535, got {value!r}") from None
     return ("", number) if number else None
+
+
+def with_vm_defaults(env: Mapping[str, str], hostname: Callable[[], str] = socket.gethostname) -> dict[str, str]:
+    """On a VM, Istio's istio-start.sh sets POD_NAME (the short host name), POD_NAMESPACE
+    (ISTIO_NAMESPACE) and INSTANCE_IP (ISTIO_SVC_IP, when cluster.env has one) from cluster.env
+    before it starts pilot-agent; the agent does the same when they are unset, so that its unit
+    (deploy/vm/pilotfish.service) needs nothing beyond Istio's VM files. A pod's environment,
+    without ISTIO_NAMESPACE, is left as it is."""
+    out = dict(env)
+    if not env.get("ISTIO_NAMESPACE"):
+        return out
+    out.setdefault("POD_NAMESPACE", env["ISTIO_NAMESPACE"])
+    out.setdefault("POD_NAME", hostname().split(".", 1)[0])
+    if env.get("ISTIO_SVC_IP"):
+        out.setdefault("INSTANCE_IP", env["ISTIO_SVC_IP"])
+    return out
 
 
 EXCLUDE_INTERFACES_ANNOTATION = "traffic.sidecar.istio.io/excludeInterfaces"
