@@ -250,7 +250,9 @@ def test_two_hundred_streams_leave_no_thread_behind(rig: Rig) -> None:
     before = threads()
     for n in range(200):
         one(n % 2 == 0)
-    wait_for(lambda: threads() == before, f"threads back to {before} (now {threads()})")
+    # at most the threads there were before: the first stream's reader may still have been ending
+    # when `before` was taken (seen in CI), and then ends too
+    wait_for(lambda: set(threads()) <= set(before), f"threads back to {before} (now {threads()})")
     assert sum(t.name.startswith("xds-proxy_") for t in threading.enumerate()) <= MAX_STREAMS + 2
 
 
