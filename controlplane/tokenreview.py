@@ -4,8 +4,8 @@ In a pod the agent sends its projected service-account token (audience `istio-ca
 /var/run/secrets/tokens/istio-token) as `authorization: Bearer ...`. istiod asks the API server
 whether the token is valid for that audience (POST /apis/authentication.k8s.io/v1/tokenreviews)
 and takes the identity from the answer's user name, `system:serviceaccount:NS:SA`
-(istio/istio pkg/kube/tokenreview). `--token-review` does the same (docs/kubernetes.md
-"Authentication"); the control plane's own service account needs the right to create
+(docs/istio-compat.md "Workload certificates"). `--token-review` does the same
+(docs/kubernetes.md "Authentication"); the control plane's own service account needs the right to create
 tokenreviews (ClusterRole `system:auth-delegator`, deploy/kubernetes/controlplane/rbac.yaml).
 
 `review_body` and `parse_review` are pure (a token in, the request's bytes out; the API server's
