@@ -1,8 +1,8 @@
 """The control plane's certificate service: istiod's `CreateCertificate`, signed by its root.
 
 Identity comes from authentication, never from the CSR (docs/controlplane.md "Workload
-certificates"): a bearer token listed in the identities file (the role Kubernetes TokenReview
-plays for istiod), or, on renewal, the SPIFFE ID of a client certificate this CA issued and that
+certificates"): a bearer token listed in the identities file, or one the Kubernetes API server
+vouches for (`--token-review`, controlplane/tokenreview.py, as istiod does), or, on renewal, the SPIFFE ID of a client certificate this CA issued and that
 is still valid. A CSR that asks for another identity is refused with PERMISSION_DENIED (istiod
 ignores the CSR's SAN and signs for the caller; saying no makes a misconfigured agent visible).
 The lifetime asked for is capped by `max_ttl`.
@@ -32,6 +32,7 @@ from pilotfish.common.watch import file_signature
 from pilotfish.xds_client.proto.istio.v1.auth.ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
 from .ca import CertificateAuthority, cert_pem, sign_leaf
+from .tokenreview import ReviewFailed, bearer_token
 
 log = logging.getLogger("pilotfish.controlplane")
 
@@ -111,11 +112,8 @@ class IdentitiesFile:
 
 def token_caller(header: str | None, identities: Mapping[str, str]) -> Caller | None:
     """The caller named by `authorization: Bearer <token>`, if the token is listed."""
-    if not header:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(header)
+    if token is None:
         return None
     for known, identity in identities.items():  # compared in constant time, each
         if hmac.compare_digest(known.encode(), token.encode()):
@@ -184,10 +182,14 @@ class CertificateService:
 
     def __init__(self, ca: CertificateAuthority, identities: Callable[[], Mapping[str, str]], max_ttl: timedelta,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 peer_certificate: Callable[[str], bytes | None] | None = None) -> None:
+                 peer_certificate: Callable[[str], bytes | None] | None = None,
+                 review: Callable[[str], str] | None = None) -> None:
         """`peer_certificate` gives a caller's client certificate (PEM) by its gRPC peer address
-        (controlplane/tlsfront.py); without it, gRPC's own TLS is asked."""
+        (controlplane/tlsfront.py); without it, gRPC's own TLS is asked. `review` gives the
+        SPIFFE ID of a bearer token the identities file does not list, or raises ReviewFailed
+        (the Kubernetes TokenReview, controlplane/tokenreview.py)."""
         self.ca = ca
+        self.review = review
         self.peer_certificate = peer_certificate
         self.identities = identities
         self.max_ttl = max_ttl
@@ -198,22 +200,38 @@ class CertificateService:
         # `refused` (common/ratelog.py).
         self._refusal_log = RateLimitedLog(log)
         self._file_log = RateLimitedLog(log)
+        self._review_log = RateLimitedLog(log)
+
+    def _reviewed(self, header: str | None) -> Caller | None:
+        """The caller the token review names, or None (logged, at most once per interval: the
+        API server down must be visible, a flood of bad tokens must not fill the log)."""
+        token = bearer_token(header)
+        if self.review is None or token is None:
+            return None
+        try:
+            return Caller(self.review(token), "token review")
+        except ReviewFailed as err:
+            self._review_log(logging.WARNING, "controlplane: token review: %s", err)
+            return None
 
     def _caller(self, context: grpc.ServicerContext, now: datetime) -> Caller | None:
-        header = dict(context.invocation_metadata()).get("authorization")
+        value = dict(context.invocation_metadata()).get("authorization")
         try:
             identities = self.identities()
         except ValueError as err:
             self._file_log(logging.ERROR, "controlplane: identities file: %s; no token is accepted", err)
             identities = {}
-        caller = token_caller(header if isinstance(header, str) else None, identities)
+        header = value if isinstance(value, str) else None
+        caller = token_caller(header, identities)
         if caller is None:
             if self.peer_certificate is not None:
                 pem = self.peer_certificate(context.peer())
             else:
                 pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
             caller = certificate_caller(pem, self.ca, now)
-        return caller
+        # the API server last (as istiod tries the client certificate before the token): a renewal
+        # costs no review
+        return caller or self._reviewed(header)
 
     def create(self, request: IstioCertificateRequest, context: grpc.ServicerContext) -> IstioCertificateResponse:
         now = self.clock()

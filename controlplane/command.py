@@ -44,7 +44,8 @@ from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, MeshHub, start_server
-from .casvc import CertificateService, IdentitiesFile, read_identities
+from .casvc import CertificateService, IdentitiesFile, read_identities, spiffe
+from .tokenreview import TokenReviewer, in_cluster
 from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
     CAError,
@@ -104,6 +105,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str = "controlplane
                    help="workload certificates (istiod's CreateCertificate) for the tokens this file lists, "
                         "one `TOKEN NAMESPACE/SERVICEACCOUNT` per line (re-read for each request); "
                         "without it, only renewals with a certificate this CA issued")
+    p.add_argument("--token-review", action="store_true",
+                   help="in a Kubernetes pod: also accept a workload's service-account token (audience istio-ca) "
+                        "that the API server's TokenReview vouches for, as istiod does; the identity is "
+                        "system:serviceaccount:NAMESPACE:NAME (needs ClusterRole system:auth-delegator)")
     p.add_argument("--trust-domain", default="cluster.local", metavar="DOMAIN",
                    help="the SPIFFE trust domain of workload certificates (default cluster.local)")
     p.add_argument("--max-cert-ttl", default="24h", metavar="DURATION",
@@ -148,6 +153,11 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
             raise ValueError(f"--token-file {args.token_file}: {problem}")
     if args.identities is not None:
         read_identities(args.identities, args.trust_domain)  # ValueError naming the file and line
+    if args.token_review:
+        try:
+            in_cluster(os.environ)
+        except ValueError as err:
+            raise ValueError(f"--token-review: {err}") from None
     try:
         if parse_duration(args.max_cert_ttl, "--max-cert-ttl") < 1:
             raise ConfigError(f"--max-cert-ttl: want a second or more, got {args.max_cert_ttl!r}")
@@ -388,9 +398,18 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
     context = server_context(key_pem(key), cert_pem(issue_serving(ca, key, names, now)), cert_pem(ca.cert))
     identities = IdentitiesFile(args.identities, args.trust_domain) if args.identities else None
     peers = PeerCertificates()
+    review = None
+    if args.token_review:  # checked by check_flags; the pod's token and CA are read again per review
+        reviewer = TokenReviewer(in_cluster(os.environ))
+        log.info("controlplane: workload tokens reviewed by the Kubernetes API server at %s:%d (audience %s)",
+                 reviewer.api.host, reviewer.api.port, ", ".join(reviewer.audiences))
+
+        def review(token: str) -> str:
+            return spiffe(args.trust_domain, reviewer.review(token))
     certificates = CertificateService(
         ca, identities or dict,
-        timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup)
+        timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup,
+        review=review)
     try:  # a workload's token (the identities file) opens ADS streams too, as istiod takes any workload's
         servicer = AdsServicer(hub, args.token_file, identities if args.token_file is not None else None)
         server, backend = start_server(servicer, "127.0.0.1:0", None,

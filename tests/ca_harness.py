@@ -42,15 +42,18 @@ class Ca:
     """istiod's CreateCertificate as `pilotfish controlplane` serves it (its TLS front, which asks
     for a client certificate without requiring one, before grpcio on a loopback port), for the
     token `good-token`; `tamper` may spoil what it answers (a CA that misbehaves), `down` makes
-    it fail UNAVAILABLE (a CA that went away)."""
+    it fail UNAVAILABLE (a CA that went away); `review` is the Kubernetes token review
+    (controlplane/tokenreview.py) for the tokens it does not know."""
 
-    def __init__(self, tmp: Path, max_ttl: timedelta, tamper: Tamper | None = None) -> None:
+    def __init__(self, tmp: Path, max_ttl: timedelta, tamper: Tamper | None = None,
+                 review: Callable[[str], str] | None = None) -> None:
         now = datetime.now(UTC)
         self.root = new_root(new_key(), now - timedelta(days=1))
         self.root_file = tmp / "root-cert.pem"
         self.root_file.write_bytes(cert_pem(self.root.cert))
         peers = PeerCertificates()
-        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl, peer_certificate=peers.lookup)
+        self.service = CertificateService(self.root, lambda: {"good-token": ID}, max_ttl, peer_certificate=peers.lookup,
+                                          review=review)
         self.down = False
         signed = self.service.create
 
