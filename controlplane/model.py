@@ -57,7 +57,7 @@ class ServedModel:
         self._lock = threading.Lock()
         self._mesh, self._mesh_version = mesh, mesh_version
         self._build = build
-        self.registry = registry or Registry()
+        self.registry = registry if registry is not None else Registry()
         self._clock = clock
         self._refusals = RateLimitedLog(log)
         self.hub = MeshHub(self._snapshot())
