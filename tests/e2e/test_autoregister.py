@@ -91,7 +91,7 @@ def test_a_vm_joins_by_itself_leaves_when_unhealthy_and_is_removed_after_the_gra
         health = _health_server(lab)
         until(lambda: _in_productpages_eds(lab), "the VM in productpage's EDS once healthy")
         until(lambda: _resolves(lab), "the headless name resolving to the VM")
-        done = as_app(lab.productpage, "curl", "-sS", "-m", "10", f"http://reviews-vm:9080/")
+        done = as_app(lab.productpage, "curl", "-sS", "-m", "10", "http://reviews-vm:9080/")
         assert "URI=spiffe://cluster.local/ns/default/sa/productpage" in done.stdout, (done.stdout, done.stderr)
 
         health.kill()
