@@ -214,7 +214,7 @@ _SERVICE_FIELDS = attrgetter(*Service.__slots__)
 
 def _group_fields(group: WorkloadGroup) -> list[object]:
     return [group.name, group.namespace, sorted(group.labels.items()), group.service_account, group.network,
-            sorted(group.ports.items()), group.probe]
+            sorted(group.ports.items()), json.dumps(group.probe, sort_keys=True)]
 _ENDPOINT_FIELDS = attrgetter(*Endpoint.__slots__)
 
 
@@ -315,7 +315,7 @@ def _labels(item: dict[str, Any], key: str, path: str) -> dict[str, str]:
             raise _Invalid(_at(at, name), f"{_show(text)} is not a label value (a string of up to 63 "
                            "letters, digits, '-', '_', '.')")
         out[name] = text
-    return out
+    return dict(sorted(out.items()))  # the same labels in another order: the same mesh version
 
 
 def _probe_spec(data: Any, path: str) -> dict[str, object]:

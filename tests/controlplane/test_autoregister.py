@@ -325,3 +325,13 @@ def test_a_vm_of_an_unknown_group_is_refused(served: tuple[ServedModel, str, byt
         assert details == "auto-registration of 10.0.0.7 failed: cannot find WorkloadGroup vms/nope"
     finally:
         vm.close()
+
+
+def test_the_mesh_version_follows_groups_and_selectors_not_their_key_order() -> None:
+    reordered = MESH.replace("{app: vm, tier: backend}", "{tier: backend, app: vm}").replace(
+        "{periodSeconds: 1, httpGet: {path: /ready, port: 8080}}", "{httpGet: {port: 8080, path: /ready}, periodSeconds: 1}")
+    assert reordered != MESH and mesh_version(parse_mesh(reordered)) == mesh_version(parse_mesh(MESH))
+    assert mesh_version(parse_mesh(MESH.replace("port: 8080}}", "port: 8081}}"))) != mesh_version(parse_mesh(MESH))
+    assert mesh_version(parse_mesh(MESH.replace("selector: {app: vm}\n  - name: vm\n",
+                                                "selector: {app: other}\n  - name: vm\n"))) != mesh_version(
+        parse_mesh(MESH))
