@@ -24,6 +24,7 @@ The SotW rules are istiod's (docs/istio-compat.md "ADS stream to istiod", "istio
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import queue
 import secrets
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
 import grpc
+from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
@@ -45,13 +47,16 @@ from pilotfish.common.ratelog import RateLimitedLog
 from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.xds_client.inbox import CLOSED, open_inbox
 
+from .autoregister import Refused
 from .casvc import token_caller
 from .delta import DeltaStreamState
+from .nametable import ProxyInfo
 from .served import NAME_TABLE_TYPE, Resource, Snapshot
 from .stream import (
     Acked,
     Connected,
     Event,
+    HealthReported,
     Ignored,
     Nacked,
     Outcome,
@@ -133,7 +138,7 @@ class StreamState(StreamBase[_Watch]):
 
     def on_request(self, request: DiscoveryRequest, snapshot: Snapshot) -> Outcome[DiscoveryResponse]:
         """Answer one request given what is served now. StreamError if the stream must end."""
-        events, served = self._start(request.node, request.type_url)
+        events, served = self._start(request)
         if not served:
             return Outcome(events=tuple(events))
         type_url = request.type_url
@@ -263,17 +268,31 @@ class _State(Protocol[_Req_contra, _Resp_co]):
     def on_snapshot(self, snapshot: Snapshot) -> Outcome[_Resp_co]: ...
 
 
+class Workloads(Protocol):
+    """Where streams register as WorkloadEntries (model.ServedModel): `connection` names a stream."""
+
+    def connect(self, connection: str, node: Node, proxy: ProxyInfo) -> Refused | None: ...
+
+    def report_health(self, connection: str, healthy: bool, detail: str) -> None: ...
+
+    def disconnect(self, connection: str) -> None: ...
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """The gRPC shell: authenticates a stream, then runs its state (SotW or delta) until either
     side ends it. Both variants share the bounds (MAX_STREAMS in all), the token check and the
     rate-limited log lines."""
 
     def __init__(self, hub: MeshHub, token_file: str | None = None,
-                 identities: Callable[[], Mapping[str, str]] | None = None) -> None:
+                 identities: Callable[[], Mapping[str, str]] | None = None,
+                 workloads: Workloads | None = None) -> None:
         """`token_file`: the token every stream must carry; `identities` (the CA's tokens, each a
         workload's: controlplane/casvc.py) are accepted too, as istiod accepts any workload's
-        token (no token file and no identities: no check)."""
+        token (no token file and no identities: no check). `workloads`: where a stream whose node
+        asks for auto-registration becomes a WorkloadEntry, and its health reports go."""
         self.hub = hub
+        self.workloads = workloads
+        self._connections = itertools.count(1)
         self.token_file = token_file
         self.identities = identities
         self.counters = Counters()
@@ -326,6 +345,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.hub.subscribe(inbox)
         with self._lock:
             self.counters.streams += 1
+        connection = f"{kind} {next(self._connections)}"
+        registered = False
         try:
             while (item := inbox.get()) is not CLOSED:
                 try:
@@ -338,10 +359,28 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
                 for event in outcome.events:
                     self._record(kind, peer, state.node_id or "?", event)
+                    registered |= self._workload(connection, event, context)
                 yield from outcome.responses
         finally:
             self.hub.unsubscribe(inbox)
+            if registered and self.workloads is not None:
+                self.workloads.disconnect(connection)
             log.info("controlplane: %s from %s closed (node %s)", kind, peer, state.node_id or "unknown")
+
+    def _workload(self, connection: str, event: Event, context: grpc.ServicerContext) -> bool:
+        """Auto-registration's part of an event: whether the stream registered (to unregister at
+        its end); a refused registration ends the stream, as istiod's does."""
+        if self.workloads is None:
+            return False
+        if isinstance(event, HealthReported):
+            self.workloads.report_health(connection, event.healthy, event.detail)
+        elif isinstance(event, Connected):
+            refused = self.workloads.connect(connection, event.node, event.proxy)
+            if refused is not None:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if refused.exhausted else grpc.StatusCode.FAILED_PRECONDITION
+                context.abort(code, refused.reason)
+            return True
+        return False
 
     def _record(self, kind: str, peer: str, node: str, event: Event) -> None:
         match event:
@@ -369,6 +408,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             case Stale(type_url=type_url, nonce=nonce):
                 log.debug("controlplane: %s answered an old %s nonce %s; ignored",
                           node, short_type(type_url), nonce)
+            case HealthReported(healthy=healthy, detail=detail):
+                log.debug("controlplane: %s reports its workload %s", node,
+                          "healthy" if healthy else f"unhealthy: {detail:.300}")
             case Ignored(type_url=type_url):
                 log.debug("controlplane: %s asked for %s, which is not served here; ignored",
                           node, type_url or "an empty type")

@@ -43,7 +43,8 @@ from pilotfish.common.watch import file_signature, watch_file
 from pilotfish.common.atomic import write_atomic
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
-from .ads import AdsServicer, MeshHub, start_server
+from .ads import AdsServicer, start_server
+from .autoregister import DEFAULT_GRACE, Registry
 from .casvc import CertificateService, IdentitiesFile, read_identities, spiffe
 from .tokenreview import TokenReviewer, in_cluster
 from .tlsfront import PeerCertificates, TlsFront, server_context
@@ -60,7 +61,8 @@ from .ca import (
 )
 from .envoyconfig import SidecarConfig, sidecar_config
 from .files import check_output_path
-from .mesh import MeshError, load_mesh, mesh_version
+from .mesh import Mesh, MeshError, load_mesh, mesh_version
+from .model import ServedModel
 from .nametable import ProxyInfo
 from .served import Snapshot
 
@@ -113,6 +115,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str = "controlplane
                    help="the SPIFFE trust domain of workload certificates (default cluster.local)")
     p.add_argument("--max-cert-ttl", default="24h", metavar="DURATION",
                    help="the longest workload certificate issued, whatever is asked (default 24h)")
+    p.add_argument("--workload-entry-grace", default=f"{DEFAULT_GRACE:g}s", metavar="DURATION",
+                   help="how long an auto-registered WorkloadEntry outlives its proxy's last connection "
+                        f"(istiod's PILOT_WORKLOAD_ENTRY_GRACE_PERIOD; default {DEFAULT_GRACE:g}s)")
     p.set_defaults(run=run)
 
 
@@ -161,6 +166,8 @@ def check_flags(args: argparse.Namespace) -> tuple[str, int, list[x509.GeneralNa
     try:
         if parse_duration(args.max_cert_ttl, "--max-cert-ttl") < 1:
             raise ConfigError(f"--max-cert-ttl: want a second or more, got {args.max_cert_ttl!r}")
+        if parse_duration(args.workload_entry_grace, "--workload-entry-grace") < 0:
+            raise ConfigError(f"--workload-entry-grace: want 0 or more, got {args.workload_entry_grace!r}")
     except ConfigError as err:
         raise ValueError(str(err)) from None
     return host, port, names
@@ -239,13 +246,23 @@ TABLES_KEPT = 4
 
 
 def load_snapshot(path: str, dual_stack: bool = False, trust_domain: str = "cluster.local") -> Snapshot:
-    """The mesh file as what the ADS server serves. MeshError if the file is bad.
+    """The mesh file as what the ADS server serves. MeshError if the file is bad."""
+    mesh, version = load_versioned(path)
+    return snapshot_of(mesh, version, dual_stack, trust_domain)
+
+
+def load_versioned(path: str) -> tuple[Mesh, str]:
+    """The mesh file and its version. MeshError if the file is bad."""
+    with _gc_paused():
+        mesh = load_mesh(path)
+        return mesh, mesh_version(mesh)
+
+
+def snapshot_of(mesh: Mesh, version: str, dual_stack: bool = False, trust_domain: str = "cluster.local") -> Snapshot:
+    """A mesh (with its WorkloadEntries: model.ServedModel) as what the ADS server serves.
 
     `dual_stack` is istiod's ISTIO_DUAL_STACK: without it a dual-stack proxy gets one address
     family of a dual-stack Service (istiod's default, and the vectors'; istio#51608)."""
-    with _gc_paused():
-        mesh = load_mesh(path)
-        version = mesh_version(mesh)
 
     # The last few proxies' tables are kept for this version: a client re-requesting without a
     # nonce had the whole table rebuilt each time (8 such streams on 20,000 services slowed an
@@ -305,8 +322,8 @@ async def _until_stopped(stops: AsyncIterator[int], work: Callable[[], Awaitable
     return done[0] if done else stopped[0]
 
 
-async def _load(path: str, dual_stack: bool, trust_domain: str) -> Snapshot | MeshError:
-    """The mesh loaded on a worker thread, or the MeshError saying why it is bad.
+async def _load(path: str) -> tuple[Mesh, str] | MeshError:
+    """The mesh and its version loaded on a worker thread, or the MeshError saying why it is bad.
 
     A load cannot be interrupted (most of it is in libyaml or the json module), but waiting for
     it can: on cancellation (a stop signal) the worker is abandoned, left to finish or to end
@@ -314,7 +331,7 @@ async def _load(path: str, dual_stack: bool, trust_domain: str) -> Snapshot | Me
     services (seconds) still exits at once.
     """
     try:
-        return await trio.to_thread.run_sync(load_snapshot, path, dual_stack, trust_domain, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(load_versioned, path, abandon_on_cancel=True)
     except MeshError as err:
         return err
 
@@ -338,24 +355,28 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
         log.info("controlplane: open files limit %d", raise_open_files_limit())
         signature = file_signature(args.mesh)  # before loading: a change while loading is seen
         log.info("controlplane: loading mesh file %s", args.mesh)
-        snapshot = await _until_stopped(stops, functools.partial(_load, args.mesh, args.dual_stack, args.trust_domain))
-        if isinstance(snapshot, _Stopped):
-            log.info("controlplane: %s while loading the mesh, stopped", snapshot.name)
+        loaded = await _until_stopped(stops, functools.partial(_load, args.mesh))
+        if isinstance(loaded, _Stopped):
+            log.info("controlplane: %s while loading the mesh, stopped", loaded.name)
             return 0
-        if isinstance(snapshot, MeshError):
-            log.error("controlplane: --mesh %s", snapshot)  # the message starts with the file's name
+        if isinstance(loaded, MeshError):
+            log.error("controlplane: --mesh %s", loaded)  # the message starts with the file's name
             return 2
-        hub = MeshHub(snapshot)
-        started = _start(args, host, port, names, hub)
+        grace = parse_duration(args.workload_entry_grace, "--workload-entry-grace")
+        model = ServedModel(*loaded, functools.partial(snapshot_of, dual_stack=args.dual_stack,
+                                                       trust_domain=args.trust_domain), Registry(grace))
+        started = _start(args, host, port, names, model)
         if isinstance(started, int):
             return started
         server, front, listener = started
+        snapshot = model.hub.current
         log.info("controlplane: serving mesh version %s (%d hosts)", snapshot.version, snapshot.hosts)
-        reload = functools.partial(_reload, args.mesh, hub, args.dual_stack, args.trust_domain)
+        reload = functools.partial(_reload, args.mesh, model)
 
         async def serve() -> NoReturn:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(front.serve, listener)
+                nursery.start_soon(_expire_entries, model, min(1.0, max(grace / 4, 0.05)))
                 await watch_file(args.mesh, signature, MESH_POLL, reload, hups)
 
         stopped = await _until_stopped(stops, serve)
@@ -366,8 +387,15 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
     return 0
 
 
+async def _expire_entries(model: ServedModel, period: float) -> NoReturn:
+    """Auto-registered entries whose grace period is over, removed (checked every `period`)."""
+    while True:
+        await trio.sleep(period)
+        model.expire()
+
+
 def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.GeneralName],
-           hub: MeshHub) -> tuple[grpc.Server, TlsFront, trio.SocketListener] | int:
+           model: ServedModel) -> tuple[grpc.Server, TlsFront, trio.SocketListener] | int:
     """The gRPC server started on grpcio's threads on a loopback port, the TLS front for it (with
     the root CA and the serving certificate it needs) and its listener, or the exit status of
     what failed, logged. Each step takes milliseconds, so a stop signal meanwhile is acted on
@@ -411,7 +439,8 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
         timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup,
         review=review)
     try:  # a workload's token (the identities file) opens ADS streams too, as istiod takes any workload's
-        servicer = AdsServicer(hub, args.token_file, identities if args.token_file is not None else None)
+        servicer = AdsServicer(model.hub, args.token_file, identities if args.token_file is not None else None,
+                               workloads=model)
         server, backend = start_server(servicer, "127.0.0.1:0", None,
                                        handlers=[certificates.handler()])
     except OSError as err:
@@ -425,18 +454,17 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
     return server, front, trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-async def _reload(path: str, hub: MeshHub, dual_stack: bool, trust_domain: str, why: str) -> None:
+async def _reload(path: str, model: ServedModel, why: str) -> None:
     """Load the mesh file again and push it if its version changed; a bad file is one ERROR line
     and the mesh in use keeps being served."""
     log.info("controlplane: loading mesh file %s (%s)", path, why)
-    snapshot = await _load(path, dual_stack, trust_domain)
-    if isinstance(snapshot, MeshError):
+    loaded = await _load(path)
+    if isinstance(loaded, MeshError):
         log.error("controlplane: rejected mesh file (%s): %s; still serving version %s",
-                  why, snapshot, hub.current.version)
+                  why, loaded, model.hub.current.version)
         return
-    if snapshot.version == hub.current.version:
-        log.info("controlplane: mesh file reloaded (%s), version %s unchanged", why, snapshot.version)
+    mesh, version = loaded
+    if version == model.mesh_version:
+        log.info("controlplane: mesh file reloaded (%s), version %s unchanged", why, version)
         return
-    streams = hub.publish(snapshot)
-    log.info("controlplane: serving mesh version %s (%d hosts), pushing to %d streams (%s)",
-             snapshot.version, snapshot.hosts, streams, why)
+    model.set_mesh(mesh, version, why)

@@ -62,7 +62,7 @@ class DeltaStreamState(StreamBase[_Watch]):
 
     def on_request(self, request: DeltaDiscoveryRequest, snapshot: Snapshot) -> Outcome[DeltaDiscoveryResponse]:
         """Answer one request given what is served now. StreamError if the stream must end."""
-        events, served = self._start(request.node, request.type_url)
+        events, served = self._start(request)
         if not served:
             return Outcome(events=tuple(events))
         type_url = request.type_url

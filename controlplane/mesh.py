@@ -46,10 +46,12 @@ from pilotfish.controlplane.nametable import (
 )
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
+from .workloads import WorkloadEntry, WorkloadGroup
+
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_CLUSTER_NAME = "Kubernetes"  # Istio's default CLUSTER_ID
 
-_TOP_KEYS = ("clusterDomain", "clusterName", "services", "serviceEntries", "peerAuthentications")
+_TOP_KEYS = ("clusterDomain", "clusterName", "services", "serviceEntries", "peerAuthentications", "workloadGroups")
 _PEER_AUTHENTICATION_KEYS = ("name", "namespace", "mtls")
 MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 ROOT_NAMESPACE = "istio-system"  # a PeerAuthentication here applies to the whole mesh (Istio's root namespace)
@@ -63,7 +65,15 @@ _SERVICE_KEYS = (
     "ports",
     "publishNotReadyAddresses",
     "endpoints",
+    "selector",
 )
+_GROUP_KEYS = ("name", "namespace", "labels", "serviceAccount", "network", "ports", "probe")
+# Istio's WorkloadGroup spec.probe (ReadinessProbe): timings and one check
+_PROBE_TIMINGS = ("initialDelaySeconds", "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold")
+_PROBE_CHECKS = ("httpGet", "tcpSocket", "exec", "grpc")
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _SERVICE_ENTRY_KEYS = ("name", "namespace", "hosts", "addresses", "resolution", "ports", "endpoints")
 _ENDPOINT_KEYS = ("addresses", "address", "hostname", "subdomain", "ready", "network", "cluster", "serviceAccount")
 _PORT_KEYS = ("name", "protocol", "appProtocol", "targetPort")
@@ -103,6 +113,7 @@ class Mesh:
     services: tuple[Service, ...]
     endpoints: Mapping[str, tuple[Endpoint, ...]]
     peer_authentication: Mapping[str, str] = field(default_factory=dict)  # namespace -> mode; "" mesh-wide
+    workload_groups: Mapping[tuple[str, str], WorkloadGroup] = field(default_factory=dict)  # (ns, name)
 
     def mtls_mode(self, namespace: str) -> str:
         """Istio's PeerAuthentication without selectors: the namespace's mode, else the mesh's
@@ -112,6 +123,25 @@ class Mesh:
             if mode != "UNSET":
                 return mode
         return "PERMISSIVE"
+
+    def with_entries(self, entries: tuple[WorkloadEntry, ...]) -> Mesh:
+        """This mesh with `entries` (auto-registered VMs) as endpoints of the Services whose
+        selector matches their labels (Kubernetes' rule: same namespace, every selector label);
+        each serves a port on its own port of the same name, else on the targetPort."""
+        if not entries:
+            return self
+        endpoints = dict(self.endpoints)
+        for svc in self.services:
+            if not svc.selector:
+                continue
+            for entry in entries:
+                if entry.selected_by(svc.namespace, svc.selector):
+                    remap = tuple((spec.port, entry.ports[spec.name]) for spec in svc.port_specs
+                                  if spec.name and spec.name in entry.ports)
+                    endpoint = Endpoint(addresses=(entry.address,), network=entry.network, health=entry.health,
+                                        service_account=entry.service_account, target_ports=remap)
+                    endpoints[svc.hostname] = (*endpoints.get(svc.hostname, ()), endpoint)
+        return replace(self, endpoints=endpoints)
 
     def name_table(self, proxy: ProxyInfo) -> NameTable:
         """The NameTable istiod would send `proxy` for this mesh."""
@@ -172,13 +202,19 @@ def mesh_version(mesh: Mesh) -> str:
     content = json.dumps(
         [[_SERVICE_FIELDS(s) for s in mesh.services],
          [(host, [_ENDPOINT_FIELDS(e) for e in eps]) for host, eps in sorted(mesh.endpoints.items())],
-         sorted(mesh.peer_authentication.items())],
+         sorted(mesh.peer_authentication.items()),
+         [_group_fields(g) for _, g in sorted(mesh.workload_groups.items())]],
         separators=(",", ":"),
     )
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 _SERVICE_FIELDS = attrgetter(*Service.__slots__)
+
+
+def _group_fields(group: WorkloadGroup) -> list[object]:
+    return [group.name, group.namespace, sorted(group.labels.items()), group.service_account, group.network,
+            sorted(group.ports.items()), json.dumps(group.probe, sort_keys=True)]
 _ENDPOINT_FIELDS = attrgetter(*Endpoint.__slots__)
 
 
@@ -226,7 +262,97 @@ def _mesh(document: Any) -> Mesh:
         if key in modes:
             raise _Invalid(path, f"a second PeerAuthentication for namespace {namespace!r} (one per namespace)")
         modes[key] = mode
-    return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()}, modes)
+    groups: dict[tuple[str, str], WorkloadGroup] = {}
+    seen = {}
+    for path, item in _items(top, "workloadGroups", ""):
+        group = _workload_group(item, path)
+        _unique(seen, (group.namespace, group.name), path, "workloadGroup")
+        groups[(group.namespace, group.name)] = group
+    return Mesh(tuple(_auto_allocate(services)), {h: tuple(eps) for h, eps in endpoints.items()}, modes, groups)
+
+
+def _workload_group(data: Any, path: str) -> WorkloadGroup:
+    """An Istio WorkloadGroup, flattened: its metadata labels, its template's service account,
+    network and named ports, and its readiness probe (docs/controlplane.md "Auto-registration")."""
+    item = _mapping(data, path, _GROUP_KEYS)
+    # the entry's name is `<group>-<ip>[-network]`, a DNS-1123 subdomain of at most 253
+    name = _name(item, "name", path, _DNS1123_SUBDOMAIN, "a resource name (a lower-case RFC 1123 subdomain)")
+    namespace = _name(item, "namespace", path, _DNS1123_LABEL, "a namespace (a lower-case RFC 1123 label)")
+    ports: dict[str, int] = {}
+    raw_ports = item.get("ports")
+    if raw_ports is not None:
+        if not isinstance(raw_ports, dict):
+            raise _Invalid(_at(path, "ports"), f"must be a mapping of port name to number, not {_show(raw_ports)}")
+        for key, value in raw_ports.items():
+            if not isinstance(key, str) or not _DNS1123_LABEL.fullmatch(key):
+                raise _Invalid(_at(path, "ports"), f"{_show(key)} is not a port name (a lower-case RFC 1123 label)")
+            ports[key] = _port_number(value, _at(_at(path, "ports"), key))
+    probe = item.get("probe")
+    return WorkloadGroup(
+        name=name,
+        namespace=namespace,
+        labels=_labels(item, "labels", path),
+        service_account=_service_account(item, path),
+        network=_string(item, "network", path),
+        ports=ports,
+        probe=None if probe is None else _probe_spec(probe, _at(path, "probe")),
+    )
+
+
+def _labels(item: dict[str, Any], key: str, path: str) -> dict[str, str]:
+    """A label map (Kubernetes' key and value syntax), for a group's labels or a selector."""
+    value = item.get(key)
+    if value is None:
+        return {}
+    at = _at(path, key)
+    if not isinstance(value, dict):
+        raise _Invalid(at, f"must be a mapping of label to value, not {_show(value)}")
+    out: dict[str, str] = {}
+    for name, text in value.items():
+        if not isinstance(name, str) or len(name) > 316 or not _LABEL_KEY.fullmatch(name):
+            raise _Invalid(at, f"{_show(name)} is not a label name")
+        if not isinstance(text, str) or not _LABEL_VALUE.fullmatch(text):
+            raise _Invalid(_at(at, name), f"{_show(text)} is not a label value (a string of up to 63 "
+                           "letters, digits, '-', '_', '.')")
+        out[name] = text
+    return dict(sorted(out.items()))  # the same labels in another order: the same mesh version
+
+
+def _probe_spec(data: Any, path: str) -> dict[str, object]:
+    """Istio's ReadinessProbe: the timings (whole numbers, 0 or more) and exactly one check."""
+    item = _mapping(data, path, (*_PROBE_TIMINGS, *_PROBE_CHECKS))
+    for key in _PROBE_TIMINGS:
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise _Invalid(_at(path, key), f"{_show(value)} is not a whole number of 0 or more")
+    checks = [key for key in _PROBE_CHECKS if item.get(key) is not None]
+    if len(checks) != 1:
+        raise _Invalid(path, f"needs exactly one of {', '.join(_PROBE_CHECKS)}"
+                       + (f" (has {', '.join(checks)})" if checks else ""))
+    check, at = checks[0], _at(path, checks[0])
+    if check == "exec":
+        spec = _mapping(item[check], at, ("command",))
+        command = [_string_value(v, p) for p, v in _items(spec, "command", at)]
+        if not command or not command[0]:
+            raise _Invalid(_at(at, "command"), "needs the command to run (a non-empty list)")
+    else:
+        keys = {"httpGet": ("path", "port", "host", "scheme", "httpHeaders"), "tcpSocket": ("port", "host"),
+                "grpc": ("port", "service")}[check]
+        spec = _mapping(item[check], at, keys)
+        if spec.get("port") is None:
+            raise _Invalid(at, "'port' is required")
+        _port_number(spec["port"], _at(at, "port"))
+        for key in ("path", "host", "service"):
+            _string(spec, key, at)
+        scheme = _string(spec, "scheme", at, default="HTTP")
+        if scheme.upper() not in ("HTTP", "HTTPS"):
+            raise _Invalid(_at(at, "scheme"), f"{scheme!r} is not HTTP or HTTPS")
+        for p, header in _items(spec, "httpHeaders", at):
+            fields = _mapping(header, p, ("name", "value"))
+            if not _string(fields, "name", p):
+                raise _Invalid(p, "'name' is required")
+            _string(fields, "value", p)
+    return dict(item)
 
 
 def _peer_authentication(data: Any, path: str) -> tuple[str, str]:
@@ -250,6 +376,7 @@ def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, 
     specs = _ports(item, path, "port")
     ports = tuple(spec.port for spec in specs)
     publish_not_ready = _bool(item, "publishNotReadyAddresses", path)
+    selector = _labels(item, "selector", path)
 
     def service(resolution: Resolution, vips: tuple[str, ...] = ()) -> Service:
         return Service(
@@ -263,12 +390,13 @@ def _service(data: Any, path: str, domain: str, cluster: str) -> tuple[Service, 
             ports=ports,
             publish_not_ready_addresses=publish_not_ready,
             port_specs=specs,
+            selector=selector,
         )
 
     if external:
         if not _HOSTNAME.fullmatch(external):
             raise _Invalid(_at(path, "externalName"), f"{external!r} is not a DNS name")
-        for key in ("clusterIP", "clusterIPs", "headless", "endpoints"):
+        for key in ("clusterIP", "clusterIPs", "headless", "endpoints", "selector"):
             if item.get(key) is not None:
                 raise _Invalid(_at(path, key), "not allowed with externalName (an ExternalName service has no IPs)")
         # No NameTable entry, as in istiod: the name goes to kube-dns, which answers the CNAME.
@@ -405,7 +533,7 @@ def _ports(item: dict[str, Any], path: str, number_key: str) -> tuple[ServicePor
         target_port = number if target is None else _port_number(target, _at(p, "targetPort"))
         # a Service's `protocol` is L4 (TCP, UDP); a ServiceEntry's is Istio's (HTTP, TCP, ...)
         istio = protocol if number_key == "number" else ""
-        ports.append(ServicePort(number, istio_protocol(name, app_protocol or istio), target_port))
+        ports.append(ServicePort(number, istio_protocol(name, app_protocol or istio), target_port, name))
     return tuple(ports)
 
 

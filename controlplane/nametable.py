@@ -69,6 +69,7 @@ class ServicePort(NamedTuple):
     port: int
     protocol: str  # "HTTP", "HTTP2" (gRPC too) or "TCP"
     target_port: int
+    name: str = ""  # a WorkloadEntry's port of this name is its target port (docs/controlplane.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,7 @@ class Service:
     auto_allocated_ipv4: str = ""  # ServiceEntries without addresses, resolution not NONE
     auto_allocated_ipv6: str = ""
     port_specs: tuple[ServicePort, ...] = ()  # `ports` with protocol and target port (Envoy config)
+    selector: Mapping[str, str] = field(default_factory=dict)  # Kubernetes: the WorkloadEntries it selects
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,16 @@ class Endpoint:
     health: Health = Health.HEALTHY
     ports: tuple[int, ...] = ()  # the service ports it serves; empty means all of them
     service_account: str = ""  # the pod's; its SPIFFE identity is what a client verifies
+    # (service port, this endpoint's port) where it is not the service's targetPort: a
+    # WorkloadEntry's named ports
+    target_ports: tuple[tuple[int, int], ...] = ()
+
+    def target_port(self, spec: ServicePort) -> int:
+        """The port this endpoint serves `spec` on."""
+        for port, target in self.target_ports:
+            if port == spec.port:
+                return target
+        return spec.target_port
 
 
 @dataclass(frozen=True, slots=True)

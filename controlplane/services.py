@@ -205,7 +205,7 @@ def _outbound_cluster(name: str, spec: ServicePort, identities: list[str] | None
 
 def _assignment(name: str, endpoints: list[Endpoint], spec: ServicePort) -> ClusterLoadAssignment:
     lb = [LbEndpoint(endpoint=EnvoyEndpoint(address=Address(socket_address=SocketAddress(
-              address=address, port_value=spec.target_port))))
+              address=address, port_value=endpoint.target_port(spec)))))
           for endpoint in endpoints for address in endpoint.addresses[:1]]
     return ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=lb)] if lb else [])
 
@@ -227,21 +227,23 @@ def _inbound_chains(mesh: Mesh, proxy: ProxyInfo) -> Iterator[FilterChain]:
     for svc in mesh.services:
         if svc.registry is not Registry.KUBERNETES:
             continue
-        if not any(mine.intersection(e.addresses) for e in mesh.endpoints.get(svc.hostname, ())):
+        own = next((e for e in mesh.endpoints.get(svc.hostname, ()) if mine.intersection(e.addresses)), None)
+        if own is None:
             continue
         mode = mesh.mtls_mode(svc.namespace)
         for spec in svc.port_specs:
-            if spec.target_port in seen:
+            target = own.target_port(spec)  # a WorkloadEntry's named port, else the targetPort
+            if target in seen:
                 continue
-            seen.add(spec.target_port)
+            seen.add(target)
             http = spec.protocol in HTTP_PROTOCOLS
-            stat = f"inbound|{spec.target_port}||"
+            stat = f"inbound|{target}||"
             if mode in ("STRICT", "PERMISSIVE"):
                 tls = DownstreamTlsContext(common_tls_context=_common_tls(("h2", "http/1.1") if http else (), None),
                                            require_client_certificate=BoolValue(value=True))
                 yield FilterChain(
                     name=f"{stat}-mtls",
-                    filter_chain_match=FilterChainMatch(destination_port=UInt32Value(value=spec.target_port),
+                    filter_chain_match=FilterChainMatch(destination_port=UInt32Value(value=target),
                                                         transport_protocol="tls"),
                     transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(tls)),
                     filters=[_http(stat, INBOUND_PASSTHROUGH_CLUSTER, xfcc=True) if http
@@ -249,7 +251,7 @@ def _inbound_chains(mesh: Mesh, proxy: ProxyInfo) -> Iterator[FilterChain]:
             if mode in ("PERMISSIVE", "DISABLE"):
                 yield FilterChain(
                     name=f"{stat}-plaintext",
-                    filter_chain_match=FilterChainMatch(destination_port=UInt32Value(value=spec.target_port),
+                    filter_chain_match=FilterChainMatch(destination_port=UInt32Value(value=target),
                                                         transport_protocol="raw_buffer"),
                     filters=[_http(stat, INBOUND_PASSTHROUGH_CLUSTER, xfcc=False) if http
                              else _tcp(stat, INBOUND_PASSTHROUGH_CLUSTER)])

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from pilotfish.xds_client.health import HEALTH_TYPE
 
 from .nametable import ProxyInfo, is_ip
 from .served import NAME_TABLE_TYPE, SERVED_TYPES
@@ -80,6 +82,16 @@ def proxy_info(node: Node) -> ProxyInfo:
 class Connected:
     node_id: str
     proxy: ProxyInfo
+    node: Node = field(default_factory=Node, compare=False, repr=False)  # for auto-registration
+
+
+@dataclass(frozen=True)
+class HealthReported:
+    """A HealthInformation request: the agent's probe of its workload (VMs), healthy without
+    `error_detail`, else not and why (controlplane/autoregister.py)."""
+
+    healthy: bool
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ class Ignored:
     type_url: str
 
 
-Event = Connected | Sent | Acked | Nacked | Stale | Ignored
+Event = Connected | Sent | Acked | Nacked | Stale | Ignored | HealthReported
 
 R = TypeVar("R", covariant=True)
 
@@ -147,19 +159,25 @@ class StreamBase(Generic[W]):
         self.proxy: ProxyInfo | None = None
         self._watches: dict[str, W] = {}
 
-    def _start(self, node: Node, type_url: str) -> tuple[list[Event], bool]:
+    def _start(self, request: DiscoveryRequest | DeltaDiscoveryRequest) -> tuple[list[Event], bool]:
         """On every request: what to report so far, and whether its type is served (one that
-        is not is ignored, as istiod ignores types it has no generator for). The first request
-        must carry the node (StreamError if it does not name a proxy istiod would accept); later
-        ones need not, and their node is not read."""
+        is not is ignored, as istiod ignores types it has no generator for; a health report is
+        reported, never answered). The first request must carry the node (StreamError if it
+        does not name a proxy istiod would accept); later ones need not, and their node is not
+        read."""
         events: list[Event] = []
+        node, type_url = request.node, request.type_url
         if self.proxy is None:
             self.proxy = proxy_info(node)
             self.node_id = node.id
-            events.append(Connected(self.node_id, self.proxy))
+            events.append(Connected(self.node_id, self.proxy, node))
         if type_url in SERVED_TYPES:
             return events, True
-        events.append(Ignored(type_url))
+        if type_url == HEALTH_TYPE:
+            healthy = not request.HasField("error_detail")
+            events.append(HealthReported(healthy, "" if healthy else request.error_detail.message[:500]))
+        else:
+            events.append(Ignored(type_url))
         return events, False
 
     def _proxy(self) -> ProxyInfo:

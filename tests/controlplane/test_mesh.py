@@ -272,7 +272,7 @@ services:
         ("service: []\n",
          "mesh.yaml: unknown key 'service' (did you mean 'services'?)"),
         ("kind: Mesh\n",
-         "mesh.yaml: unknown key 'kind' (expected one of clusterDomain, clusterName, services, serviceEntries, peerAuthentications)"),
+         "mesh.yaml: unknown key 'kind' (expected one of clusterDomain, clusterName, services, serviceEntries, peerAuthentications, workloadGroups)"),
         ("services:\n  - {namespace: ns, clusterIPs: [10.96.0.1]}\n",
          "mesh.yaml: services[0]: 'name' is required"),
         ("services:\n  - {name: a, clusterIPs: [10.96.0.1]}\n",

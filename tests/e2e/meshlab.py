@@ -103,8 +103,11 @@ class Mesh:
 
 
 @contextmanager
-def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = ()) -> Iterator[Mesh]:
-    """The two pods, ready; everything stopped and removed on exit."""
+def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = (), reviews_env: dict[str, str] | None = None,
+                 reviews_mesh_config: str = "") -> Iterator[Mesh]:
+    """The two pods, ready; everything stopped and removed on exit. `reviews_env` is more of the
+    reviews agent's environment, `reviews_mesh_config` its ./etc/istio/config/mesh (a VM's
+    mesh.yaml, as `istioctl x workload entry configure` writes it)."""
     with N.topology() as topo:
         work = Path(tempfile.mkdtemp(prefix="pilotfish-mesh-"))
         work.chmod(0o755)
@@ -128,7 +131,14 @@ def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = ()) -> I
                 assert done.returncode == 0, done.stderr
             app = reviews.spawn(topo.peer, [sys.executable, "-c", APP], reviews.work / "app.log", uid=APP_UID)
             wait(lambda: "ready" in reviews.log("app.log") or app.poll() is not None, "the app", (reviews,))
-            agents = {"reviews": reviews.proxy(), "productpage": productpage.proxy({"ISTIO_META_DNS_CAPTURE": "true"})}
+            if reviews_mesh_config:
+                config = reviews.root / "etc/istio/config/mesh"
+                config.parent.mkdir(parents=True, exist_ok=True)
+                for directory in (config.parent, config.parent.parent):
+                    directory.chmod(0o755)
+                config.write_text(reviews_mesh_config)
+                config.chmod(0o644)
+            agents = {"reviews": reviews.proxy(reviews_env), "productpage": productpage.proxy({"ISTIO_META_DNS_CAPTURE": "true"})}
             wait(lambda: ready(topo.pod, PEER_V4) and ready(topo.peer, POD_V4), "both proxies ready",
                  (reviews, productpage))
             assert all(agent.poll() is None for agent in agents.values())

@@ -1,0 +1,110 @@
+"""Auto-registration end to end (tests/e2e/meshlab.py): the reviews pod stands for a VM, its agent
+with ISTIO_META_AUTO_REGISTER_GROUP and a mesh config whose readinessProbe checks a health
+server beside its app, as `istioctl x workload entry configure` sets a VM up. The control plane
+makes it a WorkloadEntry of its WorkloadGroup; productpage reaches it by the name of a Service
+selecting the group's labels, over mTLS through both Envoys, once its agent reports it healthy;
+the health server stopped takes it out of productpage's EDS and name table; its agent stopped
+removes the entry after the grace period (docs/controlplane.md "Auto-registration")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import netns as N
+import pytest
+from meshlab import MESH, NAMESPACE, Mesh, as_app, running_mesh, wait
+from netns import APP_UID, PEER_V4
+from pod_harness import ns_http
+from pod_harness import skip_reason as pod_skip_reason
+
+VM_VIP = "10.96.0.30"
+HEALTH_PORT = 9082
+VM_SERVICES = f"""\
+  - name: reviews-vm
+    namespace: {NAMESPACE}
+    clusterIP: {VM_VIP}
+    ports: [{{port: 9080, name: http}}]
+    selector: {{workload: reviews-vm}}
+  - name: reviews-vm-headless
+    namespace: {NAMESPACE}
+    clusterIP: None
+    ports: [{{port: 9080, name: http}}]
+    selector: {{workload: reviews-vm}}
+"""
+PROBE = f"{{periodSeconds: 1, timeoutSeconds: 1, httpGet: {{path: /, port: {HEALTH_PORT}}}}}"
+VM_MESH = MESH.replace("serviceEntries:", VM_SERVICES + "serviceEntries:") + f"""\
+workloadGroups:
+  - name: reviews-vm
+    namespace: {NAMESPACE}
+    labels: {{workload: reviews-vm}}
+    serviceAccount: reviews
+    probe: {PROBE}
+"""
+CLUSTER = f"outbound|9080||reviews-vm.{NAMESPACE}.svc.cluster.local"
+ENTRY = f"{NAMESPACE}/reviews-vm-{PEER_V4}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environment() -> None:
+    reason = pod_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    N.reap_stale_namespaces()
+
+
+def _in_productpages_eds(lab: Mesh) -> bool:
+    """Whether productpage's Envoy has the VM as an endpoint of the selecting service."""
+    try:
+        body = ns_http(lab.topo.pod, "127.0.0.1", 15000, "/clusters")[1].decode()
+    except OSError:
+        return False
+    return f"{CLUSTER}::{PEER_V4}:9080::" in body
+
+
+def _resolves(lab: Mesh) -> bool:
+    done = as_app(lab.productpage, "getent", "hosts", "reviews-vm-headless")
+    return done.returncode == 0 and done.stdout.split()[0] == PEER_V4
+
+
+def _health_server(lab: Mesh) -> subprocess.Popen[bytes]:
+    """The VM's health endpoint (its probe's target), as the app's user."""
+    return lab.reviews.spawn(lab.topo.peer, [sys.executable, "-m", "http.server", str(HEALTH_PORT), "--bind",
+                                             "0.0.0.0", "--directory", "/"], lab.reviews.work / "health.log",
+                             uid=APP_UID)
+
+
+@pytest.mark.timeout(300)
+def test_a_vm_joins_by_itself_leaves_when_unhealthy_and_is_removed_after_the_grace_period() -> None:
+    env = {"ISTIO_META_AUTO_REGISTER_GROUP": "reviews-vm"}
+    mesh_config = f"defaultConfig:\n  readinessProbe: {PROBE}\n"
+    with running_mesh(VM_MESH, ("--workload-entry-grace", "2s"), env, mesh_config) as lab:
+        def until(condition: Callable[[], bool], what: str) -> None:
+            wait(condition, what, (lab.productpage, lab.reviews), timeout=60)
+
+        def cp_log() -> str:
+            return lab.reviews.log("cp/log")
+
+        until(lambda: f"registered WorkloadEntry {ENTRY}" in cp_log(), "the VM registered")
+        assert not _in_productpages_eds(lab)  # its probe has nothing to reach yet: not ready
+        health = _health_server(lab)
+        until(lambda: _in_productpages_eds(lab), "the VM in productpage's EDS once healthy")
+        until(lambda: _resolves(lab), "the headless name resolving to the VM")
+        done = as_app(lab.productpage, "curl", "-sS", "-m", "10", "http://reviews-vm:9080/")
+        assert "URI=spiffe://cluster.local/ns/default/sa/productpage" in done.stdout, (done.stdout, done.stderr)
+
+        health.kill()
+        health.wait(timeout=10)
+        until(lambda: not _in_productpages_eds(lab), "the unhealthy VM out of productpage's EDS")
+        until(lambda: not _resolves(lab), "the unhealthy VM out of the headless name")
+        assert f"WorkloadEntry {ENTRY} is unhealthy" in cp_log()
+
+        _health_server(lab)
+        until(lambda: _in_productpages_eds(lab), "the VM back once healthy again")
+        vm_agent = lab.agents["reviews"]
+        vm_agent.terminate()
+        vm_agent.wait(timeout=60)
+        until(lambda: f"removed WorkloadEntry {ENTRY} (disconnected for 2s)" in cp_log(),
+              "the entry removed after the grace period")
+        until(lambda: not _in_productpages_eds(lab), "the removed VM out of productpage's EDS")
