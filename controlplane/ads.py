@@ -49,6 +49,7 @@ from pilotfish.xds_client.inbox import CLOSED, open_inbox
 
 from .autoregister import Refused
 from .casvc import token_caller
+from .tokenreview import ReviewFailed, bearer_token
 from .delta import DeltaStreamState
 from .nametable import ProxyInfo
 from .served import NAME_TABLE_TYPE, Resource, Snapshot
@@ -285,16 +286,19 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def __init__(self, hub: MeshHub, token_file: str | None = None,
                  identities: Callable[[], Mapping[str, str]] | None = None,
-                 workloads: Workloads | None = None) -> None:
+                 workloads: Workloads | None = None, review: Callable[[str], str] | None = None) -> None:
         """`token_file`: the token every stream must carry; `identities` (the CA's tokens, each a
         workload's: controlplane/casvc.py) are accepted too, as istiod accepts any workload's
-        token (no token file and no identities: no check). `workloads`: where a stream whose node
-        asks for auto-registration becomes a WorkloadEntry, and its health reports go."""
+        token, and so is a token `review` vouches for (the Kubernetes TokenReview,
+        controlplane/tokenreview.py; it raises ReviewFailed otherwise). None of the three: no
+        check. `workloads`: where a stream whose node asks for auto-registration becomes a
+        WorkloadEntry, and its health reports go."""
         self.hub = hub
         self.workloads = workloads
         self._connections = itertools.count(1)
         self.token_file = token_file
         self.identities = identities
+        self.review = review
         self.counters = Counters()
         self._lock = threading.Lock()
         # Streams come from whoever can reach the port: an unauthenticated flood is one line per
@@ -304,7 +308,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nack_log = RateLimitedLog(log)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
-        if self.token_file is None and self.identities is None:
+        if self.token_file is None and self.identities is None and self.review is None:
             return
         value = dict(context.invocation_metadata()).get("authorization")
         header = value if isinstance(value, str) else None
@@ -313,9 +317,23 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             problem = check_bearer(header, read_token(self.token_file, self._token_file_log)) or ""
         if problem and self.identities is not None and token_caller(header, self._known()) is not None:
             problem = ""
+        if problem and self.review is not None:
+            problem = self._reviewed(header) or ""
         if problem:
             self._refusal_log(logging.WARNING, "controlplane: refused stream from %s: %s", context.peer(), problem)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def _reviewed(self, header: str | None) -> str | None:
+        """Why the review does not vouch for the stream's bearer token, or None if it does."""
+        assert self.review is not None
+        token = bearer_token(header)
+        if token is None:
+            return "missing bearer token"
+        try:
+            self.review(token)
+        except ReviewFailed as err:
+            return f"token review: {err}"
+        return None
 
     def _known(self) -> Mapping[str, str]:
         assert self.identities is not None

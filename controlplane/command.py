@@ -439,8 +439,9 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
         timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup,
         review=review)
     try:  # a workload's token (the identities file) opens ADS streams too, as istiod takes any workload's
-        servicer = AdsServicer(model.hub, args.token_file, identities if args.token_file is not None else None,
-                               workloads=model)
+        ads_identities = identities if args.token_file is not None or review is not None else None
+        servicer = AdsServicer(model.hub, args.token_file, ads_identities,
+                               workloads=model, review=review)
         server, backend = start_server(servicer, "127.0.0.1:0", None,
                                        handlers=[certificates.handler()])
     except OSError as err:

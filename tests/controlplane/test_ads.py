@@ -51,6 +51,7 @@ from pilotfish.controlplane.ads import (
 )
 from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_key, new_root, serving_names
 from pilotfish.controlplane.nametable import ProxyInfo
+from pilotfish.controlplane.tokenreview import ReviewFailed
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from streams import CLUSTER_TYPE, ROUTE_TYPE, LISTENER_TYPE, NODE_ID, node, snapshot
 
@@ -655,3 +656,32 @@ def test_a_workloads_token_from_the_identities_opens_a_stream(served: Served, tm
         assert client.status() == (grpc.StatusCode.UNAUTHENTICATED, "bearer token rejected")
     finally:
         client.close()
+
+
+def test_with_token_review_a_stream_needs_a_token_the_review_vouches_for(served: Served) -> None:
+    """`--token-review` guards the streams too, as istiod authenticates xDS with the same
+    token: a reviewed token is served, another is refused with the review's reason, and a
+    stream without a token never reaches the API server."""
+    asked: list[str] = []
+
+    def review(token: str) -> str:
+        asked.append(token)
+        if token != "pod-token":
+            raise ReviewFailed("token not authenticated")
+        return "spiffe://cluster.local/ns/shop/sa/client"
+
+    served.servicer.review = review
+    client = served.client((("authorization", "Bearer pod-token"),))
+    try:
+        client.send(request(node()))
+        assert client.receive().version_info == "v1"
+    finally:
+        client.close()
+    for metadata, details in (((("authorization", "Bearer other"),), "token review: token not authenticated"),
+                              ((), "missing bearer token")):
+        client = served.client(metadata)
+        try:
+            assert client.status() == (grpc.StatusCode.UNAUTHENTICATED, details)
+        finally:
+            client.close()
+    assert asked == ["pod-token", "other"]
