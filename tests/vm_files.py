@@ -5,7 +5,9 @@ certificate, the service account's token, and `hosts` with the control plane's a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -51,3 +53,15 @@ def write_vm_files(directory: Path, root_cert: bytes, token: str, istiod_ip: str
         (directory / name).write_bytes(data)
         (directory / name).chmod(0o744)
     return directory
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every path under `root` (itself included): mode, owner, group, and the content's hash or
+    the link's target; equal before an install and after its uninstall."""
+    out = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        what = os.readlink(path) if path.is_symlink() else (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, what)
+    return out

@@ -6,7 +6,6 @@ commands and environment as read from its text, and status' checks on gathered f
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from vm_files import ISTIOD, write_vm_files
+from vm_files import ISTIOD, tree, write_vm_files
 
 from pilotfish.agent.vm import unitfile
 from pilotfish.agent.vm.health import Certificate, Facts, check_capture, checks, render
@@ -27,16 +26,6 @@ from pilotfish.controlplane.ca import cert_pem, new_key, new_root
 NOW = datetime.now(UTC)
 ROOT_PEM = cert_pem(new_root(new_key(), NOW - timedelta(days=1)).cert)
 ISTIOD_IP = "10.0.0.9"
-
-
-def tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
-    out = {}
-    for path in [root, *sorted(root.rglob("*"))]:
-        st = path.lstat()
-        what = os.readlink(path) if path.is_symlink() else (
-            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
-        out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, what)
-    return out
 
 
 def files(tmp_path: Path, **env: object) -> Path:

@@ -11,7 +11,6 @@ and no files."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from meshlab import REVIEWS_VIP, Mesh, as_app, ready, running_mesh, wait
 from netns import PEER_V4, POD_V4, PROXY_UID
 from pod_harness import ISTIOD, Pod, ns_listen
 from pod_harness import skip_reason as pod_skip_reason
-from vm_files import write_vm_files
+from vm_files import tree, write_vm_files
 
 from pilotfish.agent.vm import unitfile
 from pilotfish.agent.vm.layout import MANIFEST, PROXY_USER, UNIT
@@ -42,17 +41,6 @@ def _environment() -> None:
     if reason:
         pytest.skip(reason)
     N.reap_stale_namespaces()
-
-
-def tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
-    """Every path under `root`: mode, owner, group, and the content's hash or the link's target."""
-    out = {}
-    for path in [root, *sorted(root.rglob("*"))]:
-        st = path.lstat()
-        what = os.readlink(path) if path.is_symlink() else (
-            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "")
-        out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, what)
-    return out
 
 
 def pilotfish(*args: str, ns: str | None = None) -> subprocess.CompletedProcess[str]:
