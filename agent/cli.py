@@ -1,6 +1,6 @@
 """The `pilotfish` and `pilot-agent` commands: one CLI with a word per job.
 
-pilotfish's words: `dns`, `init`, `agent`, `controlplane`. pilot-agent's words, as Istio's
+pilotfish's words: `dns`, `init`, `agent`, `controlplane`, `vm` (install on a VM, docs/vm.md). pilot-agent's words, as Istio's
 injection template and tools call them (docs/istio-compat.md "pilot-agent words"): `proxy
 [sidecar|router]` (the agent with Envoy), `istio-iptables` (= `init`), `request`, `wait`,
 `version`. Both programs accept every word.
@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "request": "pilotfish.agent.localwords",
     "wait": "pilotfish.agent.localwords",
     "reference": "pilotfish.agent.reference",
+    "vm": "pilotfish.agent.vm.command",
 }
 # What `--help` says of each, without importing it (all of them: ~0.7 s and 54 MiB; the word's
 # own parser says the same, tests/agent/test_cli.py checks they agree).
@@ -43,6 +44,7 @@ SUMMARIES = {
     "request": "make an HTTP request to Envoy's admin API or the agent (pilot-agent request)",
     "wait": "wait until the proxy is ready (pilot-agent wait)",
     "reference": "print the configuration reference (every flag and variable) as Markdown",
+    "vm": "install pilotfish as a VM's mesh sidecar from Istio's VM files, show its status, or uninstall it",
 }
 INIT_WORDS = ("init", "istio-iptables")
 # words that accept unknown flags with a warning, as pilot-agent's

@@ -27,8 +27,10 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "init"))
@@ -56,6 +58,7 @@ EMPTY_DIRS = ("var/run/secrets/workload-spiffe-uds", "var/run/secrets/credential
 
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def skip_reason() -> str | None:
@@ -72,30 +75,40 @@ def skip_reason() -> str | None:
     return None
 
 
-def ns_connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
-    """A TCP connection made from inside network namespace `ns`, usable from this thread.
+def in_ns(ns: str, make: Callable[[], T]) -> T:
+    """What `make` returns, made inside network namespace `ns` and usable from this thread.
 
     A socket belongs to the namespace of the thread that made it; a short-lived thread joins
-    `ns` (setns is per thread) and connects, so a test reaches a pod's ports as kubelet or a
+    `ns` (setns is per thread) and makes it, so a test reaches a pod's ports as kubelet or a
     peer would, without a process per request."""
-    result: list[socket.socket | BaseException] = []
+    result: list[T | BaseException] = []
 
-    def connect() -> None:
+    def join_and_make() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             with open(f"/var/run/netns/{ns}") as f:
                 if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns {ns}")
-            result.append(socket.create_connection((host, port), timeout=timeout))
+            result.append(make())
         except BaseException as err:  # noqa: BLE001  handed to the caller's thread
             result.append(err)
 
-    thread = threading.Thread(target=connect)
+    thread = threading.Thread(target=join_and_make)
     thread.start()
     thread.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def ns_connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made from inside network namespace `ns` (in_ns)."""
+    return in_ns(ns, lambda: socket.create_connection((host, port), timeout=timeout))
+
+
+def ns_listen(ns: str, port: int) -> socket.socket:
+    """A TCP socket listening on every address of network namespace `ns` (in_ns)."""
+    return in_ns(ns, lambda: socket.create_server(("0.0.0.0", port)))
 
 
 class NsHTTPConnection(http.client.HTTPConnection):

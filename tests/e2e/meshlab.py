@@ -104,10 +104,12 @@ class Mesh:
 
 @contextmanager
 def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = (), reviews_env: dict[str, str] | None = None,
-                 reviews_mesh_config: str = "") -> Iterator[Mesh]:
+                 reviews_mesh_config: str = "", productpage_sidecar: bool = True) -> Iterator[Mesh]:
     """The two pods, ready; everything stopped and removed on exit. `reviews_env` is more of the
     reviews agent's environment, `reviews_mesh_config` its ./etc/istio/config/mesh (a VM's
-    mesh.yaml, as `istioctl x workload entry configure` writes it)."""
+    mesh.yaml, as `istioctl x workload entry configure` writes it). Without
+    `productpage_sidecar`, productpage's namespace is left bare (no capture, no agent) for a test
+    to run its own there (a VM: tests/e2e/test_vm.py)."""
     with N.topology() as topo:
         work = Path(tempfile.mkdtemp(prefix="pilotfish-mesh-"))
         work.chmod(0o755)
@@ -126,7 +128,8 @@ def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = (), revi
                                       f"--addn-hosts={work / 'upstream.hosts'}", f"--listen-address={PEER_V4}",
                                       "--bind-interfaces", "--log-facility=-", "--pid-file=", "--conf-file=/dev/null"],
                           work / "dnsmasq.log")
-            for pod, extra, dns in ((productpage, "", True), (reviews, "15012", False)):
+            sidecars = ((productpage, "", True),) if productpage_sidecar else ()
+            for pod, extra, dns in (*sidecars, (reviews, "15012", False)):
                 done = pod.init(exclude_inbound=extra, dns_capture=dns)
                 assert done.returncode == 0, done.stderr
             app = reviews.spawn(topo.peer, [sys.executable, "-c", APP], reviews.work / "app.log", uid=APP_UID)
@@ -138,9 +141,11 @@ def running_mesh(mesh: str = MESH, controlplane_args: tuple[str, ...] = (), revi
                     directory.chmod(0o755)
                 config.write_text(reviews_mesh_config)
                 config.chmod(0o644)
-            agents = {"reviews": reviews.proxy(reviews_env), "productpage": productpage.proxy({"ISTIO_META_DNS_CAPTURE": "true"})}
-            wait(lambda: ready(topo.pod, PEER_V4) and ready(topo.peer, POD_V4), "both proxies ready",
-                 (reviews, productpage))
+            agents = {"reviews": reviews.proxy(reviews_env)}
+            if productpage_sidecar:
+                agents["productpage"] = productpage.proxy({"ISTIO_META_DNS_CAPTURE": "true"})
+            wait(lambda: ready(topo.pod, PEER_V4) and (not productpage_sidecar or ready(topo.peer, POD_V4)),
+                 "the proxies ready", (reviews, productpage))
             assert all(agent.poll() is None for agent in agents.values())
             yield Mesh(topo, work, productpage, reviews, controlplane, agents)
         finally:
