@@ -1,6 +1,6 @@
 # pilotfish's proxy image: one image for both of Istio's containers, laid out like Istio's proxyv2
-# (pilot/docker/Dockerfile.proxyv2): the init container runs `pilot-agent istio-iptables ...`, the
-# sidecar `pilot-agent proxy sidecar ...`, with Istio's injection template unchanged.
+# (docs/image.md "Layout"): the init container runs `pilot-agent istio-iptables ...`, the sidecar
+# `pilot-agent proxy sidecar ...`, with Istio's injection template unchanged.
 #
 # Build it with `make image` (deploy/image/build.py): the context is only the wheelhouse that
 # script builds on the host (.build/image/wheelhouse: pilotfish[envoy], its dependencies, pip),
@@ -40,7 +40,7 @@ RUN set -eu; python3 -m venv --without-pip "$VENV"; \
       --no-cache-dir --disable-pip-version-check -q $(ls /wheelhouse/deps/*.whl | grep -v '/pip-')
 COPY .build/image/wheelhouse/app /wheelhouse/app
 # bytecode now: the root is read-only in a pod, so without it every start compiles every module
-# again (docs/image.md "Start-up"); unchecked-hash pycs stay valid whatever the files' mtimes
+# again (docs/image.md "Bytecode"); unchecked-hash pycs stay valid whatever the files' mtimes
 RUN set -eu; pip=$(ls /wheelhouse/deps/pip-*.whl); \
     "$VENV/bin/python" "$pip/pip" install --no-index --find-links /wheelhouse/deps --no-compile --no-deps \
       --no-cache-dir --disable-pip-version-check -q /wheelhouse/app/pilotfish-*.whl; \
