@@ -44,6 +44,7 @@ bench: system-deps venv
 	$(PY) bench/xds_proxy_bench.py
 	$(SUDO) $(PY) bench/sidecar_bench.py
 	$(SUDO) $(PY) bench/mesh_bench.py
+	$(SUDO) $(PY) bench/image_bench.py
 
 # The proxy image (Dockerfile; docs/image.md). deploy/image/build.py starts a Docker engine when
 # none answers, debootstraps the default base once, and builds the wheelhouse the image installs.
