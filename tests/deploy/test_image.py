@@ -96,3 +96,17 @@ def test_the_app_resolves_a_mesh_name_and_reaches_the_other_pod_over_mtls(
     logs = "\n".join(cluster.logs(n) for n in ("productpage-proxy", "reviews-proxy", "reviews-app"))
     assert lines[:1] == [REVIEWS_VIP], out + logs
     assert "URI=spiffe://cluster.local/ns/default/sa/productpage" in out, out + logs
+
+
+def test_the_base_is_debootstrapped_from_the_mirror_apt_uses(tmp_path: Path) -> None:
+    """Both of apt's formats: deb822 .sources (the security archive's stanza skipped) and one-line."""
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n"
+                       "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian\n"
+                       "Suites: bookworm bookworm-updates\nComponents: main\n")
+    assert builder.apt_mirror([sources]) == "http://mirror.example/debian"
+    listed = tmp_path / "sources.list"
+    listed.write_text("# a comment\ndeb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert builder.apt_mirror([tmp_path / "missing.list", listed]) == "http://other.example/debian"
+    with pytest.raises(SystemExit, match="no apt source for Debian bookworm"):
+        builder.apt_mirror([tmp_path / "missing.list"])
