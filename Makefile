@@ -5,7 +5,7 @@ PY        := $(VENV)/bin/python
 APT_PKGS  := dnsutils dnsperf dnsmasq-base iproute2 procps iptables libcap2-bin util-linux curl
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint bench demo protos system-deps venv
+.PHONY: test lint bench demo protos system-deps venv image
 
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -44,6 +44,14 @@ bench: system-deps venv
 	$(PY) bench/xds_proxy_bench.py
 	$(SUDO) $(PY) bench/sidecar_bench.py
 	$(SUDO) $(PY) bench/mesh_bench.py
+	$(SUDO) $(PY) bench/image_bench.py
+
+# The proxy image (Dockerfile; docs/image.md). deploy/image/build.py starts a Docker engine when
+# none answers, debootstraps the default base once, and builds the wheelhouse the image installs.
+IMAGE     ?= pilotfish:dev
+BASE      ?= pilotfish-base:bookworm
+image: venv
+	$(PY) deploy/image/build.py --image $(IMAGE) --base $(BASE)
 
 demo: system-deps venv
 	$(SUDO) $(VENV)/bin/python demo/mesh.py
