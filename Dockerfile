@@ -10,6 +10,8 @@ ARG BASE=pilotfish-base:bookworm
 
 # --- what both stages need: the interpreter, iptables (legacy and nft), iproute2, the user ---
 FROM ${BASE} AS runtime
+# on every stage, for deploy/image/build.py to prune what a rebuild leaves untagged
+LABEL io.pilotfish.build=1
 ARG RUNTIME_PACKAGES="python3 iptables iproute2"
 # a base from a registry (debian:bookworm-slim) lacks them: apt fetches them then
 RUN set -eu; missing=""; \

@@ -222,6 +222,9 @@ def revision() -> str:
     return done.stdout.strip() or "unknown"
 
 
+BUILD_LABEL = "io.pilotfish.build=1"  # set in the Dockerfile's first stage
+
+
 def build(image: str = DEFAULT_IMAGE, base: str = DEFAULT_BASE, python: str = sys.executable) -> str:
     """The image, built from the Dockerfile with the wheelhouse copied in; returns its name."""
     ensure_engine()
@@ -234,6 +237,9 @@ def build(image: str = DEFAULT_IMAGE, base: str = DEFAULT_BASE, python: str = sy
     network = ["--network", "none"] if base == DEFAULT_BASE else []
     labels = [f"--build-arg=BASE={base}", f"--build-arg=VERSION={version()}", f"--build-arg=REVISION={revision()}"]
     run(["docker", "build", *network, *labels, "-t", image, str(REPO)], stdout=sys.stderr)
+    # every stage carries BUILD_LABEL: the images a rebuild left untagged (the last build's, its
+    # build stage) go, and not a byte of anyone else's
+    run(["docker", "image", "prune", "--force", "--filter", f"label={BUILD_LABEL}"], stdout=sys.stderr)
     return image
 
 
