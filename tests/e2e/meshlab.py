@@ -45,6 +45,48 @@ serviceEntries:
 peerAuthentications:
   - {{name: default, namespace: istio-system, mtls: {{mode: STRICT}}}}
 """
+
+
+def probe(health_port: int) -> str:
+    """A WorkloadGroup probe (and a VM's ProxyConfig.readinessProbe) checking `health_port` each second."""
+    return f"{{periodSeconds: 1, timeoutSeconds: 1, httpGet: {{path: /, port: {health_port}}}}}"
+
+
+def with_vm_group(mesh: str, group: str, service_account: str, vip: str, health_port: int) -> str:
+    """`mesh` and a WorkloadGroup `group` (label `workload: <group>`, the probe on `health_port`)
+    with two Services selecting it: `<group>` on `vip` and `<group>-headless`, port 9080."""
+    services = "".join(f"""\
+  - name: {name}
+    namespace: {NAMESPACE}
+    clusterIP: {ip}
+    ports: [{{port: 9080, name: http}}]
+    selector: {{workload: {group}}}
+""" for name, ip in ((group, vip), (f"{group}-headless", "None")))
+    return mesh.replace("serviceEntries:", services + "serviceEntries:") + f"""\
+workloadGroups:
+  - name: {group}
+    namespace: {NAMESPACE}
+    labels: {{workload: {group}}}
+    serviceAccount: {service_account}
+    probe: {probe(health_port)}
+"""
+
+
+def health_server(pod: Pod, ns: str, port: int) -> subprocess.Popen[bytes]:
+    """A VM's health endpoint (its probe's target) in `ns`, as the app's user."""
+    return pod.spawn(ns, [sys.executable, "-m", "http.server", str(port), "--bind", "0.0.0.0", "--directory", "/"],
+                     pod.work / "health.log", uid=APP_UID)
+
+
+def in_eds(from_ns: str, cluster: str, ip: str) -> bool:
+    """Whether the Envoy in `from_ns` has `ip`:9080 as an endpoint of `cluster`."""
+    try:
+        body = ns_http(from_ns, "127.0.0.1", 15000, "/clusters")[1].decode()
+    except OSError:
+        return False
+    return f"{cluster}::{ip}:9080::" in body
+
+
 # the reviews app: HTTP on 9080 answering with the x-forwarded-client-cert it was given, and a
 # TCP echo on 9081
 APP = """\

@@ -8,40 +8,16 @@ removes the entry after the grace period (docs/controlplane.md "Auto-registratio
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 
 import netns as N
 import pytest
-from meshlab import MESH, NAMESPACE, Mesh, as_app, running_mesh, wait
-from netns import APP_UID, PEER_V4
-from pod_harness import ns_http
+from meshlab import MESH, NAMESPACE, Mesh, as_app, health_server, in_eds, probe, running_mesh, wait, with_vm_group
+from netns import PEER_V4
 from pod_harness import skip_reason as pod_skip_reason
 
-VM_VIP = "10.96.0.30"
 HEALTH_PORT = 9082
-VM_SERVICES = f"""\
-  - name: reviews-vm
-    namespace: {NAMESPACE}
-    clusterIP: {VM_VIP}
-    ports: [{{port: 9080, name: http}}]
-    selector: {{workload: reviews-vm}}
-  - name: reviews-vm-headless
-    namespace: {NAMESPACE}
-    clusterIP: None
-    ports: [{{port: 9080, name: http}}]
-    selector: {{workload: reviews-vm}}
-"""
-PROBE = f"{{periodSeconds: 1, timeoutSeconds: 1, httpGet: {{path: /, port: {HEALTH_PORT}}}}}"
-VM_MESH = MESH.replace("serviceEntries:", VM_SERVICES + "serviceEntries:") + f"""\
-workloadGroups:
-  - name: reviews-vm
-    namespace: {NAMESPACE}
-    labels: {{workload: reviews-vm}}
-    serviceAccount: reviews
-    probe: {PROBE}
-"""
+VM_MESH = with_vm_group(MESH, "reviews-vm", "reviews", "10.96.0.30", HEALTH_PORT)
 CLUSTER = f"outbound|9080||reviews-vm.{NAMESPACE}.svc.cluster.local"
 ENTRY = f"{NAMESPACE}/reviews-vm-{PEER_V4}"
 
@@ -55,12 +31,7 @@ def _environment() -> None:
 
 
 def _in_productpages_eds(lab: Mesh) -> bool:
-    """Whether productpage's Envoy has the VM as an endpoint of the selecting service."""
-    try:
-        body = ns_http(lab.topo.pod, "127.0.0.1", 15000, "/clusters")[1].decode()
-    except OSError:
-        return False
-    return f"{CLUSTER}::{PEER_V4}:9080::" in body
+    return in_eds(lab.topo.pod, CLUSTER, PEER_V4)
 
 
 def _resolves(lab: Mesh) -> bool:
@@ -68,17 +39,10 @@ def _resolves(lab: Mesh) -> bool:
     return done.returncode == 0 and done.stdout.split()[0] == PEER_V4
 
 
-def _health_server(lab: Mesh) -> subprocess.Popen[bytes]:
-    """The VM's health endpoint (its probe's target), as the app's user."""
-    return lab.reviews.spawn(lab.topo.peer, [sys.executable, "-m", "http.server", str(HEALTH_PORT), "--bind",
-                                             "0.0.0.0", "--directory", "/"], lab.reviews.work / "health.log",
-                             uid=APP_UID)
-
-
 @pytest.mark.timeout(300)
 def test_a_vm_joins_by_itself_leaves_when_unhealthy_and_is_removed_after_the_grace_period() -> None:
     env = {"ISTIO_META_AUTO_REGISTER_GROUP": "reviews-vm"}
-    mesh_config = f"defaultConfig:\n  readinessProbe: {PROBE}\n"
+    mesh_config = f"defaultConfig:\n  readinessProbe: {probe(HEALTH_PORT)}\n"
     with running_mesh(VM_MESH, ("--workload-entry-grace", "2s"), env, mesh_config) as lab:
         def until(condition: Callable[[], bool], what: str) -> None:
             wait(condition, what, (lab.productpage, lab.reviews), timeout=60)
@@ -88,7 +52,7 @@ def test_a_vm_joins_by_itself_leaves_when_unhealthy_and_is_removed_after_the_gra
 
         until(lambda: f"registered WorkloadEntry {ENTRY}" in cp_log(), "the VM registered")
         assert not _in_productpages_eds(lab)  # its probe has nothing to reach yet: not ready
-        health = _health_server(lab)
+        health = health_server(lab.reviews, lab.topo.peer, HEALTH_PORT)
         until(lambda: _in_productpages_eds(lab), "the VM in productpage's EDS once healthy")
         until(lambda: _resolves(lab), "the headless name resolving to the VM")
         done = as_app(lab.productpage, "curl", "-sS", "-m", "10", "http://reviews-vm:9080/")
@@ -100,7 +64,7 @@ def test_a_vm_joins_by_itself_leaves_when_unhealthy_and_is_removed_after_the_gra
         until(lambda: not _resolves(lab), "the unhealthy VM out of the headless name")
         assert f"WorkloadEntry {ENTRY} is unhealthy" in cp_log()
 
-        _health_server(lab)
+        health_server(lab.reviews, lab.topo.peer, HEALTH_PORT)
         until(lambda: _in_productpages_eds(lab), "the VM back once healthy again")
         vm_agent = lab.agents["reviews"]
         vm_agent.terminate()

@@ -4,10 +4,15 @@ unit run as systemd would run them (its environment files, `/` = the root, `+` l
 rest as istio-proxy's uid 1337). The VM is productpage's network namespace of the two-pod mesh
 (tests/e2e/meshlab.py) with no pod sidecar there: it has productpage's identity and address.
 
+The VM's files ask for auto-registration in the WorkloadGroup `productpage-vm` (istioctl's
+`--autoregister`: ISTIO_META_AUTO_REGISTER_GROUP, the group's probe as readinessProbe), which a
+Service of the mesh selects.
+
 The tests run in file order on one VM: it resolves a mesh name through the DNS proxy with no
 /etc/hosts entry for it, reaches reviews over mTLS, keeps inbound SSH uncaptured and `vm status`
-says all is well; then the agent stops (status says what fails) and `uninstall` leaves no rules
-and no files."""
+says all is well; reviews reaches the VM's app through its auto-registered entry, and the VM's
+probe failing takes it out of reviews' endpoints; then the agent stops (status says what fails)
+and `uninstall` leaves no rules and no files."""
 
 from __future__ import annotations
 
@@ -22,8 +27,22 @@ from pathlib import Path
 
 import netns as N
 import pytest
-from meshlab import REVIEWS_VIP, Mesh, as_app, ready, running_mesh, wait
-from netns import PEER_V4, POD_V4, PROXY_UID
+from meshlab import (
+    APP,
+    MESH,
+    NAMESPACE,
+    REVIEWS_VIP,
+    Mesh,
+    as_app,
+    health_server,
+    in_eds,
+    probe,
+    ready,
+    running_mesh,
+    wait,
+    with_vm_group,
+)
+from netns import APP_UID, PEER_V4, POD_V4, PROXY_UID
 from pod_harness import ISTIOD, Pod, ns_listen
 from pod_harness import skip_reason as pod_skip_reason
 from vm_files import tree, write_vm_files
@@ -32,6 +51,8 @@ from pilotfish.agent.vm import unitfile
 from pilotfish.agent.vm.layout import MANIFEST, PROXY_USER, UNIT
 from pilotfish.agent.vm.vmfiles import parse_env_file
 
+GROUP, VM_VIP, HEALTH_PORT = "productpage-vm", "10.96.0.31", 9082
+VM_CLUSTER = f"outbound|9080||{GROUP}.{NAMESPACE}.svc.cluster.local"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # systemd's PATH for system services
 
 
@@ -73,6 +94,7 @@ class Vm:
     root: Path
     before: dict[str, tuple[int, int, int, str]]
     agent: subprocess.Popen[bytes]
+    health: subprocess.Popen[bytes]
 
 
 def start_unit(pod: Pod, root: Path) -> subprocess.Popen[bytes]:
@@ -92,12 +114,16 @@ def start_unit(pod: Pod, root: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture(scope="module")
 def vm() -> Iterator[Vm]:
-    with running_mesh(productpage_sidecar=False) as lab:
+    mesh = with_vm_group(MESH, GROUP, "productpage", VM_VIP, HEALTH_PORT)
+    with running_mesh(mesh, productpage_sidecar=False) as lab:
         pod = lab.productpage
         root_cert = (lab.reviews.root / "var/run/secrets/istio/root-cert.pem").read_bytes()
         # as istioctl writes them, but for 22 in the exclusions, which install adds
         files = write_vm_files(lab.work / "vmfiles", root_cert, pod.token, PEER_V4, service_account=pod.service_account,
-                               exclude_ports="15090,15021,15020")
+                               group=GROUP, probe=probe(HEALTH_PORT), exclude_ports="15090,15021,15020")
+        # the VM's app (the same as reviews') and the health endpoint its probe checks
+        pod.spawn(pod.ns, [sys.executable, "-c", APP], pod.work / "app.log", uid=APP_UID)
+        health = health_server(pod, pod.ns, HEALTH_PORT)
         root = pod.work / "vmroot"
         (root / "etc").mkdir(parents=True)
         (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
@@ -110,7 +136,7 @@ def vm() -> Iterator[Vm]:
         agent = start_unit(pod, root)
         wait(lambda: ready(lab.topo.peer, POD_V4) or agent.poll() is not None, "the VM's agent ready", (pod,))
         assert agent.poll() is None, pod.log()[-3000:]
-        yield Vm(lab, pod, root, before, agent)
+        yield Vm(lab, pod, root, before, agent, health)
 
 
 @pytest.mark.timeout(240)
@@ -162,6 +188,26 @@ def greet(listener: socket.socket) -> None:
     conn, _ = listener.accept()
     with conn:
         conn.sendall(b"SSH-2.0-test\r\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_reaches_the_vm_through_its_auto_registered_entry(vm: Vm) -> None:
+    """Nobody listed the VM: its connection made it an endpoint of the Service selecting its
+    group, in reviews' Envoy, and reviews' call reaches the VM's app over mTLS."""
+    wait(lambda: in_eds(vm.lab.topo.peer, VM_CLUSTER, POD_V4), "the VM in reviews' endpoints", (vm.pod, vm.lab.reviews))
+    # a service address must be routable for connect() to reach the capture rules, as a node
+    # routes its cluster's service range; the peer namespace has no default route of its own
+    N.run(N.ns_argv(vm.lab.topo.peer, ["ip", "route", "replace", f"{VM_VIP}/32", "via", POD_V4]))
+    done = as_app(vm.lab.reviews, "curl", "-sS", "-m", "10", f"http://{VM_VIP}:9080/")
+    assert "URI=spiffe://cluster.local/ns/default/sa/reviews" in done.stdout, (done.stdout, done.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_the_vms_failing_probe_takes_it_out_of_the_endpoints(vm: Vm) -> None:
+    vm.health.kill()
+    vm.health.wait(timeout=10)
+    wait(lambda: not in_eds(vm.lab.topo.peer, VM_CLUSTER, POD_V4), "the unhealthy VM out of reviews' endpoints",
+         (vm.pod, vm.lab.reviews))
 
 
 @pytest.mark.timeout(180)
