@@ -88,8 +88,9 @@ class ServedModel:
             self._mesh, self._mesh_version = mesh, version
             return self._publish(why)
 
-    def connect(self, connection: str, node: Node, proxy: ProxyInfo) -> Refused | None:
-        """A stream opened: the proxy's entry if its node asks for one; a Refused to end the stream with."""
+    def connect(self, connection: str, node: Node, proxy: ProxyInfo, identity: str | None = None) -> Refused | None:
+        """A stream opened, authenticated as `identity` (autoregister.identity_problem): the
+        proxy's entry if its node asks for one; a Refused to end the stream with."""
         try:
             reg = registration(node, proxy)
         except RegistrationError as err:
@@ -99,7 +100,7 @@ class ServedModel:
         if reg is None:
             return None
         with self._lock:
-            events = self.registry.connect(connection, reg, self._mesh.workload_groups, self._clock())
+            events = self.registry.connect(connection, reg, self._mesh.workload_groups, self._clock(), identity)
             self._log(events)
             self._publish(f"{node.id} connected")
         return next((e for e in events if isinstance(e, Refused)), None)
