@@ -6,6 +6,7 @@ address to another one (docs/controlplane.md "Auto-registration")."""
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from pilotfish.controlplane.mesh import mesh_version, parse_mesh
 from pilotfish.controlplane.model import ServedModel
 from pilotfish.controlplane.nametable import Health, ProxyInfo
 from pilotfish.controlplane.served import ENDPOINT_TYPE, NAME_TABLE_TYPE
-from pilotfish.controlplane.stream import HealthReported
+from pilotfish.controlplane.stream import HealthReported, proxy_info
 from pilotfish.xds_client.health import HEALTH_TYPE
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from test_ads import AdsClient, tls, wait_for  # noqa: F401 - the fixture, the client over TLS
@@ -277,7 +278,7 @@ def test_a_health_request_is_an_event_never_answered() -> None:
 def served(tls: tuple[bytes, grpc.ServerCredentials]) -> Iterator[tuple[ServedModel, str, bytes]]:  # noqa: F811
     root_pem, credentials = tls
     mesh = parse_mesh(MESH)
-    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0))
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0), publish_interval=0.0)
     server, port = start_server(AdsServicer(model.hub, workloads=model), "127.0.0.1:0", credentials)
     try:
         yield model, f"127.0.0.1:{port}", root_pem
@@ -358,7 +359,7 @@ def test_a_stream_registers_only_with_its_groups_service_account_token(
     (tmp_path / "token").write_text("shared-token\n")
     listed = {"vm-token": SA, "other-token": "spiffe://cluster.local/ns/vms/sa/intruder"}
     mesh = parse_mesh(MESH)
-    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0))
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0), publish_interval=0.0)
     servicer = AdsServicer(model.hub, str(tmp_path / "token"), lambda: listed, workloads=model)
     server, port = start_server(servicer, "127.0.0.1:0", credentials)
     try:
@@ -377,6 +378,29 @@ def test_a_stream_registers_only_with_its_groups_service_account_token(
                 vm.close()
     finally:
         server.stop(None).wait()
+
+
+def test_registry_changes_are_published_at_most_once_per_interval_and_the_last_one_is_not_lost() -> None:
+    mesh = parse_mesh(MESH)
+    now = [0.0]
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(), clock=lambda: now[0])
+    pushes: queue.SimpleQueue[object] = queue.SimpleQueue()  # a stream's inbox
+    model.hub.subscribe(pushes)
+    node = _vm_node()
+    assert model.connect("c1", node, proxy_info(node), SA) is None
+    for i in range(101):  # a VM flipping its health on every request
+        now[0] += 0.001
+        model.report_health("c1", i % 2 == 0, "flapping")
+    assert pushes.qsize() == 1  # the registration; the flips held back
+    model.expire()  # the command's tick, within the interval: still held
+    assert pushes.qsize() == 1
+    now[0] = 1.0
+    model.expire()
+    assert pushes.qsize() == 2
+    [entry] = model.registry.entries(mesh.workload_groups)
+    assert entry.health is Health.HEALTHY  # the last report (i = 100: healthy) is what is served
+    assert model.set_mesh(mesh, "v2", "file change") == 1  # a reloaded file goes out at once
+    assert pushes.qsize() == 3
 
 
 def test_the_mesh_version_follows_groups_and_selectors_not_their_key_order() -> None:
