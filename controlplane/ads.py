@@ -198,13 +198,21 @@ def check_bearer(header: str | None, token: str) -> str | None:
     return None
 
 
+CHANGED = object()  # put in a stream's inbox when the served snapshot changed; at most one waits
+
+
 class MeshHub:
-    """The snapshot being served and the streams to tell when it changes; thread-safe."""
+    """The snapshot being served and the streams to tell when it changes; thread-safe.
+
+    A stream is told with one CHANGED, not given the snapshot: one more is not queued while its
+    CHANGED waits unread, and it takes the current snapshot when it reads it (`take`). Queued
+    snapshots piled up in the inbox of a stream stuck sending to a client that does not read,
+    each holding its mesh and the proxies' tables built from it (megabytes each), one per push."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._lock = threading.Lock()
         self._current = snapshot
-        self._inboxes: set[queue.SimpleQueue[object]] = set()
+        self._inboxes: dict[queue.SimpleQueue[object], bool] = {}  # inbox -> a CHANGED waits in it
 
     @property
     def current(self) -> Snapshot:
@@ -215,18 +223,28 @@ class MeshHub:
         """Serve `snapshot` from now on; returns how many open streams were told."""
         with self._lock:
             self._current = snapshot
-            inboxes = list(self._inboxes)
-        for inbox in inboxes:
-            inbox.put(snapshot)
-        return len(inboxes)
+            told = [inbox for inbox, waiting in self._inboxes.items() if not waiting]
+            for inbox in told:
+                self._inboxes[inbox] = True
+            streams = len(self._inboxes)
+        for inbox in told:
+            inbox.put(CHANGED)
+        return streams
+
+    def take(self, inbox: queue.SimpleQueue[object]) -> Snapshot:
+        """The snapshot for a stream that read CHANGED from `inbox`; the next publish tells it again."""
+        with self._lock:
+            if inbox in self._inboxes:
+                self._inboxes[inbox] = False
+            return self._current
 
     def subscribe(self, inbox: queue.SimpleQueue[object]) -> None:
         with self._lock:
-            self._inboxes.add(inbox)
+            self._inboxes[inbox] = False
 
     def unsubscribe(self, inbox: queue.SimpleQueue[object]) -> None:
         with self._lock:
-            self._inboxes.discard(inbox)
+            self._inboxes.pop(inbox, None)
 
 
 @dataclass
@@ -373,8 +391,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         try:
             while (item := inbox.get()) is not CLOSED:
                 try:
-                    if isinstance(item, Snapshot):
-                        outcome = state.on_snapshot(item)
+                    if item is CHANGED:
+                        outcome = state.on_snapshot(self.hub.take(inbox))
                     else:
                         outcome = state.on_request(cast(Req, item), self.hub.current)
                 except StreamError as err:
