@@ -9,6 +9,7 @@ error the caller can name at start.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import BinaryIO
@@ -24,12 +25,16 @@ class UnreadableFile(ValueError):
         self.missing = missing
 
 
-def open_regular_file(path: str) -> BinaryIO:
+def open_regular_file(path: str, follow: bool = True) -> BinaryIO:
     """`path` opened for reading, if it is a regular file (checked on what was opened, so a FIFO
-    put there in the meantime cannot block us), or UnreadableFile."""
+    put there in the meantime cannot block us), or UnreadableFile. Without `follow`, a symbolic
+    link is refused, not followed (a file someone else gave, read as root)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as err:
+        if not follow and err.errno == errno.ELOOP and os.path.islink(path):
+            raise UnreadableFile(f"is a symbolic link (to {os.readlink(path)}), not the file itself") from None
         raise UnreadableFile(err.strerror or str(err), missing=isinstance(err, FileNotFoundError)) from None
     try:
         mode = os.fstat(fd).st_mode
@@ -44,9 +49,9 @@ def open_regular_file(path: str) -> BinaryIO:
         raise
 
 
-def read_regular_file(path: str, limit: int) -> bytes:
+def read_regular_file(path: str, limit: int, follow: bool = True) -> bytes:
     """The contents of `path`, a regular file of at most `limit` bytes, or UnreadableFile."""
-    with open_regular_file(path) as f:
+    with open_regular_file(path, follow) as f:
         try:
             data = f.read(limit + 1)  # the size may change between a stat and the read
         except OSError as err:

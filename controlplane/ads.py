@@ -198,13 +198,21 @@ def check_bearer(header: str | None, token: str) -> str | None:
     return None
 
 
+CHANGED = object()  # put in a stream's inbox when the served snapshot changed; at most one waits
+
+
 class MeshHub:
-    """The snapshot being served and the streams to tell when it changes; thread-safe."""
+    """The snapshot being served and the streams to tell when it changes; thread-safe.
+
+    A stream is told with one CHANGED, not given the snapshot: one more is not queued while its
+    CHANGED waits unread, and it takes the current snapshot when it reads it (`take`). Queued
+    snapshots piled up in the inbox of a stream stuck sending to a client that does not read,
+    each holding its mesh and the proxies' tables built from it (megabytes each), one per push."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._lock = threading.Lock()
         self._current = snapshot
-        self._inboxes: set[queue.SimpleQueue[object]] = set()
+        self._inboxes: dict[queue.SimpleQueue[object], bool] = {}  # inbox -> a CHANGED waits in it
 
     @property
     def current(self) -> Snapshot:
@@ -215,18 +223,28 @@ class MeshHub:
         """Serve `snapshot` from now on; returns how many open streams were told."""
         with self._lock:
             self._current = snapshot
-            inboxes = list(self._inboxes)
-        for inbox in inboxes:
-            inbox.put(snapshot)
-        return len(inboxes)
+            told = [inbox for inbox, waiting in self._inboxes.items() if not waiting]
+            for inbox in told:
+                self._inboxes[inbox] = True
+            streams = len(self._inboxes)
+        for inbox in told:
+            inbox.put(CHANGED)
+        return streams
+
+    def take(self, inbox: queue.SimpleQueue[object]) -> Snapshot:
+        """The snapshot for a stream that read CHANGED from `inbox`; the next publish tells it again."""
+        with self._lock:
+            if inbox in self._inboxes:
+                self._inboxes[inbox] = False
+            return self._current
 
     def subscribe(self, inbox: queue.SimpleQueue[object]) -> None:
         with self._lock:
-            self._inboxes.add(inbox)
+            self._inboxes[inbox] = False
 
     def unsubscribe(self, inbox: queue.SimpleQueue[object]) -> None:
         with self._lock:
-            self._inboxes.discard(inbox)
+            self._inboxes.pop(inbox, None)
 
 
 @dataclass
@@ -272,7 +290,7 @@ class _State(Protocol[_Req_contra, _Resp_co]):
 class Workloads(Protocol):
     """Where streams register as WorkloadEntries (model.ServedModel): `connection` names a stream."""
 
-    def connect(self, connection: str, node: Node, proxy: ProxyInfo) -> Refused | None: ...
+    def connect(self, connection: str, node: Node, proxy: ProxyInfo, identity: str | None) -> Refused | None: ...
 
     def report_health(self, connection: str, healthy: bool, detail: str) -> None: ...
 
@@ -307,33 +325,38 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._token_file_log = RateLimitedLog(log)
         self._nack_log = RateLimitedLog(log)
 
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
+    def _authenticate(self, context: grpc.ServicerContext) -> str | None:
+        """The stream's workload identity (a SPIFFE ID) when its token names one (the identities
+        file, the review), "" when it authenticated without one (the shared --token-file), None
+        when nothing is checked; ends the stream UNAUTHENTICATED otherwise. Auto-registration
+        takes the identity (autoregister.identity_problem), as istiod takes the connection's."""
         if self.token_file is None and self.identities is None and self.review is None:
-            return
+            return None
         value = dict(context.invocation_metadata()).get("authorization")
         header = value if isinstance(value, str) else None
+        if self.identities is not None and (caller := token_caller(header, self._known())) is not None:
+            return caller.identity
         problem = "bearer token rejected"
         if self.token_file is not None:
             problem = check_bearer(header, read_token(self.token_file, self._token_file_log)) or ""
-        if problem and self.identities is not None and token_caller(header, self._known()) is not None:
-            problem = ""
+        identity = ""
         if problem and self.review is not None:
-            problem = self._reviewed(header) or ""
+            identity, problem = self._reviewed(header)
         if problem:
             self._refusal_log(logging.WARNING, "controlplane: refused stream from %s: %s", context.peer(), problem)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        return identity
 
-    def _reviewed(self, header: str | None) -> str | None:
-        """Why the review does not vouch for the stream's bearer token, or None if it does."""
+    def _reviewed(self, header: str | None) -> tuple[str, str]:
+        """(the identity the review gives the stream's bearer token, "") or ("", why it gives none)."""
         assert self.review is not None
         token = bearer_token(header)
         if token is None:
-            return "missing bearer token"
+            return "", "missing bearer token"
         try:
-            self.review(token)
+            return self.review(token), ""
         except ReviewFailed as err:
-            return f"token review: {err}"
-        return None
+            return "", f"token review: {err}"
 
     def _known(self) -> Mapping[str, str]:
         assert self.identities is not None
@@ -357,7 +380,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                kind: str) -> Iterator[Resp]:
         """One stream of either variant: its requests and the mesh's new snapshots through
         `state`, until either side ends it."""
-        self._authenticate(context)
+        identity = self._authenticate(context)
         peer = context.peer()
         inbox = open_inbox(requests, context, "ads-requests", f"controlplane: the {kind} from {peer}")
         self.hub.subscribe(inbox)
@@ -368,8 +391,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         try:
             while (item := inbox.get()) is not CLOSED:
                 try:
-                    if isinstance(item, Snapshot):
-                        outcome = state.on_snapshot(item)
+                    if item is CHANGED:
+                        outcome = state.on_snapshot(self.hub.take(inbox))
                     else:
                         outcome = state.on_request(cast(Req, item), self.hub.current)
                 except StreamError as err:
@@ -377,7 +400,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
                 for event in outcome.events:
                     self._record(kind, peer, state.node_id or "?", event)
-                    registered |= self._workload(connection, event, context)
+                    registered |= self._workload(connection, event, context, identity)
                 yield from outcome.responses
         finally:
             self.hub.unsubscribe(inbox)
@@ -385,17 +408,20 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 self.workloads.disconnect(connection)
             log.info("controlplane: %s from %s closed (node %s)", kind, peer, state.node_id or "unknown")
 
-    def _workload(self, connection: str, event: Event, context: grpc.ServicerContext) -> bool:
-        """Auto-registration's part of an event: whether the stream registered (to unregister at
-        its end); a refused registration ends the stream, as istiod's does."""
+    def _workload(self, connection: str, event: Event, context: grpc.ServicerContext, identity: str | None) -> bool:
+        """Auto-registration's part of an event on a stream authenticated as `identity`: whether
+        the stream registered (to unregister at its end); a refused registration ends the stream,
+        as istiod's does (PERMISSION_DENIED when the identity is not the group's)."""
         if self.workloads is None:
             return False
         if isinstance(event, HealthReported):
             self.workloads.report_health(connection, event.healthy, event.detail)
         elif isinstance(event, Connected):
-            refused = self.workloads.connect(connection, event.node, event.proxy)
+            refused = self.workloads.connect(connection, event.node, event.proxy, identity)
             if refused is not None:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED if refused.exhausted else grpc.StatusCode.FAILED_PRECONDITION
+                code = (grpc.StatusCode.RESOURCE_EXHAUSTED if refused.exhausted
+                        else grpc.StatusCode.PERMISSION_DENIED if refused.denied
+                        else grpc.StatusCode.FAILED_PRECONDITION)
                 context.abort(code, refused.reason)
             return True
         return False

@@ -9,7 +9,13 @@ proxy said when it connected; the entry itself (labels, service account, ports) 
 its group as the mesh file has it now (`entries`), so a changed group applies at once and a
 removed group's entries are gone.
 
-Bounded, since whoever holds a token can connect with any IP and group: at most `max_per_group`
+Only the group's own workloads register, as istiod checks a connection's identity: a stream whose
+authenticated identity (a SPIFFE ID) is not the group's namespace and service account is refused,
+and so is one that authenticated with no workload's identity (the shared --token-file). Without
+it, any proxy with any token could add its address to any Service selecting a group, and take
+its traffic, or fill the group's bound and keep its VMs out.
+
+Bounded, since a workload may still connect with any IP: at most `max_per_group`
 entries per group and `max_total` in all. When full, the longest-disconnected entry of the group
 (going away anyway) makes room; with every entry connected, the proxy is refused.
 """
@@ -97,6 +103,30 @@ def registration(node: Node, proxy: ProxyInfo) -> Registration | None:
     return Registration(group, namespace, str(address), proxy.network, labels, checked)
 
 
+def spiffe_parts(identity: str) -> tuple[str, str] | None:
+    """(namespace, service account) of `spiffe://TRUST_DOMAIN/ns/NS/sa/SA`, else None."""
+    scheme, _, path = identity.partition("://")
+    parts = path.split("/")
+    if scheme != "spiffe" or len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not all(parts):
+        return None
+    return parts[2], parts[4]
+
+
+def identity_problem(identity: str | None, reg: Registration, group: WorkloadGroup) -> str | None:
+    """Why a stream authenticated as `identity` may not register in `group`, or None if it may.
+    `identity`: None when the server authenticates no one (nothing to check), "" when the stream
+    authenticated without a workload identity (the shared token), else its SPIFFE ID."""
+    if identity is None:
+        return None
+    want = f"{group.namespace}/{group.service_account}"
+    if not identity:
+        return (f"the stream authenticated with the shared token, which names no workload; WorkloadGroup "
+                f"{group.namespace}/{group.name} takes the token of service account {want}")
+    if spiffe_parts(identity) != (reg.namespace, group.service_account) or reg.namespace != group.namespace:
+        return f"the stream's identity {identity} is not WorkloadGroup {group.namespace}/{group.name}'s service account {want}"
+    return None
+
+
 # What happened, for the shell to log.
 
 
@@ -118,6 +148,7 @@ class Reconnected:
 class Refused:
     reason: str
     exhausted: bool = False  # a bound, not bad metadata
+    denied: bool = False  # the stream's identity is not the group's
 
 
 @dataclass(frozen=True)
@@ -164,14 +195,19 @@ class Registry:
         self._records: dict[tuple[str, str], _Record] = {}  # (namespace, entry name)
         self._by_connection: dict[str, tuple[str, str]] = {}
 
-    def connect(self, connection: str, reg: Registration,
-                groups: Mapping[tuple[str, str], WorkloadGroup], now: float) -> list[Event]:
-        """A proxy connected on `connection` asking for `reg`: its entry is made, or kept if it
-        exists (a reconnect within the grace period)."""
-        if (reg.namespace, reg.group) not in groups:
+    def connect(self, connection: str, reg: Registration, groups: Mapping[tuple[str, str], WorkloadGroup],
+                now: float, identity: str | None = None) -> list[Event]:
+        """A proxy connected on `connection`, authenticated as `identity` (identity_problem),
+        asking for `reg`: its entry is made, or kept if it exists (a reconnect within the grace
+        period)."""
+        group = groups.get((reg.namespace, reg.group))
+        if group is None:
             # istiod's words: the proxy is refused, it would serve traffic no one can route to it
             return [Refused(f"auto-registration of {reg.address} failed: cannot find WorkloadGroup "
                             f"{reg.namespace}/{reg.group}")]
+        denied = identity_problem(identity, reg, group)
+        if denied is not None:
+            return [Refused(f"auto-registration of {reg.address} refused: {denied}", denied=True)]
         key = reg.key
         record = self._records.get(key)
         events: list[Event] = []

@@ -230,6 +230,10 @@ def _preflight(files_dir: str, root: str) -> tuple[VmFiles, Owner, str, str | No
         raise InstallError(f"--root: not a directory: {root}")
     if os.path.exists(os.path.join(root, MANIFEST)):
         raise InstallError(f"already installed (/{MANIFEST} exists): run `pilotfish vm uninstall` first")
+    for rel in PROXY_DIRS:  # given to istio-proxy: chown would follow a link to anything (/etc)
+        if os.path.islink(os.path.join(root, rel)):
+            raise InstallError(f"/{rel} is a symbolic link (to {os.readlink(os.path.join(root, rel))}): install gives "
+                               "that directory to istio-proxy; make it a directory or remove it")
     vm = read_dir(files_dir)
     owner = proxy_owner(root)
     script = pilot_agent_script()

@@ -230,9 +230,12 @@ def read_dir(directory: str, now: datetime | None = None) -> VmFiles:
         raise VmFileError(f"--files: not a directory: {directory}")
 
     def read(name: str) -> bytes | None:
+        # not through a link: install runs as root and makes the token readable by istio-proxy
+        # and mesh.yaml by everyone, so a link in a directory another user prepared would copy
+        # any file root can read (a kubeconfig passes as a mesh.yaml) where they can read it
         path = os.path.join(directory, name)
         try:
-            return read_regular_file(path, MAX_FILE)
+            return read_regular_file(path, MAX_FILE, follow=False)
         except UnreadableFile as err:
             if err.missing:
                 return None

@@ -426,6 +426,19 @@ def test_nack_is_logged_and_counted_and_the_stream_stays(served: Served) -> None
         client.close()
 
 
+def test_a_stream_that_does_not_read_its_inbox_holds_one_change_not_every_snapshot() -> None:
+    hub = MeshHub(snapshot("v1"))
+    stuck: queue.SimpleQueue[object] = queue.SimpleQueue()  # its thread stuck sending to a client
+    hub.subscribe(stuck)
+    for k in range(2, 1002):
+        assert hub.publish(snapshot(f"v{k}")) == 1
+    assert stuck.qsize() == 1
+    stuck.get()
+    assert hub.take(stuck).version == "v1001"  # the stream serves the latest
+    hub.publish(snapshot("v1002"))
+    assert stuck.qsize() == 1  # told again once it took the last one
+
+
 def test_mesh_change_is_pushed_to_every_subscribed_stream(served: Served) -> None:
     clients = [served.client() for _ in range(2)]
     idle = served.client()

@@ -6,7 +6,9 @@ address to another one (docs/controlplane.md "Auto-registration")."""
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -35,7 +37,7 @@ from pilotfish.controlplane.mesh import mesh_version, parse_mesh
 from pilotfish.controlplane.model import ServedModel
 from pilotfish.controlplane.nametable import Health, ProxyInfo
 from pilotfish.controlplane.served import ENDPOINT_TYPE, NAME_TABLE_TYPE
-from pilotfish.controlplane.stream import HealthReported
+from pilotfish.controlplane.stream import HealthReported, proxy_info
 from pilotfish.xds_client.health import HEALTH_TYPE
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from test_ads import AdsClient, tls, wait_for  # noqa: F401 - the fixture, the client over TLS
@@ -166,6 +168,29 @@ def test_an_unknown_group_is_refused_with_istiods_words() -> None:
     assert len(registry) == 0
 
 
+SA = "spiffe://cluster.local/ns/vms/sa/vm-sa"  # group vm's service account
+
+
+@pytest.mark.parametrize("identity, why", [
+    ("spiffe://cluster.local/ns/vms/sa/intruder", "the stream's identity spiffe://cluster.local/ns/vms/sa/intruder "
+     "is not WorkloadGroup vms/vm's service account vms/vm-sa"),
+    ("spiffe://cluster.local/ns/elsewhere/sa/vm-sa", "the stream's identity spiffe://cluster.local/ns/elsewhere/sa/vm-sa "
+     "is not WorkloadGroup vms/vm's service account vms/vm-sa"),
+    ("", "the stream authenticated with the shared token, which names no workload; WorkloadGroup vms/vm takes "
+     "the token of service account vms/vm-sa"),
+])
+def test_only_the_groups_service_account_registers_and_joins_its_entry(identity: str, why: str) -> None:
+    registry = Registry()
+    [refused] = registry.connect("c1", reg(), GROUPS, 0.0, identity)
+    assert refused == Refused(f"auto-registration of 10.0.0.7 refused: {why}", denied=True)
+    assert len(registry) == 0
+    assert isinstance(registry.connect("c2", reg(), GROUPS, 0.0, SA)[0], Registered)
+    # another workload cannot join the entry to change its labels or report its health
+    assert registry.connect("c3", reg(app="other"), GROUPS, 1.0, identity)[0] == refused
+    assert registry.report_health("c3", False, "hijacked") == []
+    assert registry.entries(GROUPS)[0].labels["app"] == "vm"
+
+
 def _node(**metadata: object) -> Node:
     meta = Struct()
     meta.update(metadata)
@@ -253,7 +278,7 @@ def test_a_health_request_is_an_event_never_answered() -> None:
 def served(tls: tuple[bytes, grpc.ServerCredentials]) -> Iterator[tuple[ServedModel, str, bytes]]:  # noqa: F811
     root_pem, credentials = tls
     mesh = parse_mesh(MESH)
-    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0))
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0), publish_interval=0.0)
     server, port = start_server(AdsServicer(model.hub, workloads=model), "127.0.0.1:0", credentials)
     try:
         yield model, f"127.0.0.1:{port}", root_pem
@@ -325,6 +350,66 @@ def test_a_vm_of_an_unknown_group_is_refused(served: tuple[ServedModel, str, byt
         assert details == "auto-registration of 10.0.0.7 failed: cannot find WorkloadGroup vms/nope"
     finally:
         vm.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_registers_only_with_its_groups_service_account_token(
+        tls: tuple[bytes, grpc.ServerCredentials], tmp_path: Path) -> None:  # noqa: F811
+    root_pem, credentials = tls
+    (tmp_path / "token").write_text("shared-token\n")
+    listed = {"vm-token": SA, "other-token": "spiffe://cluster.local/ns/vms/sa/intruder"}
+    mesh = parse_mesh(MESH)
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(grace=0.0), publish_interval=0.0)
+    servicer = AdsServicer(model.hub, str(tmp_path / "token"), lambda: listed, workloads=model)
+    server, port = start_server(servicer, "127.0.0.1:0", credentials)
+    try:
+        for token, code in (("other-token", grpc.StatusCode.PERMISSION_DENIED),
+                            ("shared-token", grpc.StatusCode.PERMISSION_DENIED), ("vm-token", None)):
+            vm = AdsClient(f"127.0.0.1:{port}", root_pem, (("authorization", f"Bearer {token}"),))
+            try:
+                vm.send(DiscoveryRequest(type_url=NAME_TABLE_TYPE, node=_vm_node()))
+                if code is None:
+                    vm.receive()
+                    assert [e.name for e in model.registry.entries(mesh.workload_groups)] == ["vm-10.0.0.7"]
+                else:
+                    assert vm.status()[0] is code, token
+                    assert len(model.registry) == 0
+            finally:
+                vm.close()
+    finally:
+        server.stop(None).wait()
+
+
+def test_registry_changes_are_published_at_most_once_per_interval_and_the_last_one_is_not_lost() -> None:
+    mesh = parse_mesh(MESH)
+    now = [0.0]
+    model = ServedModel(mesh, mesh_version(mesh), snapshot_of, Registry(), clock=lambda: now[0])
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()  # a stream's
+    model.hub.subscribe(inbox)
+    pushed = [0]
+
+    def pushes() -> int:  # the stream reading its inbox
+        while not inbox.empty():
+            inbox.get()
+            model.hub.take(inbox)
+            pushed[0] += 1
+        return pushed[0]
+
+    node = _vm_node()
+    assert model.connect("c1", node, proxy_info(node), SA) is None
+    for i in range(101):  # a VM flipping its health on every request
+        now[0] += 0.001
+        model.report_health("c1", i % 2 == 0, "flapping")
+    assert pushes() == 1  # the registration; the flips held back
+    model.expire()  # the command's tick, within the interval: still held
+    assert pushes() == 1
+    now[0] = 1.0
+    model.expire()
+    assert pushes() == 2
+    [entry] = model.registry.entries(mesh.workload_groups)
+    assert entry.health is Health.HEALTHY  # the last report (i = 100: healthy) is what is served
+    assert model.set_mesh(mesh, "v2", "file change") == 1  # a reloaded file goes out at once
+    assert pushes() == 3
 
 
 def test_the_mesh_version_follows_groups_and_selectors_not_their_key_order() -> None:

@@ -11,7 +11,8 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +28,8 @@ from pilotfish.controlplane.ca import cert_pem, issue_serving, key_pem, new_root
 from pilotfish.controlplane.ca import new_key as ca_new_key
 from pilotfish.controlplane.casvc import spiffe
 from pilotfish.controlplane.tokenreview import (
+    CACHE_TTL,
+    MAX_IN_FLIGHT,
     MAX_RESPONSE,
     ApiServer,
     ReviewFailed,
@@ -180,6 +183,56 @@ def test_a_token_without_a_good_review_is_unauthenticated_and_the_log_says_why(
         unlistened.close()
     reviews = [r.getMessage() for r in caplog.records if "token review:" in r.getMessage()]
     assert reviews and logged in reviews[0], reviews
+
+
+def test_a_vouched_for_token_is_remembered_for_a_while_never_past_its_expiry(api: FakeApiServer) -> None:
+    now = [1000.0]
+    reviewer = TokenReviewer(api.api, clock=lambda: now[0])
+    assert reviewer.review(POD_TOKEN) == "shop/client"
+    now[0] += CACHE_TTL - 1
+    assert reviewer.review(POD_TOKEN) == "shop/client"
+    assert len(api.requests) == 1  # an agent reconnecting costs no API call
+    now[0] += 1
+    reviewer.review(POD_TOKEN)
+    assert len(api.requests) == 2
+    with pytest.raises(ReviewFailed):  # a refusal is not remembered as a success
+        reviewer.review("stolen-token")
+    with pytest.raises(ReviewFailed):
+        reviewer.review("stolen-token")
+    assert len(api.requests) == 4
+
+
+@pytest.mark.timeout(30)
+def test_reviews_waiting_on_the_api_server_are_bounded_and_one_more_is_refused_at_once(api: FakeApiServer) -> None:
+    api.mode = "hang"
+    reviewer = TokenReviewer(api.api, timeout=20)
+    failures: list[str] = []
+
+    def review() -> None:
+        try:
+            reviewer.review(POD_TOKEN)
+        except ReviewFailed as err:
+            failures.append(str(err))
+
+    waiting = [threading.Thread(target=review, daemon=True) for _ in range(MAX_IN_FLIGHT)]
+    for thread in waiting:
+        thread.start()
+    wait_until(lambda: len(api.requests) == MAX_IN_FLIGHT)
+    with pytest.raises(ReviewFailed, match="busy"):
+        reviewer.review(POD_TOKEN)
+    assert len(api.requests) == MAX_IN_FLIGHT
+    api.release.set()
+    for thread in waiting:
+        thread.join(10)
+    api.mode = "ok"
+    assert reviewer.review(POD_TOKEN) == "shop/client"  # the slots are given back
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def test_the_review_answer_must_name_a_service_account_for_the_audience() -> None:

@@ -94,6 +94,36 @@ def test_a_bad_file_is_named_and_nothing_is_changed(tmp_path: Path, name: str, c
     assert tree(root) == before
 
 
+@pytest.mark.parametrize("name", ["mesh.yaml", "istio-token"])
+def test_a_vm_file_that_is_a_link_is_refused_not_followed(tmp_path: Path, name: str) -> None:
+    directory = files(tmp_path)
+    secret = tmp_path / "root-only"  # another user's link to a file only root may read
+    secret.write_text("apiVersion: v1\nkind: Config\n" if name == "mesh.yaml" else "s3cr3t\n")
+    secret.chmod(0o600)
+    (directory / name).unlink()
+    (directory / name).symlink_to(secret)
+    root = a_root(tmp_path)
+    before = tree(root)
+    said: list[str] = []
+    assert install(str(directory), str(root), said.append) == 1
+    assert said[0] == f"vm install: {name}: is a symbolic link (to {secret}), not the file itself: {directory / name}"
+    assert said[-1] == "nothing was changed" and tree(root) == before
+
+
+def test_a_directory_given_to_istio_proxy_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    root = a_root(tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # /etc, say: left over by an old install, a link istio-proxy made
+    elsewhere.mkdir()
+    (root / "var/lib/istio").mkdir(parents=True)
+    (root / "var/lib/istio/data").symlink_to(elsewhere)
+    before = tree(root)
+    said: list[str] = []
+    assert install(str(files(tmp_path)), str(root), said.append) == 1
+    assert said[0].startswith("vm install: /var/lib/istio/data is a symbolic link"), said
+    assert said[-1] == "nothing was changed" and tree(root) == before
+    assert elsewhere.stat().st_uid == 0
+
+
 def test_install_then_uninstall_leaves_the_root_as_it_was(tmp_path: Path) -> None:
     root = a_root(tmp_path)
     before = tree(root)
