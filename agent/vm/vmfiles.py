@@ -176,6 +176,11 @@ def jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
+# a host name as /etc/hosts takes one (RFC 1123 labels, dots): the lines are written as root
+# into a file every resolver on the VM reads, so nothing else gets through
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
 def parse_hosts(text: str) -> tuple[str, ...]:
     """The `address name...` lines (comments and blank lines dropped), normalised to one space."""
     lines = []
@@ -189,6 +194,9 @@ def parse_hosts(text: str) -> tuple[str, ...]:
             raise VmFileError(f"{HOSTS} line {number}: want an IP address first, got {_shown(fields[0])}") from None
         if len(fields) < 2:
             raise VmFileError(f"{HOSTS} line {number}: {fields[0]} names no host")
+        for name in fields[1:]:
+            if not HOST_NAME.fullmatch(name):
+                raise VmFileError(f"{HOSTS} line {number}: {_shown(name)} is not a host name")
         lines.append(" ".join(fields))
     return tuple(lines)
 

@@ -75,6 +75,8 @@ def test_istioctls_files_are_accepted_and_ssh_is_excluded_when_missing(tmp_path:
     ("istio-token", "", "istio-token: empty"),
     ("istio-token", jwt((NOW - timedelta(hours=1)).timestamp()), "istio-token: the token expired at"),
     ("hosts", "istiod.istio-system.svc\n", "hosts line 1: want an IP address first"),
+    ("hosts", "10.0.0.1 istiod.istio-system.svc evil\x1b[2J\n", "hosts line 1: 'evil\\x1b[2J' is not a host name"),
+    ("hosts", "10.0.0.1 -istiod\n", "hosts line 1: '-istiod' is not a host name"),
 ])
 def test_a_bad_file_is_named_and_nothing_is_changed(tmp_path: Path, name: str, content: str | None,
                                                     said: str) -> None:
