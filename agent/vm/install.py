@@ -139,6 +139,7 @@ class Installer:
         if os.path.lexists(self.path(rel)):
             backup = f"{BACKUPS}/{rel}"
             self.make_dirs(os.path.dirname(backup))
+            self.save()  # the directories made, before a copy that may fail
             shutil.copy2(self.path(rel), self.path(backup), follow_symlinks=False)
             self.manifest.replaced[rel] = backup
         self.manifest.files.append(rel)
