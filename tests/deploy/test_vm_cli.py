@@ -18,6 +18,7 @@ from vm_files import ISTIOD, tree, write_vm_files
 
 from pilotfish.agent.vm import unitfile
 from pilotfish.agent.vm.health import Certificate, Facts, check_capture, checks, render
+from pilotfish.agent.vm import install as install_module
 from pilotfish.agent.vm.install import install, uninstall
 from pilotfish.agent.vm.layout import MANIFEST, UNIT, Manifest
 from pilotfish.agent.vm.vmfiles import parse_env_file, read_dir
@@ -153,6 +154,24 @@ def test_install_then_uninstall_leaves_the_root_as_it_was(tmp_path: Path) -> Non
     said.clear()
     assert uninstall(str(root), said.append, run=lambda say, argv: ran.append(argv) or 0) == 0
     assert said == [f"nothing is installed under {root} (no /{MANIFEST})"] and len(ran) == 1
+
+
+def test_an_install_stopped_part_way_is_undone_by_uninstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the middle (here: keeping the root certificate there before) leaves what was
+    made recorded, the directories for the backup included: uninstall gives the root back."""
+    root = a_root(tmp_path)
+    before = tree(root)
+
+    def failing_copy(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(install_module.shutil, "copy2", failing_copy)
+    said: list[str] = []
+    assert install(str(files(tmp_path)), str(root), said.append) == 1
+    assert "No space left on device" in said[-2], said
+    monkeypatch.undo()
+    assert uninstall(str(root), said.append, run=lambda say, argv: 0) == 0, said
+    assert tree(root) == before
 
 
 def test_a_second_install_is_refused_until_uninstall(tmp_path: Path) -> None:
