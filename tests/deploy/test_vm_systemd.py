@@ -29,6 +29,10 @@ from vm_files import write_vm_files  # noqa: E402
 PILOTFISH = "/usr/local/lib/pilotfish/bin/pilotfish"  # the VM's virtualenv (deploy/vm/Dockerfile)
 UNIT = "pilotfish"
 MESH_NAME = "reviews.default.svc.cluster.local"
+# the unit's WatchdogSec=30 shortened by a drop-in the VM has before install (and keeps after
+# uninstall), so that pings are seen to keep the agent alive past it within seconds
+WATCHDOG_S = 3
+DROP_IN = f"/etc/systemd/system/{UNIT}.service.d/watchdog.conf"
 # what install changes (docs/vm.md "What install changes"; /var/run is /run): listed before
 # install and after uninstall, modes, owners, link targets and contents
 TOUCHED = ("/etc/istio", "/etc/certs", "/var/lib/istio", "/var/lib/pilotfish", "/run/secrets", "/usr/local/bin",
@@ -114,6 +118,8 @@ def vm(image: str, vm_image: str, tmp_path_factory: pytest.TempPathFactory) -> I
             pytest.skip(f"systemd does not come up as PID 1 in a container here: {err}")
         if not running(machine.name):
             pytest.skip(f"systemd does not run as PID 1 in a container here: it exited\n{cluster.logs('vm')}")
+        drop_in = f"mkdir -p {Path(DROP_IN).parent} && printf '[Service]\\nWatchdogSec={WATCHDOG_S}\\n' > {DROP_IN}"
+        assert machine.run("sh", "-c", drop_in).returncode == 0
         machine.before = machine.run("sh", "-c", LISTING).stdout
         yield machine
     finally:
@@ -153,12 +159,32 @@ def test_status_says_all_is_well(vm: Vm) -> None:
 
 @pytest.mark.timeout(120)
 def test_the_vm_resolves_a_mesh_name_through_the_dns_proxy(vm: Vm) -> None:
-    """glibc's resolver as an ordinary user (nobody, not the proxy's 1337): the query is
-    captured to the agent's DNS proxy, which answers from the control plane's name table; no
-    /etc/hosts entry has the name."""
-    assert MESH_NAME not in vm.run("cat", "/etc/hosts").stdout
-    done = vm.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "getent", "hosts", MESH_NAME)
-    assert done.returncode == 0 and done.stdout.split()[:1] == [REVIEWS_VIP], done.stdout + done.stderr
+    """glibc's resolver as an ordinary user (nobody, not the proxy's 1337), the short name through
+    resolv.conf's search list: the query to its nameserver is captured to the agent's DNS proxy,
+    which answers from the control plane's name table; no /etc/hosts entry has the name. (IPv4
+    only: the AAAA query would go on down the search list to that nameserver, where nothing
+    answers in this mesh, and wait out glibc's 5 s timeout.)"""
+    assert "reviews" not in vm.run("cat", "/etc/hosts").stdout
+    done = vm.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "getent", "ahostsv4", "reviews")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split()[:3] == [REVIEWS_VIP, "STREAM", MESH_NAME], done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_agents_watchdog_pings_keep_it_running(vm: Vm) -> None:
+    """WatchdogSec: systemd kills an agent whose WATCHDOG=1 pings stop (its event loop hangs).
+    A ping later than two periods after the start, from the same process, shows pings arrive
+    in time."""
+    unit = vm.show("WatchdogUSec", "MainPID", "ExecMainStartTimestampMonotonic", "NRestarts")
+    assert unit["WatchdogUSec"] == f"{WATCHDOG_S}s", unit
+    started = int(unit["ExecMainStartTimestampMonotonic"])
+
+    def pinged_past_two_periods() -> bool:
+        return int(vm.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]) > started + 2 * WATCHDOG_S * 10**6
+
+    wait_for(pinged_past_two_periods, "a watchdog ping two periods after the start", vm.journal, timeout=30)
+    assert vm.show("MainPID", "NRestarts", "ActiveState") == {
+        "MainPID": unit["MainPID"], "NRestarts": unit["NRestarts"], "ActiveState": "active"}, vm.journal()
 
 
 @pytest.mark.timeout(120)
