@@ -13,6 +13,10 @@ What it makes sure of, in order, each step skipped when already so (docs/image.m
 3. a wheelhouse on the host (.build/image/wheelhouse): `pip wheel` of pilotfish[envoy] and its
    dependencies, plus pip's own wheel to install them with; the Dockerfile copies it in.
 
+With --vm it also builds the VM image (deploy/vm/Dockerfile, docs/vm.md "Under systemd"): a
+second debootstrapped base with systemd as init, and the image's virtualenv copied onto it, also
+with no network inside the build; tests/deploy/test_vm_systemd.py boots it.
+
 Standard library only: it runs before any virtualenv exists in the image, and `make image`
 runs it with the project's .venv (whose pip builds the wheels).
 """
@@ -42,6 +46,11 @@ SUITE = "bookworm"
 # package carries iptables-legacy and iptables-nft), iproute2 (`ip rule`/`ip route` for TPROXY).
 # setpriv (Envoy's launcher) is util-linux, part of every Debian base.
 RUNTIME_PACKAGES = ("python3", "iptables", "iproute2")
+# A VM's base: the same, and systemd as /sbin/init (systemd-sysv pulls in systemd itself).
+VM_PACKAGES = (*RUNTIME_PACKAGES, "systemd-sysv")
+DEFAULT_VM_IMAGE = "pilotfish-vm:dev"
+DEFAULT_VM_BASE = "pilotfish-vm-base:bookworm"
+VM_DOCKERFILE = REPO / "deploy" / "vm" / "Dockerfile"
 DOCKERD_LOG = Path("/var/log/pilotfish-dockerd.log")
 DOCKERD_LOCK = Path("/run/pilotfish-dockerd.lock")
 ENGINE_DEADLINE = 60.0
@@ -175,8 +184,8 @@ def slim(root: Path) -> None:
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
-def ensure_base(name: str = DEFAULT_BASE) -> None:
-    """The debootstrapped base, built once: an existing image of that name is kept."""
+def ensure_base(name: str = DEFAULT_BASE, packages: Sequence[str] = RUNTIME_PACKAGES) -> None:
+    """A debootstrapped base with `packages`, built once: an existing image of that name is kept."""
     if image_exists(name):
         return
     if shutil.which("debootstrap") is None:
@@ -185,7 +194,7 @@ def ensure_base(name: str = DEFAULT_BASE) -> None:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD_DIR, prefix="rootfs-") as tmp:
         root = Path(tmp) / "root"
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(RUNTIME_PACKAGES)}", SUITE, str(root), mirror],
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(root), mirror],
             stdout=sys.stderr)
         slim(root)
         tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
@@ -237,9 +246,25 @@ def build(image: str = DEFAULT_IMAGE, base: str = DEFAULT_BASE, python: str = sy
     network = ["--network", "none"] if base == DEFAULT_BASE else []
     labels = [f"--build-arg=BASE={base}", f"--build-arg=VERSION={version()}", f"--build-arg=REVISION={revision()}"]
     run(["docker", "build", *network, *labels, "-t", image, str(REPO)], stdout=sys.stderr)
-    # every stage carries BUILD_LABEL: the images a rebuild left untagged (the last build's, its
-    # build stage) go, and not a byte of anyone else's
+    prune()
+    return image
+
+
+def prune() -> None:
+    """Every stage carries BUILD_LABEL: the images a rebuild left untagged (the last build's, its
+    build stage) go, and not a byte of anyone else's."""
     run(["docker", "image", "prune", "--force", "--filter", f"label={BUILD_LABEL}"], stdout=sys.stderr)
+
+
+def build_vm(image: str = DEFAULT_VM_IMAGE, app: str = DEFAULT_IMAGE, base: str = DEFAULT_VM_BASE) -> str:
+    """The VM image (deploy/vm/Dockerfile) from the already built `app` image and the VM base
+    (debootstrapped with VM_PACKAGES when it is the default); no network inside the build."""
+    ensure_engine()
+    if base == DEFAULT_VM_BASE:
+        ensure_base(base, VM_PACKAGES)
+    run(["docker", "build", "--network", "none", f"--build-arg=APP={app}", f"--build-arg=BASE={base}", "-t", image,
+         "-f", str(VM_DOCKERFILE), str(VM_DOCKERFILE.parent)], stdout=sys.stderr)
+    prune()
     return image
 
 
@@ -249,12 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default=DEFAULT_BASE,
                         help=f"the base image (default {DEFAULT_BASE}, debootstrapped here when missing)")
     parser.add_argument("--engine-only", action="store_true", help="only make sure a Docker engine answers")
+    parser.add_argument("--vm", metavar="IMAGE", nargs="?", const=DEFAULT_VM_IMAGE,
+                        help=f"then build the VM image (deploy/vm/Dockerfile, systemd as PID 1) on top, tagged IMAGE "
+                             f"(default {DEFAULT_VM_IMAGE})")
     args = parser.parse_args(argv)
     try:
         if args.engine_only:
             ensure_engine()
         else:
             build(args.image, args.base or DEFAULT_BASE)
+            if args.vm:
+                build_vm(args.vm, args.image)
     except Unavailable as err:
         log(str(err))
         return 1

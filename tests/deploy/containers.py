@@ -201,23 +201,36 @@ def sidecar_ready(pod: PodSpec) -> bool:
     return http_status(pod.ip, 15021, "/healthz/ready") == 200
 
 
+def mesh_pods() -> tuple[PodSpec, PodSpec]:
+    """meshlab's two pods: productpage (DNS capture on) and reviews, each with its token."""
+    return (PodSpec("productpage-1", "productpage", "productpage-token", dns_capture=True),
+            PodSpec("reviews-1", "reviews", "reviews-token"))
+
+
+def start_mesh(cluster: Cluster, productpage: PodSpec, reviews: PodSpec) -> str:
+    """The network, the pods' addresses, the control plane (waited for: its root certificate is
+    in work/secrets) and the pods' resolv.conf (work/resolv.conf); returns the control plane's
+    address. The pods themselves are the caller's to start."""
+    cluster.create_network()
+    cp_ip, productpage.ip, reviews.ip = cluster.hosts[:3]
+    start_controlplane(cluster, cp_ip, productpage, reviews)
+    root = cluster.work / "secrets" / "root-cert.pem"
+    wait_for(lambda: root.exists() and root.stat().st_size > 0, "root certificate", lambda: cluster.logs("cp"))
+    resolv = cluster.work / "resolv.conf"  # meshlab's pod resolv.conf; nothing answers at its nameserver
+    resolv.write_text(RESOLV.replace(PEER_V4, cp_ip))
+    resolv.chmod(0o644)
+    return cp_ip
+
+
 @contextmanager
 def running_pods(image: str, work: Path, proxies: bool = True) -> Iterator[tuple[Cluster, PodSpec, PodSpec]]:
     """meshlab's two pods, productpage (DNS capture on) and reviews, as containers beside the
     control plane: network, control plane, pause and init containers, and (`proxies`) the
     istio-proxy containers, not waited for. Everything is removed on exit."""
     cluster = Cluster(image, work)
-    productpage = PodSpec("productpage-1", "productpage", "productpage-token", dns_capture=True)
-    reviews = PodSpec("reviews-1", "reviews", "reviews-token")
+    productpage, reviews = mesh_pods()
     try:
-        cluster.create_network()
-        cp_ip, productpage.ip, reviews.ip = cluster.hosts[:3]
-        start_controlplane(cluster, cp_ip, productpage, reviews)
-        root = work / "secrets" / "root-cert.pem"
-        wait_for(lambda: root.exists() and root.stat().st_size > 0, "root certificate", lambda: cluster.logs("cp"))
-        resolv = work / "resolv.conf"  # meshlab's pod resolv.conf; nothing answers at its nameserver
-        resolv.write_text(RESOLV.replace(PEER_V4, cp_ip))
-        resolv.chmod(0o644)
+        cp_ip = start_mesh(cluster, productpage, reviews)
         for pod in (productpage, reviews):
             start_pod(cluster, pod, cp_ip)
             if proxies:

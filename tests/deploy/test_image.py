@@ -20,15 +20,6 @@ from meshlab import APP, REVIEWS_VIP  # noqa: E402
 from netns import APP_UID  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    try:
-        builder.ensure_engine()
-    except builder.Unavailable as err:
-        pytest.skip(f"no Docker engine: {err}")
-    return str(builder.build(python=sys.executable))
-
-
 # What Istio's proxyv2 has and pods rely on, and what a final image must not carry (compilers,
 # the wheelhouse, pip); the agent's modules compiled (the root is read-only in a pod).
 LAYOUT = """\
