@@ -259,6 +259,7 @@ async def _serve(config: AgentConfig, proxy: DnsProxy | None, status: StatusPlan
     settings = XdsSettings(
         address=config.discovery_address, server_name=config.server_name, root_cert=config.root_cert,
         token_file=config.token_file, cluster_id=config.cluster_id, headers=config.xds_headers,
+        client_key=config.xds_client_cert[0], client_chain=config.xds_client_cert[1],
     )
     subscriptions = [dns.subscription] if dns else []
     if trust is not None:  # asked on Envoy's stream through the proxy; kept in memory only

@@ -52,6 +52,7 @@ class AgentConfig:
     cluster: str = "istio-proxy"  # node.cluster
     locality: tuple[str, str, str] = ("", "", "")
     metadata: dict[str, object] = field(default_factory=dict)
+    xds_client_cert: tuple[str, str] = ("", "")  # (key, chain) presented to the control plane if usable
 
     @property
     def node_id(self) -> str:
@@ -116,6 +117,23 @@ def xds_root(env: Mapping[str, str], pc: Mapping[str, object],
     if env.get("PILOT_CERT_PROVIDER") == "none":
         raise ConfigError("PILOT_CERT_PROVIDER=none: no root certificate for the control plane (set XDS_ROOT_CA)")
     return _usable(DEFAULT_ROOT_CERT, "XDS_ROOT_CA (unset: the default)", problem(DEFAULT_ROOT_CERT))
+
+
+def xds_client_cert(env: Mapping[str, str], pc: Mapping[str, object]) -> tuple[str, str]:
+    """(key, chain) files of the client certificate for the control-plane connection, as Istio's
+    GetKeyCertsForXDS names them: PROV_CERT's (where the agent keeps the certificate it is issued,
+    OUTPUT_CERTS on a VM), or FILE_MOUNTED_CERTS' client certificate; ("", "") for none. Read at
+    each connection, used only when valid (xds_client/clientcert.py)."""
+    if str(pc.get("controlPlaneAuthPolicy", "MUTUAL_TLS")).upper() == "NONE":
+        return "", ""
+    if env.get("PROV_CERT"):
+        return os.path.join(env["PROV_CERT"], "key.pem"), os.path.join(env["PROV_CERT"], "cert-chain.pem")
+    if _bool_env(env, "FILE_MOUNTED_CERTS"):
+        metadata = _metadata_of(pc)
+        key = env.get("ISTIO_META_TLS_CLIENT_KEY") or metadata.get("ISTIO_META_TLS_CLIENT_KEY") or ""
+        chain = env.get("ISTIO_META_TLS_CLIENT_CERT_CHAIN") or metadata.get("ISTIO_META_TLS_CLIENT_CERT_CHAIN") or ""
+        return str(key), str(chain)
+    return "", ""
 
 
 def _usable(path: str, setting: str, problem: str | None) -> str:
@@ -290,4 +308,5 @@ def agent_config(
         cluster=facts.cluster,
         locality=facts.locality,
         metadata=facts.metadata,
+        xds_client_cert=xds_client_cert(env, pc),
     )

@@ -304,19 +304,25 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def __init__(self, hub: MeshHub, token_file: str | None = None,
                  identities: Callable[[], Mapping[str, str]] | None = None,
-                 workloads: Workloads | None = None, review: Callable[[str], str] | None = None) -> None:
+                 workloads: Workloads | None = None, review: Callable[[str], str] | None = None,
+                 peer_identity: Callable[[grpc.ServicerContext], str | None] | None = None) -> None:
         """`token_file`: the token every stream must carry; `identities` (the CA's tokens, each a
         workload's: controlplane/casvc.py) are accepted too, as istiod accepts any workload's
         token, and so is a token `review` vouches for (the Kubernetes TokenReview,
         controlplane/tokenreview.py; it raises ReviewFailed otherwise). None of the three: no
-        check. `workloads`: where a stream whose node asks for auto-registration becomes a
-        WorkloadEntry, and its health reports go."""
+        check. When checking, a client certificate this CA issued opens a stream too, whatever
+        the token (`peer_identity` gives its SPIFFE ID): as istiod, whose first authenticator is
+        the client certificate, so that a VM whose one-hour bootstrap token expired stays
+        connected with the certificate it was issued (PROV_CERT, docs/vm.md). `workloads`: where a
+        stream whose node asks for auto-registration becomes a WorkloadEntry, and its health
+        reports go."""
         self.hub = hub
         self.workloads = workloads
         self._connections = itertools.count(1)
         self.token_file = token_file
         self.identities = identities
         self.review = review
+        self.peer_identity = peer_identity
         self.counters = Counters()
         self._lock = threading.Lock()
         # Streams come from whoever can reach the port: an unauthenticated flood is one line per
@@ -332,6 +338,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         takes the identity (autoregister.identity_problem), as istiod takes the connection's."""
         if self.token_file is None and self.identities is None and self.review is None:
             return None
+        if self.peer_identity is not None and (certified := self.peer_identity(context)):
+            return certified
         value = dict(context.invocation_metadata()).get("authorization")
         header = value if isinstance(value, str) else None
         if self.identities is not None and (caller := token_caller(header, self._known())) is not None:

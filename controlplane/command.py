@@ -45,7 +45,7 @@ from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 
 from .ads import AdsServicer, start_server
 from .autoregister import DEFAULT_GRACE, Registry
-from .casvc import CertificateService, IdentitiesFile, read_identities, spiffe
+from .casvc import CertificateService, IdentitiesFile, certificate_caller, read_identities, spiffe
 from .tokenreview import TokenReviewer, in_cluster
 from .tlsfront import PeerCertificates, TlsFront, server_context
 from .ca import (
@@ -434,6 +434,10 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
 
         def review(token: str) -> str:
             return spiffe(args.trust_domain, reviewer.review(token))
+    def peer_identity(context: grpc.ServicerContext) -> str | None:
+        caller = certificate_caller(peers.lookup(context.peer()), ca, datetime.now(UTC))
+        return caller.identity if caller is not None else None
+
     certificates = CertificateService(
         ca, identities or dict,
         timedelta(seconds=parse_duration(args.max_cert_ttl, "--max-cert-ttl")), peer_certificate=peers.lookup,
@@ -441,7 +445,7 @@ def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.Gene
     try:  # a workload's token (the identities file) opens ADS streams too, as istiod takes any workload's
         ads_identities = identities if args.token_file is not None or review is not None else None
         servicer = AdsServicer(model.hub, args.token_file, ads_identities,
-                               workloads=model, review=review)
+                               workloads=model, review=review, peer_identity=peer_identity)
         server, backend = start_server(servicer, "127.0.0.1:0", None,
                                        handlers=[certificates.handler()])
     except OSError as err:

@@ -13,12 +13,20 @@ control plane is away). The root certificate file is looked at (one stat) whenev
 opens; when it changed, a new channel is made from it and the old one closed, which ends the
 streams still on it: they reconnect over the new one (Istio rebuilds its dial options when the
 root file changes).
+
+With PROV_CERT (or FILE_MOUNTED_CERTS' client certificate) the connection also presents the
+client certificate (clientcert.py), read when a channel is made; when the agent has renewed it
+(its files changed), the next stream opens on a new channel with the new one, while the streams
+on the old channel go on (Istio reads the files at each handshake: a renewal resets nothing).
+The channel before that is closed at the next renewal, by when its streams have moved over.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -26,6 +34,9 @@ from pilotfish.common.tokens import TokenFileError, read_token_file
 from pilotfish.common.watch import Signature, file_signature
 
 from .backoff import BACKOFF_BASE, BACKOFF_CAP
+from .clientcert import client_certificate
+
+log = logging.getLogger("pilotfish.xds")
 
 SYSTEM_ROOTS = "SYSTEM"
 
@@ -56,6 +67,8 @@ class XdsSettings:
     backoff_base: float = BACKOFF_BASE
     backoff_cap: float = BACKOFF_CAP
     delta: bool = False  # the agent's own stream: DeltaAggregatedResources instead of the state of the world
+    client_key: str = ""  # with client_chain: the client certificate to present, if usable ("": none)
+    client_chain: str = ""
 
 
 def read_token(path: str) -> str:
@@ -85,7 +98,9 @@ class XdsChannel:
     def __init__(self, settings: XdsSettings) -> None:
         self.settings = settings
         self._channel: grpc.Channel | None = None
+        self._retired: grpc.Channel | None = None  # the one before the client certificate's renewal
         self._root_seen: Signature | None = None
+        self._client_seen: tuple[Signature | None, Signature | None] = (None, None)
         self._lock = threading.Lock()
 
     def metadata(self) -> list[tuple[str, str | bytes]]:
@@ -102,33 +117,52 @@ class XdsChannel:
         return metadata
 
     def stub(self) -> ads_pb2_grpc.AggregatedDiscoveryServiceStub:
-        """An ADS stub on the channel, made anew when the root file changed since the last one.
-        OSError when the root file cannot be read (the stream is not opened)."""
+        """An ADS stub on the channel, made anew when the root file or the client certificate's
+        files changed since the last one. OSError when the root file cannot be read (the stream
+        is not opened)."""
         with self._lock:
             root = self.settings.root_cert
             seen = file_signature(root) if root not in (None, SYSTEM_ROOTS) else None
-            if self._channel is None or seen != self._root_seen:
+            client = self._client_files()
+            if self._channel is None or seen != self._root_seen or client != self._client_seen:
                 channel = self._new_channel()  # raises before the old channel is given up
-                if self._channel is not None:
+                if self._channel is not None and seen == self._root_seen:  # a renewal: streams go on
+                    if self._retired is not None:
+                        self._retired.close()
+                    self._retired = self._channel
+                elif self._channel is not None:
                     self._channel.close()
-                self._channel, self._root_seen = channel, seen
+                self._channel, self._root_seen, self._client_seen = channel, seen, client
             return ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
 
     def close(self) -> None:
         """Ends every stream on the channel; the next `stub` makes a new one."""
         with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
+            for channel in (self._channel, self._retired):
+                if channel is not None:
+                    channel.close()
+            self._channel = self._retired = None
+
+    def _client_files(self) -> tuple[Signature | None, Signature | None]:
+        key, chain = self.settings.client_key, self.settings.client_chain
+        if not (key and chain):
+            return None, None
+        return file_signature(key), file_signature(chain)
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         root = self.settings.root_cert
         if root is None:
             return None
+        client: tuple[bytes, bytes] | str = ""
+        if self.settings.client_key and self.settings.client_chain:
+            client = client_certificate(self.settings.client_key, self.settings.client_chain, datetime.now(UTC))
+            if isinstance(client, str):
+                log.info("xds: no client certificate for the control plane, the token only: %s", client)
+        key, chain = client if isinstance(client, tuple) else (None, None)
         if root == SYSTEM_ROOTS:
-            return grpc.ssl_channel_credentials()
+            return grpc.ssl_channel_credentials(private_key=key, certificate_chain=chain)
         with open(root, "rb") as f:
-            return grpc.ssl_channel_credentials(root_certificates=f.read())
+            return grpc.ssl_channel_credentials(root_certificates=f.read(), private_key=key, certificate_chain=chain)
 
     def _new_channel(self) -> grpc.Channel:
         options: list[tuple[str, int | str]] = [

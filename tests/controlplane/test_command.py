@@ -33,7 +33,9 @@ from pilotfish.controlplane.ca import (
     new_root,
     parse_san,
     serving_names,
+    sign_leaf,
 )
+from pilotfish.controlplane.casvc import WORKLOAD_USAGES
 from pilotfish.controlplane.command import (
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
@@ -44,6 +46,7 @@ from pilotfish.controlplane.command import (
     write_atomic,
 )
 from pilotfish.controlplane.nametable import ProxyInfo
+from pilotfish.xds_client.channel import XdsChannel, XdsSettings
 from pilotfish.xds_client.proto.istio.networking.nds.v1.nds_pb2 import NameTable
 from procs import PILOTFISH, Process
 
@@ -104,13 +107,15 @@ def controlplanes(tmp_path: Path) -> Iterator[list[ControlPlane]]:
 class Stream:
     """An ADS stream as the agent opens it: TLS trusting the written root, istiod's server name."""
 
-    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, address: str, root_pem: bytes, metadata: tuple[tuple[str, str], ...] = (),
+                 agents: XdsChannel | None = None) -> None:
+        """`agents`: open the stream on the agent's own channel (xds_client/channel.py) instead."""
         self.channel = grpc.secure_channel(
             address, grpc.ssl_channel_credentials(root_certificates=root_pem),
             options=[("grpc.ssl_target_name_override", SERVER_NAME)],
         )
         self._requests: queue.Queue[DiscoveryRequest | None] = queue.Queue()
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        stub = agents.stub() if agents is not None else ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self.responses: Iterator[DiscoveryResponse] = stub.StreamAggregatedResources(
             iter(self._requests.get, None), metadata=metadata, timeout=20
         )
@@ -171,6 +176,57 @@ def test_serves_a_table_over_tls_and_stops_on_sigterm(tmp_path: Path, controlpla
     finally:
         stream.close()
     assert "controlplane: SIGTERM, shutting down" in cp.log.read_text()
+
+
+def test_a_certificate_the_ca_issued_keeps_a_vm_connected_once_its_token_is_gone(
+        tmp_path: Path, controlplanes: list[ControlPlane]) -> None:
+    """The agent presents PROV_CERT's certificate (docs/vm.md): with no token, a stream opens on
+    the certificate the CA issued; without one, or with an expired one (not presented), it is
+    refused; a renewed certificate is taken up by the next stream."""
+    identities = tmp_path / "identities"
+    identities.write_text("vm-bootstrap-token vmns/vm\n")
+    operator = tmp_path / "operator-token"  # streams are checked only with a token file (docs/controlplane.md)
+    operator.write_text("operator\n")
+    cp = ControlPlane(tmp_path, "--identities", str(identities), "--token-file", str(operator))
+    controlplanes.append(cp)
+    address = cp.address()
+    now = datetime.now(UTC)
+    ca = load_root((cp.state / ROOT_KEY_FILE).read_bytes(), (cp.state / ROOT_CERT_FILE).read_bytes(), now)
+    certs = tmp_path / "etc/certs"
+    certs.mkdir(parents=True)
+
+    def issue(not_before: datetime, validity: timedelta) -> None:
+        key = new_key()
+        leaf = sign_leaf(ca, key.public_key(), [x509.UniformResourceIdentifier("spiffe://cluster.local/ns/vmns/sa/vm")],
+                         WORKLOAD_USAGES, not_before, validity)
+        write_atomic(str(certs / "key.pem"), key_pem(key), 0o600)
+        write_atomic(str(certs / "cert-chain.pem"), cert_pem(leaf) + cert_pem(ca.cert), 0o644)
+
+    agents = XdsChannel(XdsSettings(address, SERVER_NAME, str(cp.root_out), str(tmp_path / "istio-token"),
+                                    cluster_id="Kubernetes", client_key=str(certs / "key.pem"),
+                                    client_chain=str(certs / "cert-chain.pem")))
+
+    def served() -> grpc.StatusCode:
+        stream = Stream(address, b"", agents.metadata(), agents)
+        try:
+            stream.send(with_node=True)
+            stream.receive()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()  # type: ignore[attr-defined, no-any-return]
+        finally:
+            stream.close()
+
+    try:
+        assert served() == grpc.StatusCode.UNAUTHENTICATED  # no certificate yet, no token
+        issue(now - timedelta(days=2), timedelta(days=1))
+        assert served() == grpc.StatusCode.UNAUTHENTICATED  # expired: not presented
+        issue(now, timedelta(hours=24))
+        assert served() == grpc.StatusCode.OK
+        issue(now, timedelta(hours=24))  # renewed: the next stream on a new channel with it
+        assert served() == grpc.StatusCode.OK
+    finally:
+        agents.close()
 
 
 @pytest.mark.parametrize("bad", [

@@ -205,6 +205,19 @@ def test_systemd_restarts_a_killed_agent(vm: Vm) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_a_restart_without_the_token_connects_with_the_issued_certificate(vm: Vm) -> None:
+    """/var/run is a tmpfs: after a reboot (or the token's hour) there is no token. The agent
+    renews with mTLS and presents PROV_CERT's certificate on its control-plane connection
+    (docs/vm.md), so the unit gets ready again: `systemctl restart` returns once READY=1."""
+    assert vm.run("rm", "/var/run/secrets/tokens/istio-token").returncode == 0
+    done = vm.run("systemctl", "restart", UNIT, timeout=150)
+    assert done.returncode == 0, done.stderr + vm.journal()
+    assert vm.show("ActiveState", "StatusText") == {"ActiveState": "active", "StatusText": "ready"}, vm.journal()
+    status = vm.run(PILOTFISH, "vm", "status")
+    assert status.returncode == 0, status.stdout + vm.journal()
+
+
+@pytest.mark.timeout(180)
 def test_uninstall_leaves_no_unit_rules_user_or_file(vm: Vm) -> None:
     done = vm.run(PILOTFISH, "vm", "uninstall")
     assert done.returncode == 0, done.stdout + done.stderr
