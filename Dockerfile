@@ -41,11 +41,15 @@ RUN set -eu; python3 -m venv --without-pip "$VENV"; \
     "$VENV/bin/python" "$pip/pip" install --no-index --find-links /wheelhouse/deps --no-compile \
       --no-cache-dir --disable-pip-version-check -q $(ls /wheelhouse/deps/*.whl | grep -v '/pip-')
 COPY .build/image/wheelhouse/app /wheelhouse/app
-# bytecode now: the root is read-only in a pod, so without it every start compiles every module
-# again (docs/image.md "Bytecode"); unchecked-hash pycs stay valid whatever the files' mtimes
+COPY deploy/image/slim_venv.py /wheelhouse/slim_venv.py
+# then what the runtime never imports goes (deploy/image/slim_venv.py: unreached xds-protos
+# modules, test suites, stubs); bytecode now: the root is read-only in a pod, so without it every
+# start compiles every module again (docs/image.md "Bytecode"); unchecked-hash pycs stay valid
+# whatever the files' mtimes
 RUN set -eu; pip=$(ls /wheelhouse/deps/pip-*.whl); \
     "$VENV/bin/python" "$pip/pip" install --no-index --find-links /wheelhouse/deps --no-compile --no-deps \
       --no-cache-dir --disable-pip-version-check -q /wheelhouse/app/pilotfish-*.whl; \
+    "$VENV/bin/python" -B /wheelhouse/slim_venv.py; \
     "$VENV/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash "$VENV/lib"
 
 # --- the image: the runtime, the venv, Istio's paths ---

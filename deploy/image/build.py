@@ -24,8 +24,10 @@ runs it with the project's .venv (whose pip builds the wheels).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -129,6 +132,14 @@ def image_exists(name: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", name], capture_output=True, check=False).returncode == 0
 
 
+def base_recipe(name: str) -> str:
+    """The BASE_RECIPE an image of ensure_base() was made with ("" for an older one)."""
+    done = subprocess.run(["docker", "image", "inspect", "--format",
+                           f'{{{{index .Config.Labels "{BASE_RECIPE_LABEL}"}}}}', name],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 _ONE_LINE = re.compile(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s+(.*)$")
 
 
@@ -167,9 +178,23 @@ path-include /usr/share/locale/locale.alias
 """
 
 
+# What a runtime on the base never reads, beyond what debian:bookworm-slim drops (docs/image.md
+# "Where the size goes"): glibc's iconv modules (Python has its own codecs; ip and iptables
+# convert nothing), the interpreter's test package and pydoc's help topics, shell completion and
+# lintian's overrides. apt, dpkg and perl-base stay: an image built FROM this one can still
+# `apt-get install`.
+RUNTIME_UNREAD = ("usr/lib/x86_64-linux-gnu/gconv", "usr/lib/python3.11/test", "usr/lib/python3.11/pydoc_data",
+                  "usr/share/bash-completion", "usr/share/lintian")
+# Bumped whenever slim() drops something else: ensure_base() rebuilds a base of another recipe.
+BASE_RECIPE = "2"
+BASE_RECIPE_LABEL = "io.pilotfish.base-recipe"
+
+
 def slim(root: Path) -> None:
     """Drops from a debootstrapped root what no container reads (docs, manuals, translations,
-    apt's downloads and lists), as debian:bookworm-slim does."""
+    apt's downloads and lists), as debian:bookworm-slim does, and RUNTIME_UNREAD."""
+    for relative in RUNTIME_UNREAD:
+        shutil.rmtree(root / relative, ignore_errors=True)
     (root / "etc/dpkg/dpkg.cfg.d/docker-slim").write_text(SLIM_EXCLUDES)
     for pattern in ("usr/share/man/*", "usr/share/info/*", "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*",
                     "var/cache/debconf/*-old", "var/lib/dpkg/*-old"):
@@ -185,8 +210,9 @@ def slim(root: Path) -> None:
 
 
 def ensure_base(name: str = DEFAULT_BASE, packages: Sequence[str] = RUNTIME_PACKAGES) -> None:
-    """A debootstrapped base with `packages`, built once: an existing image of that name is kept."""
-    if image_exists(name):
+    """A debootstrapped base with `packages`, built once: an existing image of that name is kept
+    when slim() made it as it does now (BASE_RECIPE)."""
+    if image_exists(name) and base_recipe(name) == BASE_RECIPE:
         return
     if shutil.which("debootstrap") is None:
         apt_install(["debootstrap"])
@@ -198,7 +224,8 @@ def ensure_base(name: str = DEFAULT_BASE, packages: Sequence[str] = RUNTIME_PACK
             stdout=sys.stderr)
         slim(root)
         tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        run(["docker", "import", "--change", "CMD [\"/bin/bash\"]", "-", name], stdin=tar.stdout, stdout=sys.stderr)
+        run(["docker", "import", "--change", "CMD [\"/bin/bash\"]", "--change", f"LABEL {BASE_RECIPE_LABEL}={BASE_RECIPE}",
+             "-", name], stdin=tar.stdout, stdout=sys.stderr)
         if tar.wait() != 0:
             raise SystemExit(f"image: tar of the base's root exited {tar.returncode}")
 
@@ -216,7 +243,55 @@ def wheelhouse(python: str = sys.executable) -> Path:
     run([python, "-m", "pip", "wheel", "-q", "--wheel-dir", str(deps), f"{REPO}[envoy]", "pip"], stdout=sys.stderr)
     for wheel in deps.glob("pilotfish-*.whl"):
         wheel.rename(app / wheel.name)
+    if shutil.which("strip") is None:
+        log("no strip (binutils) here: the wheels' libraries go in with their symbols")
+    else:
+        for wheel in sorted(deps.glob("*.whl")):
+            strip_wheel(wheel)
     return house
+
+
+def strip_wheel(wheel: Path) -> None:
+    """Rewrites `wheel` with its shared libraries stripped of symbols and debug sections, which
+    no run reads (cryptography's Rust library and PyYAML's extension ship them: ~5 MB), and its
+    RECORD saying so. The members keep their zip headers, so the same wheel gives the same bytes
+    and the image's dependency layer stays cached."""
+    with zipfile.ZipFile(wheel) as zin:
+        members = [(info, zin.read(info)) for info in zin.infolist()]
+    stripped: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="strip-") as tmp:
+        for info, data in members:
+            if not re.search(r"\.so(\.|$)", info.filename):
+                continue
+            lib = Path(tmp) / "lib.so"
+            lib.write_bytes(data)
+            if subprocess.run(["strip", "--strip-unneeded", str(lib)], capture_output=True, check=False).returncode:
+                continue  # not an ELF file strip knows: left as it is
+            if len(smaller := lib.read_bytes()) < len(data):
+                stripped[info.filename] = smaller
+    if not stripped:
+        return
+    log(f"{wheel.name}: stripped {', '.join(stripped)}")
+    tmp_wheel = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp_wheel, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info, data in members:
+            data = stripped.get(info.filename, data)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = record_with(data.decode(), stripped).encode()
+            zout.writestr(info, data)
+    tmp_wheel.replace(wheel)
+
+
+def record_with(record: str, files: dict[str, bytes]) -> str:
+    """A wheel's RECORD (path,sha256=<urlsafe b64>,size lines) with `files`' hashes and sizes."""
+    lines = []
+    for line in record.splitlines():
+        path = line.split(",", 1)[0]
+        if path in files:
+            digest = base64.urlsafe_b64encode(hashlib.sha256(files[path]).digest()).rstrip(b"=").decode()
+            line = f"{path},sha256={digest},{len(files[path])}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def version() -> str:
