@@ -11,7 +11,8 @@ What it makes sure of, in order, each step skipped when already so (docs/image.m
    `docker import`ed; any other BASE (debian:bookworm-slim where a registry serves it) is used
    as it is;
 3. a wheelhouse on the host (.build/image/wheelhouse): `pip wheel` of pilotfish[envoy] and its
-   dependencies, plus pip's own wheel to install them with; the Dockerfile copies it in.
+   dependencies, plus pip's own wheel to install them with, their shared libraries stripped
+   (strip_wheel); the Dockerfile copies it in.
 
 With --vm it also builds the VM image (deploy/vm/Dockerfile, docs/vm.md "Under systemd"): a
 second debootstrapped base with systemd as init, and the image's virtualenv copied onto it, also
