@@ -16,10 +16,7 @@ Pure but for `read_dir`, which reads the directory.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-import json
 import os
 import re
 import shlex
@@ -29,6 +26,7 @@ from datetime import UTC, datetime
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
 from pilotfish.common.settings import ConfigError
+from pilotfish.common.tokens import token_expiry
 
 CLUSTER_ENV, MESH, ROOT_CERT, TOKEN, HOSTS = "cluster.env", "mesh.yaml", "root-cert.pem", "istio-token", "hosts"
 REQUIRED = (CLUSTER_ENV, MESH, ROOT_CERT, TOKEN)  # `hosts` may be missing or empty (istioctl: no known address)
@@ -156,24 +154,11 @@ def check_token(data: bytes, now: datetime) -> None:
         raise VmFileError(f"{TOKEN}: empty")
     if any(c.isspace() or not c.isprintable() for c in token):
         raise VmFileError(f"{TOKEN}: want one line without spaces (a bearer token)")
-    expiry = jwt_expiry(token)
+    expiry = token_expiry(token)
     if expiry is not None and expiry < now.timestamp():
         when = datetime.fromtimestamp(expiry, UTC)
         raise VmFileError(f"{TOKEN}: the token expired at {when:%Y-%m-%dT%H:%M:%SZ}; generate the VM files again "
                           "(istioctl x workload entry configure) and install them within --tokenDuration")
-
-
-def jwt_expiry(token: str) -> float | None:
-    """A JWT's `exp` claim, None when `token` is no JWT or has none."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 # a host name as /etc/hosts takes one (RFC 1123 labels, dots): the lines are written as root
