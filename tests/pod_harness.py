@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "init"))
 
@@ -73,6 +75,19 @@ def skip_reason() -> str | None:
     if all(backend_skip_reason(b) for b in BACKENDS):
         return "no usable iptables backend"
     return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pod_environment() -> None:
+    """A module of pod tests skipped with the reason where they cannot run, and the namespaces of
+    crashed runs tidied first: autouse in a test module that imports it
+    (`from pod_harness import pod_environment as _environment`)."""
+    from netns import reap_stale_namespaces
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    reap_stale_namespaces()
 
 
 def in_ns(ns: str, make: Callable[[], T]) -> T:

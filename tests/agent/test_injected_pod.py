@@ -22,7 +22,7 @@ import netns as N
 import pytest
 from netns import APP_UID, POD_V4
 from pod_harness import POD, PROXY_UID, Pod, ns_connect, ns_http, pilot_agent
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 from prometheus_client.parser import text_string_to_metric_families
 
 MESH = """\
@@ -54,13 +54,6 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever(
 PROBERS = {"/app-health/hello/livez": {"httpGet": {"path": "/healthz", "port": APP_PORT}, "timeoutSeconds": 2}}
 PROM = {"scrape": "true", "port": str(APP_PORT), "path": "/metrics"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 @pytest.fixture

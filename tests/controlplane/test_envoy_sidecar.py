@@ -37,7 +37,7 @@ import netns as N
 import pytest
 from envoy_proc import ENVOY, Envoy
 from netns import APP_UID, POD_V4, PROXY_UID, SVC_V4, Topology
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 from procs import PILOTFISH, Process
 
 TOKEN = "envoy-test-token"
@@ -49,13 +49,6 @@ INIT_FLAGS = ["-p", "15001", "-z", "15006", "-u", str(PROXY_UID), "-m", "REDIREC
               "-b", "*", "-d", "15090,15021,15020", "--ipv6", "off"]
 UPSTREAM_PORT, APP_PORT = 8080, 9080
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

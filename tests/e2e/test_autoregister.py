@@ -10,24 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import netns as N
 import pytest
 from meshlab import MESH, NAMESPACE, Mesh, as_app, health_server, in_eds, probe, running_mesh, wait, with_vm_group
 from netns import PEER_V4
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 
 HEALTH_PORT = 9082
 VM_MESH = with_vm_group(MESH, "reviews-vm", "reviews", "10.96.0.30", HEALTH_PORT)
 CLUSTER = f"outbound|9080||reviews-vm.{NAMESPACE}.svc.cluster.local"
 ENTRY = f"{NAMESPACE}/reviews-vm-{PEER_V4}"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 def _in_productpages_eds(lab: Mesh) -> bool:

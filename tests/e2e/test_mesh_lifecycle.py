@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import pytest
 from meshlab import MESH, NAMESPACE, REVIEWS_VIP, Mesh, as_app, running_mesh, wait
 from netns import PEER_V4
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 
-import netns as N
 
 DETAILS_VIP = "10.96.0.23"
 DETAILS = f"""\
@@ -26,13 +25,6 @@ DETAILS = f"""\
     endpoints: [{{addresses: [{PEER_V4}], serviceAccount: reviews}}]
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 def _get(lab: Mesh, url: str) -> bool:

@@ -14,15 +14,8 @@ import pytest
 from meshlab import EXTERNAL, EXTERNAL_IP, REVIEWS_VIP, TCP_VIP, as_app, running_mesh
 from netns import APP_UID, PEER_V4, PROXY_UID
 from pod_harness import Pod, ns_http
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from meshlab import (
 )
 from netns import APP_UID, PEER_V4, POD_V4, PROXY_UID
 from pod_harness import ISTIOD, Pod, ns_listen
-from pod_harness import skip_reason as pod_skip_reason
+from pod_harness import pod_environment as _environment  # noqa: F401  (autouse)
 from vm_files import tree, write_vm_files
 
 from pilotfish.agent.vm import unitfile
@@ -55,13 +55,6 @@ GROUP, VM_VIP, HEALTH_PORT = "productpage-vm", "10.96.0.31", 9082
 VM_CLUSTER = f"outbound|9080||{GROUP}.{NAMESPACE}.svc.cluster.local"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # systemd's PATH for system services
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _environment() -> None:
-    reason = pod_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    N.reap_stale_namespaces()
 
 
 def pilotfish(*args: str, ns: str | None = None) -> subprocess.CompletedProcess[str]:
