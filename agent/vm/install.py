@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pilotfish.common.atomic import write_atomic
 
@@ -36,6 +37,9 @@ from .layout import (
     without_block,
 )
 from .vmfiles import VmFileError, VmFiles, read_dir
+
+K = TypeVar("K")
+E = TypeVar("E")
 
 Say = Callable[[str], None]
 
@@ -86,27 +90,20 @@ def proxy_owner(root: str) -> Owner:
     root: under --root the files get uid/gid 1337 and no account is touched)."""
     if root != "/":
         return Owner(PROXY_ID, PROXY_ID, False, False)
-    try:
-        user = pwd.getpwnam(PROXY_USER)
-    except KeyError:
-        user = None
-    try:
-        group = grp.getgrnam(PROXY_USER)
-    except KeyError:
-        group = None
-    if group is None:
-        try:
-            taken = grp.getgrgid(PROXY_ID).gr_name
-            raise InstallError(f"gid {PROXY_ID} is taken by group {taken!r}: create group {PROXY_USER} yourself")
-        except KeyError:
-            pass
-    if user is None:
-        try:
-            taken = pwd.getpwuid(PROXY_ID).pw_name
-            raise InstallError(f"uid {PROXY_ID} is taken by user {taken!r}: create user {PROXY_USER} yourself")
-        except KeyError:
-            pass
+    user, group = _entry(pwd.getpwnam, PROXY_USER), _entry(grp.getgrnam, PROXY_USER)
+    if group is None and (taken_group := _entry(grp.getgrgid, PROXY_ID)) is not None:
+        raise InstallError(f"gid {PROXY_ID} is taken by group {taken_group.gr_name!r}: create group {PROXY_USER} yourself")
+    if user is None and (taken_user := _entry(pwd.getpwuid, PROXY_ID)) is not None:
+        raise InstallError(f"uid {PROXY_ID} is taken by user {taken_user.pw_name!r}: create user {PROXY_USER} yourself")
     return Owner(user.pw_uid if user else PROXY_ID, group.gr_gid if group else PROXY_ID, group is None, user is None)
+
+
+def _entry(lookup: Callable[[K], E], key: K) -> E | None:
+    """The account database's entry for `key`, None when there is none."""
+    try:
+        return lookup(key)
+    except KeyError:
+        return None
 
 
 class Installer:
