@@ -388,10 +388,11 @@ async def _run(args: argparse.Namespace, host: str, port: int, names: list[x509.
 
 
 async def _expire_entries(model: ServedModel, period: float) -> NoReturn:
-    """Auto-registered entries whose grace period is over, removed (checked every `period`)."""
+    """Auto-registered entries whose grace period is over, removed (checked every `period`). In a
+    thread: the model's lock is shared with gRPC's streams, and a publish rebuilds the mesh."""
     while True:
         await trio.sleep(period)
-        model.expire()
+        await trio.to_thread.run_sync(model.expire)
 
 
 def _start(args: argparse.Namespace, host: str, port: int, names: list[x509.GeneralName],
