@@ -34,11 +34,13 @@ def message(**fields: str) -> bytes:
 
 
 class Notifier:
-    """One datagram socket to systemd; a failed send is dropped (systemd may be gone at shutdown)."""
+    """One datagram socket to systemd; a failed send is dropped (systemd may be gone at shutdown).
+    Non-blocking: it is sent from trio's loop, and a systemd not reading its queue must not stop
+    the agent (the message is dropped; the next one carries the state again)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     def send(self, **fields: str) -> bool:
         try:
