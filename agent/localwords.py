@@ -35,8 +35,10 @@ class RequestFailed(Exception):
     pass
 
 
-def _exchange(host: str, port: int, method: str, path: str, body: bytes, timeout: float,
-              limit: int) -> tuple[int, bytes]:
+def exchange(host: str, port: int, method: str, path: str, body: bytes, timeout: float,
+             limit: int) -> tuple[int, bytes]:
+    """(status, body) of one request within `timeout` a step; RequestFailed when the body is over
+    `limit`, OSError or HTTPException when the exchange fails."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(method, path, body=body or None)
@@ -54,7 +56,7 @@ def request(port: int, method: str, path: str, body: str = "", timeout: float = 
     if port not in ALLOWED_PORTS:
         raise RequestFailed(f"debug port {port} is not in allowed list {list(ALLOWED_PORTS)}")
     try:
-        status, data = _exchange("localhost", port, method, "/" + path.lstrip("/"), body.encode(), timeout, MAX_BODY)
+        status, data = exchange("localhost", port, method, "/" + path.lstrip("/"), body.encode(), timeout, MAX_BODY)
     except (OSError, http.client.HTTPException) as err:
         raise RequestFailed(f"{method} {path} to localhost:{port}: {err}") from None
     if status > 399 and status != 404:
@@ -68,7 +70,7 @@ def probe(url: str, timeout: float) -> str | None:
     if parts.scheme != "http" or not parts.hostname:
         return f"want an http:// URL, got {url!r}"
     try:
-        status, _ = _exchange(parts.hostname, parts.port or 80, "GET", parts.path or "/", b"", timeout, MAX_PROBE_BODY)
+        status, _ = exchange(parts.hostname, parts.port or 80, "GET", parts.path or "/", b"", timeout, MAX_PROBE_BODY)
     except (OSError, http.client.HTTPException, RequestFailed) as err:
         return str(err) or type(err).__name__
     return None if status == 200 else f"HTTP status code {status}"

@@ -12,6 +12,7 @@ import time
 
 from pilotfish.common.files import UnreadableFile, read_regular_file
 
+from ..localwords import RequestFailed, exchange
 from .health import Certificate, Facts
 from .install import systemd_running
 from .layout import UNIT_NAME
@@ -38,15 +39,11 @@ def nat_rules() -> dict[str, str]:
 
 def http_get(port: int, path: str) -> tuple[int, str] | str:
     """(status, body) of GET http://127.0.0.1:port/path, or why there is none."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
     try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read(MAX_BODY).decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException) as err:
+        status, body = exchange("127.0.0.1", port, "GET", path, b"", TIMEOUT, MAX_BODY)
+    except (OSError, http.client.HTTPException, RequestFailed) as err:
         return str(err) or type(err).__name__
-    finally:
-        conn.close()
+    return status, body.decode("utf-8", "replace")
 
 
 def certificate(root: str) -> Certificate | str:
